@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op; installed as mmfs_fast.kernels."""

@@ -1,0 +1,101 @@
+"""Backend choice for the custom ops: ``ref`` (plain PyTorch), ``cuda`` (the
+ahead-of-time built extension ``mmfs_fast._C``) and ``triton`` (kernels/).
+
+Each op module keeps a dict ``impl name -> function``; the public op calls
+:func:`resolve` to turn ``impl="auto"|"ref"|"cuda"|"triton"`` into one of them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Collection
+
+import torch
+
+IMPLS = ("ref", "cuda", "triton")
+
+_HOW_TO_GET = {
+    "cuda": (
+        "the CUDA extension mmfs_fast._C is not built; reinstall on a machine with nvcc and a "
+        "CUDA build of torch: CUDA_HOME=/usr/local/cuda pip install --no-build-isolation ."
+    ),
+    "triton": (
+        "Triton is not installed (pip install triton), or the tensor is on the CPU and "
+        "TRITON_INTERPRET=1 is not set"
+    ),
+}
+
+
+@functools.cache
+def cuda_extension():
+    """The compiled extension module, or None when it was not built."""
+    try:
+        from mmfs_fast import _C
+    except ImportError:
+        return None
+    return _C
+
+
+@functools.cache
+def triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def installed(impl: str) -> bool:
+    """Whether the machinery behind ``impl`` is present (built extension, triton package)."""
+    return {"ref": True, "cuda": cuda_extension() is not None, "triton": triton_installed()}[impl]
+
+
+def can_run(impl: str, x: torch.Tensor) -> bool:
+    if not installed(impl):
+        return False
+    if impl == "cuda":
+        return x.is_cuda
+    if impl == "triton":
+        return x.is_cuda or triton_interpreting()
+    return True
+
+
+def available(implemented: Collection[str], x: torch.Tensor) -> list[str]:
+    """The implemented impls that can run on ``x``, fastest first."""
+    return [impl for impl in ("cuda", "triton", "ref") if impl in implemented and can_run(impl, x)]
+
+
+@functools.cache
+def _warn_slow_fallback(op: str) -> None:
+    warnings.warn(
+        f"mmfs_fast: {op} on a CUDA tensor falls back to the slow pure-PyTorch 'ref' path: "
+        f"{_HOW_TO_GET['cuda']}; or pip install triton", RuntimeWarning, stacklevel=4)
+
+
+def resolve(op: str, impl: str, implemented: Collection[str], x: torch.Tensor) -> str:
+    """The impl that runs ``op`` on ``x``.
+
+    ``auto`` takes the fastest one available for CUDA tensors (warning once per
+    op when that is ``ref``) and ``ref`` for CPU tensors. An explicit impl that
+    cannot run raises, naming how to get it.
+    """
+    if impl == "auto":
+        if not x.is_cuda:
+            return "ref"
+        best = available(implemented, x)[0]
+        if best == "ref":
+            _warn_slow_fallback(op)
+        return best
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be 'auto' or one of {IMPLS}; got {impl!r}")
+    if impl not in implemented:
+        raise RuntimeError(f"mmfs_fast: {op} has no {impl!r} implementation in this version")
+    if not can_run(impl, x):
+        where = "CUDA" if x.is_cuda else "CPU"
+        raise RuntimeError(f"mmfs_fast: impl={impl!r} cannot run {op} on a {where} tensor: {_HOW_TO_GET[impl]}")
+    return impl

@@ -1,0 +1,88 @@
+"""upfirdn2d: upsample by zero insertion, pad (negative pads crop), FIR filter
+(true convolution, kernel flipped), downsample by keeping every ``down``-th sample.
+The semantics of the official StyleGAN2/MMFS op.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mmfs_fast.ops import _backend
+
+
+def parse_pad(pad: int | Sequence[int]) -> tuple[int, int, int, int]:
+    """``pad`` as (x0, x1, y0, y1): an int pads every side, (p0, p1) both axes alike."""
+    if isinstance(pad, int):
+        return (pad, pad, pad, pad)
+    pad = tuple(int(p) for p in pad)
+    if len(pad) == 2:
+        return (pad[0], pad[1], pad[0], pad[1])
+    if len(pad) == 4:
+        return pad
+    raise ValueError(f"upfirdn2d: pad must be an int, (p0, p1) or (x0, x1, y0, y1); got {pad!r}")
+
+
+def as_2d_kernel(kernel: torch.Tensor) -> torch.Tensor:
+    """A 1-D kernel is separable: it stands for its outer product with itself."""
+    if kernel.ndim == 1:
+        return torch.outer(kernel, kernel)
+    if kernel.ndim != 2:
+        raise ValueError(f"upfirdn2d: kernel must be 1-D or 2-D, got shape {tuple(kernel.shape)}")
+    return kernel
+
+
+def output_size(in_size: int, k: int, up: int, down: int, pad0: int, pad1: int) -> int:
+    return (in_size * up + pad0 + pad1 - k) // down + 1
+
+
+def _check(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int, pad: tuple[int, int, int, int]) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"upfirdn2d: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point() or not kernel.is_floating_point():
+        raise TypeError(f"upfirdn2d: x and kernel must be floating point, got {x.dtype} and {kernel.dtype}")
+    if kernel.device != x.device:
+        raise ValueError(f"upfirdn2d: kernel is on {kernel.device} but x is on {x.device}")
+    for name, factor in (("up", up), ("down", down)):
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"upfirdn2d: {name} must be a positive int, got {factor!r}")
+    kh, kw = kernel.shape
+    out_h = output_size(x.shape[2], kh, up, down, pad[2], pad[3])
+    out_w = output_size(x.shape[3], kw, up, down, pad[0], pad[1])
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"upfirdn2d: input {tuple(x.shape[2:])} with kernel {kh}x{kw}, up={up}, "
+                         f"down={down}, pad={pad} leaves an empty output ({out_h}x{out_w})")
+
+
+def upfirdn2d_ref(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int,
+                  pad: tuple[int, int, int, int]) -> torch.Tensor:
+    """Plain PyTorch; differentiable to any order through autograd."""
+    n, c, h, w = x.shape
+    x0, x1, y0, y1 = pad
+    if up > 1:
+        x = x.reshape(n, c, h, 1, w, 1)
+        x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1))
+        x = x.reshape(n, c, h * up, w * up)
+    x = F.pad(x, (max(x0, 0), max(x1, 0), max(y0, 0), max(y1, 0)))
+    x = x[:, :, max(-y0, 0): x.shape[2] - max(-y1, 0), max(-x0, 0): x.shape[3] - max(-x1, 0)]
+    weight = kernel.flip((0, 1)).to(x.dtype)[None, None].expand(c, 1, *kernel.shape)
+    return F.conv2d(x, weight, stride=down, groups=c)
+
+
+IMPLEMENTATIONS = {"ref": upfirdn2d_ref}
+
+
+def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
+              pad: int | Sequence[int] = 0, impl: str = "auto") -> torch.Tensor:
+    """Upsample, FIR-filter and downsample a batch of images.
+
+    x: (N, C, H, W). kernel: 2-D FIR taps, or 1-D taps of a separable filter.
+    pad: int, (p0, p1) for both axes, or (x0, x1, y0, y1); negative values crop.
+    Output size per axis: (in * up + pad0 + pad1 - k) // down + 1.
+    """
+    pad = parse_pad(pad)
+    kernel = as_2d_kernel(kernel)
+    _check(x, kernel, up, down, pad)
+    name = _backend.resolve("upfirdn2d", impl, IMPLEMENTATIONS, x)
+    return IMPLEMENTATIONS[name](x, kernel, up, down, pad)
