@@ -1,0 +1,31 @@
+"""Per-layer noise inputs of the synthesis networks."""
+from __future__ import annotations
+
+import torch
+
+NoiseSpec = str | list | tuple
+
+
+def make_noises(noise: NoiseSpec, batch: int, resolutions: list[int], device, dtype,
+                generator: torch.Generator | None = None) -> list[torch.Tensor | None]:
+    """One noise map (or None for no noise) per conv layer.
+
+    noise: "random" draws N(0, 1) maps (the official behaviour, reproducible with
+    ``generator``), "zero" disables noise, a list gives explicit (B, 1, H, W) maps
+    in layer order.
+    """
+    if isinstance(noise, str):
+        if noise == "zero":
+            return [None] * len(resolutions)
+        if noise == "random":
+            return [torch.randn(batch, 1, r, r, device=device, dtype=dtype, generator=generator)
+                    for r in resolutions]
+        raise ValueError(f"noise must be 'random', 'zero' or a list of tensors, got {noise!r}")
+    noise = list(noise)
+    if len(noise) != len(resolutions):
+        raise ValueError(f"noise: expected {len(resolutions)} tensors (one per conv layer), got {len(noise)}")
+    for i, (n, r) in enumerate(zip(noise, resolutions)):
+        if not isinstance(n, torch.Tensor) or n.shape not in ((batch, 1, r, r), (1, 1, r, r)):
+            shape = tuple(n.shape) if isinstance(n, torch.Tensor) else type(n).__name__
+            raise ValueError(f"noise[{i}]: expected shape ({batch}, 1, {r}, {r}), got {shape}")
+    return [n.to(device=device, dtype=dtype) for n in noise]
