@@ -1,0 +1,194 @@
+"""The ref backend against the naive definitions, its argument handling, and its
+first and second derivatives (gradcheck / gradgradcheck in float64)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import naive
+from mmfs_fast.ops import backends, bias_act, default_fir, modulated_conv2d, upfirdn2d
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# -- upfirdn2d ------------------------------------------------------------------
+PAD_FORMS = [0, 2, (2, 1), (1, 1), (2, 2), (1, 2, 0, 3), (-1, 2, 3, -2), (0, -1, -1, 0)]
+
+
+@pytest.mark.parametrize("pad", PAD_FORMS)
+@pytest.mark.parametrize("up,down", [(1, 1), (2, 1), (1, 2), (2, 2), (3, 1), (1, 3)])
+def test_upfirdn2d_matches_definition(pad, up, down):
+    x = rand(2, 3, 7, 6)
+    kernel = rand(4, 3, seed=1)  # non-square, non-symmetric: catches a missing flip or transposed axes
+    expected = naive.upfirdn2d(x.numpy(), kernel.numpy(), up, down,
+                               pad if isinstance(pad, tuple) and len(pad) == 4
+                               else ((pad,) * 4 if isinstance(pad, int) else (pad[0], pad[1], pad[0], pad[1])))
+    out = upfirdn2d(x, kernel, up=up, down=down, pad=pad, impl="ref")
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_upfirdn2d_separable_kernel_is_outer_product():
+    x = rand(1, 2, 5, 5)
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64)
+    assert torch.equal(upfirdn2d(x, taps, up=2, pad=(2, 1)), upfirdn2d(x, torch.outer(taps, taps), up=2, pad=(2, 1)))
+
+
+def test_upfirdn2d_mmfs_upsample_preserves_constant_interior():
+    # kernel·4 with up=2, pad (2, 1) is the MMFS Upsample: a constant image stays constant away from borders
+    x = torch.full((1, 1, 8, 8), 3.0, dtype=torch.float64)
+    out = upfirdn2d(x, default_fir(dtype=torch.float64) * 4, up=2, pad=(2, 1))
+    assert out.shape == (1, 1, 16, 16)
+    torch.testing.assert_close(out[..., 2:-2, 2:-2], torch.full_like(out[..., 2:-2, 2:-2], 3.0))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(pad=(1, 2, 3)), "pad must be"),
+    (dict(up=0), "up must be a positive int"),
+    (dict(down=1.5), "down must be a positive int"),
+    (dict(pad=-4), "empty output"),
+])
+def test_upfirdn2d_rejects_bad_arguments(bad, match):
+    with pytest.raises(ValueError, match=match):
+        upfirdn2d(rand(1, 1, 4, 4), default_fir(dtype=torch.float64), **bad)
+
+
+def test_upfirdn2d_rejects_bad_tensors():
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        upfirdn2d(rand(3, 4, 4), default_fir(dtype=torch.float64))
+    with pytest.raises(ValueError, match="1-D or 2-D"):
+        upfirdn2d(rand(1, 1, 4, 4), rand(2, 2, 2))
+    with pytest.raises(TypeError, match="floating point"):
+        upfirdn2d(torch.ones(1, 1, 4, 4, dtype=torch.int64), default_fir())
+
+
+@pytest.mark.parametrize("up,down,pad", [(1, 1, (1, 2, 2, 1)), (2, 1, (2, 1)), (1, 2, (1, 1)), (2, 2, (1, 0, -1, 2))])
+def test_upfirdn2d_derivatives(up, down, pad):
+    x = rand(1, 2, 5, 4).requires_grad_()
+    kernel = rand(3, 4, seed=2)
+    fn = lambda x: upfirdn2d(x, kernel, up=up, down=down, pad=pad, impl="ref")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+# -- bias_act -------------------------------------------------------------------
+@pytest.mark.parametrize("act", ["linear", "relu", "lrelu"])
+@pytest.mark.parametrize("clamp", [None, 0.5])
+@pytest.mark.parametrize("dim", [1, 2, -1])
+def test_bias_act_matches_definition(act, clamp, dim):
+    x = rand(3, 4, 5)
+    bias = rand(x.shape[dim], seed=1)
+    default_gain = 1.0 if act == "linear" else math.sqrt(2)
+    expected = naive.bias_act(x.numpy(), bias.numpy(), act, 0.2, default_gain, clamp, dim % 3)
+    np.testing.assert_allclose(bias_act(x, bias, act=act, clamp=clamp, dim=dim).numpy(), expected, rtol=1e-12)
+
+
+def test_bias_act_default_is_fused_leaky_relu():
+    x, bias = rand(2, 3, 4, 4), rand(3, seed=1)
+    expected = torch.nn.functional.leaky_relu(x + bias[:, None, None], 0.2) * math.sqrt(2)
+    torch.testing.assert_close(bias_act(x, bias), expected)
+
+
+def test_bias_act_custom_alpha_gain_without_bias():
+    x = rand(2, 5)
+    np.testing.assert_allclose(bias_act(x, act="lrelu", alpha=0.1, gain=3.0).numpy(),
+                               naive.bias_act(x.numpy(), None, "lrelu", 0.1, 3.0, None, 1))
+
+
+def test_bias_act_rejects_bad_arguments():
+    x = rand(2, 3, 4)
+    with pytest.raises(ValueError, match="act must be one of"):
+        bias_act(x, act="gelu")
+    with pytest.raises(ValueError, match="bias must be 1-D of size"):
+        bias_act(x, rand(4))
+    with pytest.raises(ValueError, match="out of range"):
+        bias_act(x, dim=3)
+    with pytest.raises(ValueError, match="clamp must be"):
+        bias_act(x, clamp=-1.0)
+
+
+@pytest.mark.parametrize("act", ["linear", "relu", "lrelu"])
+def test_bias_act_derivatives(act):
+    # keep x + bias away from the kink at 0, where the derivative jumps
+    x = rand(2, 3, 4)
+    x = (x + 0.2 * torch.sign(x)).requires_grad_()
+    bias = (0.05 * rand(3, seed=1)).requires_grad_()
+    fn = lambda x, b: bias_act(x, b, act=act, clamp=2.5, impl="ref")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, bias))
+
+
+# -- modulated_conv2d -----------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("demodulate", [True, False])
+@pytest.mark.parametrize("up,down", [(1, 1), (2, 1), (1, 2)])
+def test_modulated_conv2d_matches_definition(k, demodulate, up, down):
+    x, weight, styles = rand(2, 3, 5, 6), rand(4, 3, k, k, seed=1), rand(2, 3, seed=2)
+    fir = default_fir(dtype=torch.float64)
+    expected = naive.modulated_conv2d(x.numpy(), weight.numpy(), styles.numpy(), demodulate, up, down, fir.numpy())
+    out = modulated_conv2d(x, weight, styles, demodulate=demodulate, up=up, down=down, impl="ref")
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_modulated_conv2d_output_sizes_follow_the_official_layers():
+    x = rand(1, 4, 8, 8)
+    assert modulated_conv2d(x, rand(2, 4, 3, 3), rand(1, 4), up=2).shape == (1, 2, 16, 16)
+    assert modulated_conv2d(x, rand(2, 4, 3, 3), rand(1, 4), down=2).shape == (1, 2, 4, 4)
+    assert modulated_conv2d(x, rand(3, 4, 1, 1), rand(1, 4), demodulate=False).shape == (1, 3, 8, 8)
+
+
+def test_modulated_conv2d_demodulated_output_is_invariant_to_style_scale():
+    x, weight, styles = rand(2, 3, 6, 6), rand(4, 3, 3, 3), rand(2, 3)
+    a = modulated_conv2d(x, weight, styles)
+    b = modulated_conv2d(x, weight, styles * 7.0)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((rand(2, 3, 5, 5), rand(4, 2, 3, 3), rand(2, 3)), "do not match"),
+    ((rand(2, 3, 5, 5), rand(4, 3, 3, 3), rand(1, 3)), "do not match"),
+    ((rand(2, 3, 5), rand(4, 3, 3, 3), rand(2, 3)), "expected x"),
+    ((rand(2, 3, 5, 5), rand(4, 3, 3, 2), rand(2, 3)), "square"),
+])
+def test_modulated_conv2d_rejects_bad_shapes(args, match):
+    with pytest.raises(ValueError, match=match):
+        modulated_conv2d(*args)
+
+
+def test_modulated_conv2d_rejects_bad_resampling():
+    x, weight, styles = rand(1, 3, 5, 5), rand(4, 3, 3, 3), rand(1, 3)
+    with pytest.raises(ValueError, match="up=2 or down=2"):
+        modulated_conv2d(x, weight, styles, up=2, down=2)
+    with pytest.raises(ValueError, match="padding is fixed"):
+        modulated_conv2d(x, weight, styles, up=2, padding=1)
+
+
+@pytest.mark.parametrize("up,down,demodulate", [(1, 1, True), (2, 1, True), (1, 2, True), (1, 1, False)])
+def test_modulated_conv2d_derivatives(up, down, demodulate):
+    x = rand(2, 2, 4, 4).requires_grad_()
+    weight = rand(3, 2, 3, 3, seed=1).requires_grad_()
+    styles = rand(2, 2, seed=2).requires_grad_()
+    fn = lambda x, w, s: modulated_conv2d(x, w, s, demodulate=demodulate, up=up, down=down, impl="ref")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, weight, styles))
+    assert torch.autograd.gradgradcheck(fn, (x, weight, styles))
+
+
+# -- backend selection ----------------------------------------------------------
+def test_auto_runs_ref_on_cpu_and_backends_lists_ref():
+    assert all("ref" in impls for impls in backends().values())
+    x = rand(1, 1, 4, 4)
+    torch.testing.assert_close(upfirdn2d(x, default_fir(dtype=torch.float64), impl="auto"),
+                               upfirdn2d(x, default_fir(dtype=torch.float64), impl="ref"))
+
+
+def test_unknown_impl_is_rejected():
+    with pytest.raises(ValueError, match="impl must be"):
+        bias_act(rand(2, 2), impl="fast")
+
+
+def test_cuda_impl_on_cpu_tensor_says_how_to_get_it():
+    with pytest.raises(RuntimeError, match="cuda"):
+        bias_act(rand(2, 2), impl="cuda")
