@@ -70,20 +70,24 @@ _STYLEGAN2_RGB = re.compile(r"to_rgbs\.(\d+)\.(.*)")
 STYLEGAN2_UNCOVERED = ("encoder.", "decoder0.", "to_rgb0.", "clip_mapper.")
 
 
-def stylegan2_to_stylizer(g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the 64–512 px layers and the mapping of a rosinality generator; drop the rest."""
+def stylegan2_to_stylizer(g: dict[str, torch.Tensor], size: int = 512) -> dict[str, torch.Tensor]:
+    """Rename the mapping and the size/8 … size px layers (64–512 px at 512²) of a rosinality
+    generator; drop the rest."""
+    first_rgb = size.bit_length() - 7  # to_rgbs[first_rgb] renders size/8 px: 3 at 512²
+    if first_rgb < 0:
+        raise ValueError(f"a StyleGAN2 generator seeds Stylizers of size >= 64, got {size}")
     out = {}
     for key, value in g.items():
         if key.startswith("style."):
             out["mapping_z." + key[len("style."):]] = value
         elif m := _STYLEGAN2_CONV.fullmatch(key):
-            j = int(m[1])
-            if j >= 6:
-                out[f"decoder{j // 2 - 2}{'a' if j % 2 == 0 else 'b'}.{m[2]}"] = value
+            j = int(m[1]) - 2 * first_rgb
+            if j >= 0:
+                out[f"decoder{j // 2 + 1}{'a' if j % 2 == 0 else 'b'}.{m[2]}"] = value
         elif m := _STYLEGAN2_RGB.fullmatch(key):
-            j = int(m[1])
-            if j >= 3:
-                out[f"to_rgb{j - 2}.{m[2]}"] = value
+            j = int(m[1]) - first_rgb
+            if j >= 0:
+                out[f"to_rgb{j + 1}.{m[2]}"] = value
     return out
 
 
