@@ -1,0 +1,64 @@
+"""What the CLIP and DINO wrappers share: weight-file handling, freezing, resizing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class EncoderWeightsError(ValueError):
+    """Missing or unusable weights for a pretrained encoder."""
+
+
+def check_weights(name: str, weights, random_init: bool, how_to_get: str) -> Path | None:
+    """The weights path to load, or None for an explicitly requested random model."""
+    if weights is None:
+        if random_init:
+            return None
+        raise EncoderWeightsError(
+            f"{name} needs a local weights file (weights=...); nothing is downloaded. {how_to_get} "
+            f"Pass random_init=True only for tests: a random {name} gives meaningless features.")
+    if random_init:
+        raise ValueError(f"{name}: give either weights or random_init=True, not both")
+    path = Path(weights)
+    if not path.is_file():
+        raise EncoderWeightsError(f"{name} weights: no such file {path}. {how_to_get}")
+    return path
+
+
+def load_weights(model_name: str, load, path: Path, how_to_get: str) -> None:
+    """Run ``load(path)``, turning whatever goes wrong into one clear error."""
+    try:
+        load(path)
+    except Exception as e:  # torch/open_clip/timm raise many types for foreign files and mismatched keys
+        raise EncoderWeightsError(f"{path}: not usable as {model_name} weights ({type(e).__name__}: {e}). "
+                                  f"{how_to_get}") from e
+
+
+def freeze(model: nn.Module, device, dtype: torch.dtype) -> nn.Module:
+    """Evaluation mode, no parameter gradients; inputs keep theirs, so losses backprop through it."""
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_images(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"images must be floating point in [-1, 1], got {x.dtype}")
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear antialiased resize of images in [-1, 1] to [0, 1] at ``size``."""
+    return F.interpolate(x * 0.5 + 0.5, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std

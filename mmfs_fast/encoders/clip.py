@@ -1,0 +1,115 @@
+"""CLIP ViT-B/32 (OpenAI weights, open_clip ``ViT-B-32-quickgelu``) as MMFS uses it (SPEC §5)."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from mmfs_fast.encoders._common import check_images, check_weights, freeze, load_weights, normalize, resize
+
+MODEL_NAME = "ViT-B-32-quickgelu"
+INPUT_SIZE = 224
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+TOKEN_BLOCK = 3  # "layer-4 tokens": output of visual transformer block index 3
+HOW_TO_GET = ("Use OpenAI's ViT-B-32.pt (the file the `clip` package or open_clip's pretrained='openai' "
+              "download), or an open_clip ViT-B-32-quickgelu state dict saved with torch.save / safetensors.")
+# entries of OpenAI's TorchScript state dict that are hyper-parameters, not weights
+_OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in name for name in z.namelist())
+
+
+def _load_weights(model, path: Path) -> None:
+    import open_clip
+
+    if _is_torchscript(path):
+        # OpenAI's original release is a TorchScript archive; only its tensors are used
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        for key in _OPENAI_SCALARS:
+            state.pop(key, None)
+        model.load_state_dict(state)
+    else:
+        open_clip.load_checkpoint(model, str(path))
+
+
+class CLIPEncoder:
+    """Frozen CLIP: no parameter gradients, but differentiable w.r.t. input images."""
+
+    def __init__(self, weights: str | Path | None = None, *, random_init: bool = False, device="cpu",
+                 dtype: torch.dtype = torch.float32):
+        import open_clip
+
+        path = check_weights("CLIP", weights, random_init, HOW_TO_GET)
+        # built from its config: create_model would log a misleading "initialized randomly" warning
+        model = open_clip.CLIP(**open_clip.get_model_config(MODEL_NAME))
+        if path is not None:
+            load_weights(MODEL_NAME, lambda p: _load_weights(model, p), path, HOW_TO_GET)
+        self.model = freeze(model, device, dtype)
+        self.tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+        self.device, self.dtype = torch.device(device), dtype
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [-1, 1] → CLIP input (B, 3, 224, 224)."""
+        check_images(x)
+        x = x.to(device=self.device, dtype=self.dtype)
+        return normalize(resize(x, (INPUT_SIZE, INPUT_SIZE)), MEAN, STD)
+
+    def _visual(self, x: torch.Tensor, embedding: bool) -> dict:
+        return self.model.visual.forward_intermediates(
+            self.preprocess(x), indices=[TOKEN_BLOCK], stop_early=not embedding,
+            intermediates_only=not embedding, output_fmt="NLC")
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [-1, 1] → L2-normalised (B, 512) float32 embeddings."""
+        return F.normalize(self.model.encode_image(self.preprocess(x)).float(), dim=-1)
+
+    def layer4_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [-1, 1] → (B, 49, 768) float32 block-3 tokens, CLS dropped."""
+        return self._visual(x, embedding=False)["image_intermediates"][0].float()
+
+    def encode_image_and_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_image` and :meth:`layer4_tokens` from one forward pass."""
+        out = self._visual(x, embedding=True)
+        return F.normalize(out["image_features"].float(), dim=-1), out["image_intermediates"][0].float()
+
+    def encode_pil(self, images: Iterable) -> torch.Tensor:
+        """Reference images (PIL images or file paths) with CLIP's standard preprocessing →
+        L2-normalised (B, 512) float32 embeddings."""
+        import open_clip
+
+        from PIL import Image
+
+        transform = open_clip.image_transform(INPUT_SIZE, is_train=False, mean=MEAN, std=STD)
+        batch = []
+        for image in images:
+            if not isinstance(image, Image.Image):
+                try:
+                    with Image.open(image) as f:
+                        image = f.convert("RGB")
+                except (OSError, ValueError, TypeError) as e:
+                    raise ValueError(f"cannot read reference image {image!r}: {e}") from e
+            batch.append(transform(image.convert("RGB")))
+        if not batch:
+            raise ValueError("encode_pil needs at least one image")
+        x = torch.stack(batch).to(device=self.device, dtype=self.dtype)
+        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+    def encode_text(self, texts: str | list[str]) -> torch.Tensor:
+        """Prompts → L2-normalised (B, 512) float32 embeddings."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("encode_text needs at least one prompt")
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"text prompts must be non-empty strings, got {t!r}")
+        tokens = self.tokenizer(texts).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)

@@ -1,0 +1,150 @@
+"""CLIP and DINO wrappers (random-initialised ViT-B models; SPEC §5)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmfs_fast.encoders import CLIPEncoder, DINOEncoder, EncoderWeightsError
+from mmfs_fast.encoders.dino import input_size
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return CLIPEncoder(random_init=True)
+
+
+@pytest.fixture(scope="module")
+def dino():
+    torch.manual_seed(0)
+    return DINOEncoder(random_init=True)
+
+
+def images(b, h, w, seed=0):
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def manual_preprocess(x, size, mean, std):
+    x01 = (x + 1) / 2
+    out = F.interpolate(x01, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return torch.stack([(out[:, c] - mean[c]) / std[c] for c in range(3)], dim=1)
+
+
+def test_clip_preprocess_and_embedding(clip):
+    x = images(2, 96, 96)
+    expected = manual_preprocess(x, (224, 224), CLIP_MEAN, CLIP_STD)
+    torch.testing.assert_close(clip.preprocess(x), expected, rtol=0, atol=1e-6)
+    emb = clip.encode_image(x)
+    assert emb.shape == (2, 512) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    raw = clip.model.encode_image(expected)
+    torch.testing.assert_close(emb, raw / raw.norm(dim=-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_clip_layer4_tokens_match_blocks_run_by_hand(clip):
+    x = images(1, 64, 64, seed=1).requires_grad_(True)
+    v = clip.model.visual
+    h = v.conv1(manual_preprocess(x, (224, 224), CLIP_MEAN, CLIP_STD)).flatten(2).transpose(1, 2)  # (B, 49, 768)
+    h = torch.cat([v.class_embedding.expand(1, 1, -1), h], dim=1) + v.positional_embedding
+    h = v.ln_pre(h)
+    if not v.transformer.batch_first:
+        h = h.transpose(0, 1)
+    for block in v.transformer.resblocks[:4]:
+        h = block(h)
+    if not v.transformer.batch_first:
+        h = h.transpose(0, 1)
+    tokens = clip.layer4_tokens(x)
+    assert tokens.shape == (1, 49, 768)
+    torch.testing.assert_close(tokens, h[:, 1:], rtol=1e-4, atol=1e-4)
+    emb, tokens_too = clip.encode_image_and_tokens(x)
+    torch.testing.assert_close(tokens_too, tokens)
+    torch.testing.assert_close(emb, clip.encode_image(x), rtol=1e-5, atol=1e-6)
+    # frozen weights, gradients still reach the image
+    tokens.square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in clip.model.parameters())
+
+
+def test_clip_text_and_pil(clip, tmp_path):
+    from PIL import Image
+
+    emb = clip.encode_text(["pop art", "photo"])
+    assert emb.shape == (2, 512)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    for bad in ("", "   ", [], ["ok", " "]):
+        with pytest.raises(ValueError):
+            clip.encode_text(bad)
+    path = tmp_path / "ref.png"
+    Image.new("RGB", (40, 30), (200, 10, 30)).save(path)
+    pil_emb = clip.encode_pil([path, Image.open(path).convert("L")])
+    assert pil_emb.shape == (2, 512)
+    torch.testing.assert_close(pil_emb.norm(dim=-1), torch.ones(2))
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="junk.png"):
+        clip.encode_pil([tmp_path / "junk.png"])
+
+
+def test_missing_or_bad_weights_are_clear_errors(tmp_path):
+    for cls in (CLIPEncoder, DINOEncoder):
+        with pytest.raises(EncoderWeightsError, match="local weights file"):
+            cls()
+        with pytest.raises(EncoderWeightsError, match="no such file"):
+            cls(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    torch.save({"something": torch.zeros(3)}, junk)
+    with pytest.raises(EncoderWeightsError, match="not usable"):
+        DINOEncoder(junk)
+
+
+def test_clip_weights_round_trip(clip, tmp_path):
+    path = tmp_path / "clip.pt"
+    torch.save(clip.model.state_dict(), path)
+    loaded = CLIPEncoder(path)
+    x = images(1, 32, 32, seed=2)
+    torch.testing.assert_close(loaded.encode_image(x), clip.encode_image(x), rtol=0, atol=0)
+
+
+def test_dino_input_size():
+    assert input_size(512, 512) == (224, 224)
+    assert input_size(512, 1024) == (224, 448)
+    assert input_size(600, 300) == (448, 224)
+    assert input_size(100, 1000) == (224, 480)
+
+
+def test_dino_keys_and_self_similarity(dino):
+    x = images(2, 64, 64, seed=3)
+    pre = dino.preprocess(x)
+    torch.testing.assert_close(pre, manual_preprocess(x, (224, 224), IMAGENET_MEAN, IMAGENET_STD),
+                               rtol=0, atol=1e-6)
+    captured = {}
+    attn = dino.model.blocks[11].attn
+    hook = attn.qkv.register_forward_hook(lambda m, i, o: captured.setdefault("qkv", o))
+    try:
+        dino.model.forward_features(pre)
+    finally:
+        hook.remove()
+    qkv = captured["qkv"]  # (B, N, 3·768), timm reshapes it to (B, N, 3, heads, head_dim)
+    b, n, _ = qkv.shape
+    expected = qkv.reshape(b, n, 3, attn.num_heads, -1)[:, :, 1].reshape(b, n, -1)
+    keys = dino.keys(x)
+    assert keys.shape == (2, 28 * 28 + 1, 768)
+    torch.testing.assert_close(keys, expected, rtol=1e-4, atol=1e-4)
+
+    sim = dino.self_similarity(x)
+    assert sim.shape == (2, n, n)
+    for i in (0, 5, n - 1):
+        for j in (0, 17, n - 1):
+            cos = F.cosine_similarity(keys[1, i], keys[1, j], dim=0)
+            torch.testing.assert_close(sim[1, i, j], cos, rtol=1e-4, atol=1e-5)
+
+
+def test_dino_weights_round_trip_from_dino_training_checkpoint(dino, tmp_path):
+    path = tmp_path / "dino_full.pth"
+    torch.save({"teacher": {"backbone." + k: v for k, v in dino.model.state_dict().items()}}, path)
+    loaded = DINOEncoder(path)
+    x = images(1, 32, 48, seed=4)
+    torch.testing.assert_close(loaded.keys(x), dino.keys(x), rtol=0, atol=0)
