@@ -1,0 +1,275 @@
+"""High-level API for embedding MMFS: load the models once, then stylize faces with a
+style from a random seed, a text prompt, a reference image or an explicit w+.
+
+    from mmfs_fast import MMFS
+    mmfs = MMFS.load("mmfs_phase3.pt", clip_weights="ViT-B-32.pt")
+    images = mmfs.stylize(["face1.jpg", "face2.png"], text="a watercolor portrait", output="pil")
+
+Styles are batch-first w+ tensors (B, 10, style_dim); a style of batch 1 applies to
+every face. Everything random in a call (the seed's z and the noise maps) comes from
+``seed``, drawn on the CPU, so a seed gives the same result whatever the batch size.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mmfs_fast import io
+from mmfs_fast.models import N_LATENT, Stylizer, StylizerConfig
+
+RANDOM_INIT_WARNING = ("mmfs_fast: RANDOM-INITIALISED weights (no checkpoint given): outputs are noise-like and "
+                       "meaningless. Pass a checkpoint for real stylization.")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# the random-initialised models are seeded so that demos and tests are repeatable
+RANDOM_INIT_SEED = 0
+
+Style = torch.Tensor
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}") from None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _seeded_generator(seed: int) -> torch.Generator:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return torch.Generator().manual_seed(int(seed))
+
+
+class MMFS:
+    """A Stylizer plus (optionally) CLIP for text and reference-image styles.
+
+    ``clip`` is anything with ``encode_text(list[str])``, ``encode_pil(list of PIL)``
+    and ``encode_image(x in [-1, 1])`` returning (B, 512) embeddings, normally a
+    :class:`mmfs_fast.encoders.CLIPEncoder`; :meth:`load` builds it.
+    """
+
+    def __init__(self, stylizer: Stylizer, clip=None, *, random_clip: bool = False, max_pixels: int | None = None):
+        self.stylizer = stylizer.eval()
+        self._clip = clip
+        self.max_pixels = max_pixels  # input images above it are rejected (None: see mmfs_fast.io)
+        # a random CLIP is only for demos/tests, and large: build it on first use
+        self._random_clip = random_clip and clip is None
+
+    @classmethod
+    def load(cls, ckpt=None, clip_weights=None, device=None, dtype=None, impl: str = "auto",
+             random_init: bool = False, config: StylizerConfig | None = None) -> "MMFS":
+        """Load a Stylizer checkpoint (official .pt/.pth, bare state dict, StyleGAN2 or our
+        safetensors) and, for text/reference styles, CLIP weights (OpenAI ViT-B-32.pt).
+
+        ``random_init=True`` builds whatever has no weights with random parameters (the
+        Stylizer from ``config`` when ``ckpt`` is None; CLIP when ``clip_weights`` is None),
+        with a loud warning: for demos and tests only.
+        """
+        device = torch.device(device) if device is not None else default_device()
+        dtype = parse_dtype(dtype)
+        if ckpt is None:
+            if not random_init:
+                raise ValueError("no checkpoint: pass ckpt=<MMFS checkpoint>, or random_init=True for a "
+                                 "random-initialised model (demos and tests only)")
+            warnings.warn(RANDOM_INIT_WARNING, stacklevel=2)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                stylizer = Stylizer(config, impl=impl)
+            stylizer = stylizer.to(device=device, dtype=dtype)
+        else:
+            if config is not None:
+                raise ValueError("config applies to random-initialised models only; a checkpoint has its own")
+            stylizer = Stylizer.from_checkpoint(ckpt, device=device, dtype=dtype, impl=impl)
+        clip = None
+        if clip_weights is not None:
+            from mmfs_fast.encoders import CLIPEncoder
+
+            clip = CLIPEncoder(clip_weights, device=device, dtype=dtype)
+        return cls(stylizer, clip, random_clip=random_init)
+
+    # -- properties -------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Face resolution the model works at; inputs are resized to it."""
+        return self.stylizer.config.size
+
+    @property
+    def style_dim(self) -> int:
+        return self.stylizer.config.style_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.stylizer.decoder0.conv.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stylizer.decoder0.conv.weight.dtype
+
+    @property
+    def clip(self):
+        if self._clip is None:
+            if not self._random_clip:
+                raise RuntimeError("text and reference-image styles need CLIP: "
+                                   "MMFS.load(..., clip_weights='ViT-B-32.pt')")
+            from mmfs_fast.encoders import CLIPEncoder
+
+            warnings.warn("mmfs_fast: RANDOM-INITIALISED CLIP: text and reference styles are meaningless",
+                          stacklevel=3)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                self._clip = CLIPEncoder(random_init=True, device=self.device, dtype=self.dtype)
+        return self._clip
+
+    # -- styles -----------------------------------------------------------------
+    def style_from_seed(self, seed: int | Sequence[int]) -> Style:
+        """w+ (B, 10, style_dim) of z ~ N(0, I) drawn on the CPU from each seed."""
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+        z = torch.stack([torch.randn(self.style_dim, generator=_seeded_generator(s)) for s in seeds])
+        with torch.no_grad():
+            return self.stylizer.style_from_z(z.to(device=self.device, dtype=self.dtype)).contiguous()
+
+    def style_from_text(self, text: str | Sequence[str]) -> Style:
+        """w+ (B, 10, style_dim) of one prompt or a list of prompts, through CLIP and the clip_mapper."""
+        with torch.no_grad():
+            return self._map_clip(self.clip.encode_text([text] if isinstance(text, str) else list(text)))
+
+    def style_from_image(self, image) -> Style:
+        """w+ (B, 10, style_dim) of reference images: a path, PIL image or numpy array (CLIP's
+        standard preprocessing), a list of them, or a (B, 3, H, W) / (3, H, W) tensor in [-1, 1]."""
+        with torch.no_grad():
+            if isinstance(image, torch.Tensor):
+                x = image[None] if image.ndim == 3 else image
+                return self._map_clip(self.clip.encode_image(x.to(self.device)))
+            images = image if isinstance(image, (list, tuple)) else [image]
+            return self._map_clip(self.clip.encode_pil([io.open_rgb(i, self.max_pixels) for i in images]))
+
+    def _map_clip(self, feats: torch.Tensor) -> Style:
+        return self.stylizer.map_clip(feats.to(device=self.device, dtype=self.dtype))
+
+    def style(self, seed: int | None = None, text: str | None = None, ref=None,
+              w_plus: torch.Tensor | None = None) -> Style:
+        """The w+ of one style source: text, ref or w_plus, else ``seed`` (random if None)."""
+        given = [name for name, v in (("text", text), ("ref", ref), ("w_plus", w_plus)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one style source, got {' and '.join(given)}")
+        if text is not None:
+            return self.style_from_text(text)
+        if ref is not None:
+            return self.style_from_image(ref)
+        if w_plus is not None:
+            return self._check_w_plus(w_plus)
+        return self.style_from_seed(random.randrange(2 ** 31) if seed is None else seed)
+
+    def _check_w_plus(self, w_plus) -> Style:
+        if not isinstance(w_plus, torch.Tensor):
+            raise TypeError(f"w_plus must be a torch.Tensor, got {type(w_plus).__name__}")
+        w_plus = w_plus[None] if w_plus.ndim == 2 else w_plus
+        if w_plus.ndim != 3 or w_plus.shape[1:] != (N_LATENT, self.style_dim):
+            raise ValueError(f"w_plus must have shape (B, {N_LATENT}, {self.style_dim}) or "
+                             f"({N_LATENT}, {self.style_dim}), got {tuple(w_plus.shape)}")
+        if not torch.isfinite(w_plus).all():
+            raise ValueError("w_plus contains NaN or Inf")
+        return w_plus.to(device=self.device, dtype=self.dtype)
+
+    @staticmethod
+    def mix(w_a: Style, w_b: Style, crossover: int) -> Style:
+        """Style mixing: slots [0, crossover) from w_a, the rest from w_b (0 → all w_b,
+        10 → all w_a). Coarse slots set the shape, fine ones the colours."""
+        if not 0 <= crossover <= N_LATENT:
+            raise ValueError(f"crossover must be in [0, {N_LATENT}], got {crossover}")
+        w_a, w_b = torch.broadcast_tensors(w_a, w_b)
+        return torch.cat([w_a[:, :crossover], w_b[:, crossover:]], dim=1)
+
+    @staticmethod
+    def interpolate(w_a: Style, w_b: Style, t: float) -> Style:
+        """Linear interpolation in w+: w_a at t = 0, w_b at t = 1 (other t extrapolate)."""
+        return torch.lerp(w_a, w_b, float(t))
+
+    # -- rendering ----------------------------------------------------------------
+    def load_faces(self, images) -> torch.Tensor:
+        """Paths, PIL images, numpy arrays or (3, size, size) tensors in [-1, 1] → (B, 3, size, size)."""
+        return torch.stack([self._load_face(img) for img in images]).to(device=self.device, dtype=self.dtype)
+
+    def _load_face(self, image) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            if image.shape != (3, self.size, self.size):
+                raise ValueError(f"face tensors must be (3, {self.size}, {self.size}) in [-1, 1], "
+                                 f"got {tuple(image.shape)}")
+            return image
+        return io.load_image(image, self.size, self.max_pixels)
+
+    def random_noise(self, count: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Noise maps for ``count`` faces, drawn face by face on the CPU so that they do not
+        depend on how the faces are batched."""
+        per_face = [[torch.randn(1, 1, r, r, generator=generator) for r in self.stylizer.noise_resolutions]
+                    for _ in range(count)]
+        return [torch.cat(maps).to(device=self.device, dtype=self.dtype) for maps in zip(*per_face)]
+
+    def render(self, faces: torch.Tensor, w_plus: Style, noise="random",
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """The batched step: faces (B, 3, size, size) in [-1, 1] + w+ (B or 1, 10, style_dim)
+        → images (B, 3, size, size) in [-1, 1]. ``noise`` as in :meth:`Stylizer.forward`."""
+        w_plus = self._check_w_plus(w_plus).expand(faces.shape[0], -1, -1)
+        with torch.no_grad():
+            return self.stylizer(faces.to(device=self.device, dtype=self.dtype), w_plus=w_plus, noise=noise,
+                                 generator=generator)
+
+    def stylize_iter(self, images, seed: int | None = None, text: str | None = None, ref=None,
+                     w_plus: Style | None = None, noise: str = "random", batch_size: int = 8,
+                     progress: bool = False, skip_errors: bool = False) -> Iterator[tuple[int, object]]:
+        """Yield ``(index, image)`` in input order, one batch at a time; the image is a
+        (3, size, size) CPU float tensor in [-1, 1]. With ``skip_errors`` an unreadable input
+        yields ``(index, ImageError)`` instead and the others go on."""
+        if noise not in ("random", "zero"):
+            raise ValueError(f"noise must be 'random' or 'zero', got {noise!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        style = self.style(seed, text, ref, w_plus)
+        if style.shape[0] not in (1, len(images)):
+            raise ValueError(f"{style.shape[0]} styles for {len(images)} images: give one style or one per image")
+        generator = _seeded_generator(seed) if seed is not None else None
+        with tqdm(total=len(images), unit="img", disable=not progress) as bar:
+            for start in range(0, len(images), batch_size):
+                faces, indices = [], []
+                for index in range(start, min(start + batch_size, len(images))):
+                    try:
+                        faces.append(self._load_face(images[index]))
+                        indices.append(index)
+                    except io.ImageError as e:
+                        if not skip_errors:
+                            raise
+                        yield index, e
+                if faces:
+                    w = style if style.shape[0] == 1 else style[indices]
+                    noise_maps = self.random_noise(len(faces), generator) if noise == "random" else noise
+                    out = self.render(torch.stack(faces), w, noise_maps).float().cpu()
+                    yield from zip(indices, out)
+                bar.update(min(batch_size, len(images) - start))
+
+    def stylize(self, images, seed: int | None = None, text: str | None = None, ref=None,
+                w_plus: Style | None = None, noise: str = "random", batch_size: int = 8,
+                progress: bool = False, output: str = "tensor"):
+        """Stylize faces (paths, PIL images, numpy arrays or (3, size, size) tensors in [-1, 1])
+        with one style: ``seed``, ``text``, ``ref`` (reference image) or ``w_plus``; with none
+        of them a random seed. ``seed`` also seeds the noise maps of any style.
+
+        Returns a (N, 3, size, size) CPU tensor in [-1, 1], or a list of PIL images with
+        ``output="pil"``. Unreadable inputs raise :class:`mmfs_fast.io.ImageError`.
+        """
+        if output not in ("tensor", "pil"):
+            raise ValueError(f"output must be 'tensor' or 'pil', got {output!r}")
+        results = [img for _, img in self.stylize_iter(images, seed, text, ref, w_plus, noise, batch_size,
+                                                        progress)]
+        return [io.to_pil(img) for img in results] if output == "pil" else torch.stack(results)

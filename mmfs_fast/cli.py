@@ -1,0 +1,362 @@
+"""The ``mmfs-fast`` command: stylize, info, convert, demo (+ finetune/bench when installed).
+
+Exit codes: 0 everything worked, 1 some inputs failed (each reported on stderr, the
+rest were written), 2 usage errors (bad options, unusable weights: nothing ran).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import json
+import os
+import random
+import sys
+import warnings
+from pathlib import Path
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+# subcommands that other modules provide through ``add_cli_parser(subparsers)``
+OPTIONAL_SUBCOMMANDS = {"finetune": "mmfs_fast.finetune", "bench": "mmfs_fast.benchmark"}
+
+RANDOM_INIT_BANNER = """\
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!! RANDOM-INITIALISED WEIGHTS: the Stylizer (or CLIP) has no weights, so the  !!
+!! outputs are noise-like and meaningless. This only shows the pipeline runs. !!
+!! For real stylization pass --ckpt <MMFS checkpoint> (and --clip-weights     !!
+!! ViT-B-32.pt for text/reference styles).                                    !!
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
+
+
+class UsageError(Exception):
+    """A problem with the options or weights: reported, exit code 2."""
+
+
+def err(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)  # keeps an active progress bar intact
+
+
+# -- input files ------------------------------------------------------------------
+def expand_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """(file, output name without suffix) for every file, folder (recursive) or glob;
+    a path that does not exist is kept, to be reported as missing."""
+    from mmfs_fast.io import IMAGE_SUFFIXES
+
+    found = []
+    for arg in inputs:
+        path = Path(arg)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += [(p, p.relative_to(path).with_suffix("")) for p in files]
+        elif not path.exists() and glob.has_magic(arg):
+            matches = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).is_file())
+            if not matches:
+                err(f"warning: {arg}: no files match")
+            found += [(p, Path(p.stem)) for p in matches]
+        else:
+            found.append((path, Path(path.stem)))
+    return _unique_names(found)
+
+
+def _unique_names(found: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+    """Drop repeated files; number repeated output names (face, face-2, face-3)."""
+    seen_files, used, out = set(), {}, []
+    for file, name in found:
+        if file.resolve() in seen_files:
+            continue
+        seen_files.add(file.resolve())
+        key = str(name).lower()
+        used[key] = used.get(key, 0) + 1
+        out.append((file, name if used[key] == 1 else name.with_name(f"{name.name}-{used[key]}")))
+    return out
+
+
+# -- model loading ----------------------------------------------------------------
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", help="MMFS checkpoint: official .pt/.pth, StyleGAN2 .pt or mmfs_fast .safetensors")
+    p.add_argument("--clip-weights", help="CLIP ViT-B/32 weights (OpenAI ViT-B-32.pt) for --text/--ref")
+    p.add_argument("--random-init", action="store_true",
+                   help="run without weights (random model, meaningless outputs): demos and tests only")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    p.add_argument("--impl", default="auto", choices=["auto", "ref", "cuda", "triton"], help="op backend")
+
+
+def load_mmfs(args, config=None):
+    from mmfs_fast.api import MMFS
+    from mmfs_fast.encoders import EncoderWeightsError
+    from mmfs_fast.models import CheckpointError
+
+    if args.ckpt is None and not args.random_init:
+        raise UsageError("no weights: pass --ckpt <MMFS checkpoint>, or --random-init to try the pipeline "
+                         "with a random model")
+    if args.random_init:
+        err(RANDOM_INIT_BANNER)
+        warnings.filterwarnings("ignore", message="mmfs_fast: RANDOM-INITIALISED")  # the banner said it
+    try:
+        return MMFS.load(args.ckpt, args.clip_weights, device=args.device, dtype=args.dtype, impl=args.impl,
+                         random_init=args.random_init, config=config)
+    except (CheckpointError, EncoderWeightsError, ValueError, RuntimeError, TypeError) as e:
+        raise UsageError(str(e)) from e
+
+
+def style_args(args) -> dict:
+    if args.text is None and args.ref is None and args.seed is None:
+        args.seed = random.randrange(2 ** 31)
+        err(f"style: random seed {args.seed} (pass --seed {args.seed} to repeat it)")
+    return {"seed": args.seed, "text": args.text, "ref": args.ref}
+
+
+# -- stylize ----------------------------------------------------------------------
+def add_stylize_parser(sub) -> None:
+    p = sub.add_parser("stylize", help="stylize face images (files, folders, globs) into PNGs",
+                       description="Stylize faces. One style per run: --seed (default: random), --text or "
+                                   "--ref; --seed also fixes the noise of text/ref styles.")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--out", required=True, help="output folder (PNG files, named after the inputs)")
+    add_model_options(p)
+    style = p.add_mutually_exclusive_group()
+    style.add_argument("--text", help="text prompt style (needs CLIP)")
+    style.add_argument("--ref", help="reference image style (needs CLIP)")
+    p.add_argument("--seed", type=int, help="random style seed (and noise seed)")
+    p.add_argument("--noise", default="random", choices=["random", "zero"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-pixels", type=int,
+                   help="reject larger input images (default $MMFS_FAST_MAX_PIXELS or 50,000,000)")
+    p.set_defaults(func=run_stylize)
+
+
+def run_stylize(args) -> int:
+    from mmfs_fast import io
+
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    files = expand_inputs(args.inputs)
+    if not files:
+        raise UsageError("no input images found")
+    mmfs = load_mmfs(args)
+    mmfs.max_pixels = args.max_pixels
+    out_dir = Path(args.out)
+    images = [file for file, _ in files]
+    failed = 0
+    try:
+        results = mmfs.stylize_iter(images, noise=args.noise, batch_size=args.batch_size, progress=True,
+                                    skip_errors=True, **style_args(args))
+        for index, result in results:
+            if isinstance(result, io.ImageError):
+                failed += 1
+                err(f"error: {result}")
+            else:
+                io.save_image(result, out_dir / f"{files[index][1]}.png")
+    except io.ImageError as e:  # the --ref image
+        raise UsageError(str(e)) from e
+    err(f"wrote {len(files) - failed} image(s) to {out_dir}" + (f"; {failed} failed" if failed else ""))
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+
+# -- info -------------------------------------------------------------------------
+def add_info_parser(sub) -> None:
+    p = sub.add_parser("info", help="print versions, build flags and available op backends as JSON")
+    p.set_defaults(func=run_info)
+
+
+def build_report() -> dict:
+    import torch
+
+    import mmfs_fast
+    from mmfs_fast import ops
+    from mmfs_fast.ops import _backend
+
+    extension = _backend.cuda_extension()
+    build_info = getattr(extension, "build_info", None)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "version": mmfs_fast.__version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_built": extension is not None,
+        "cuda_available": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda_arch_list": torch.cuda.get_arch_list() if torch.version.cuda else [],
+        "build_info": build_info() if callable(build_info) else None,
+        "triton": triton_version,
+        "backends": ops.backends(),
+    }
+
+
+def run_info(args) -> int:
+    print(json.dumps(build_report(), indent=2, default=str))
+    return EXIT_OK
+
+
+# -- convert ----------------------------------------------------------------------
+def add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert an official MMFS / StyleGAN2 checkpoint to safetensors, or back",
+                       description="official .pt/.pth (G_ema_model), bare Stylizer state dict or StyleGAN2 "
+                                   "checkpoint → mmfs_fast safetensors; --to official writes a .pt with "
+                                   "G_ema_model instead.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=["safetensors", "official"], default="safetensors")
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args) -> int:
+    import torch
+
+    from mmfs_fast.models import CheckpointError, Stylizer
+
+    try:
+        model = Stylizer.from_checkpoint(args.src)
+    except (CheckpointError, TypeError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
+    if args.to == "official":
+        torch.save({"G_ema_model": model.official_state_dict()}, args.dst)
+    else:
+        model.save(args.dst)
+    err(f"wrote {args.dst} ({args.to}, {model.config})")
+    return EXIT_OK
+
+
+# -- demo -------------------------------------------------------------------------
+DEMO_PROMPT = "a watercolor portrait"
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="end-to-end run without any weights: synthetic faces, random model",
+                       description="Generate synthetic face images, stylize them with a few seeds using a "
+                                   "random-initialised Stylizer (or --ckpt), and write PNGs plus a grid.")
+    p.add_argument("--out", default="out", help="output folder (default ./out)")
+    p.add_argument("--size", type=int, default=512, help="model and image size for a random model (default 512)")
+    p.add_argument("--faces", type=int, default=3, help="number of synthetic faces")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--with-clip", action="store_true", help=f"also a text style ({DEMO_PROMPT!r}) through CLIP")
+    p.add_argument("--batch-size", type=int, default=2)
+    add_model_options(p)
+    p.set_defaults(func=run_demo, random_init=None)
+
+
+def synthetic_face(size: int, rng: random.Random):
+    """A procedural face: background, hair, skin ellipse, eyes, brows, nose, mouth."""
+    from PIL import Image, ImageDraw
+
+    def box(cx, cy, rx, ry):
+        return [size * (cx - rx), size * (cy - ry), size * (cx + rx), size * (cy + ry)]
+
+    def jitter(base, spread):
+        return tuple(max(0, min(255, c + rng.randint(-spread, spread))) for c in base)
+
+    img = Image.new("RGB", (size, size), jitter((120, 150, 190), 60))
+    draw = ImageDraw.Draw(img)
+    skin = jitter(rng.choice([(241, 194, 160), (224, 172, 120), (198, 134, 96), (141, 85, 56)]), 12)
+    draw.ellipse(box(0.5, 0.43, 0.30, 0.30), fill=jitter((60, 40, 25), 40))  # hair
+    draw.rectangle(box(0.5, 0.88, 0.12, 0.14), fill=skin)  # neck
+    draw.ellipse(box(0.5, 0.52, 0.24, 0.31), fill=skin)
+    eye_y, eye_dx = 0.46 + rng.uniform(-0.02, 0.02), 0.095 + rng.uniform(-0.01, 0.01)
+    iris = jitter(rng.choice([(70, 110, 160), (90, 60, 30), (60, 120, 70)]), 20)
+    for side in (-1, 1):
+        cx = 0.5 + side * eye_dx
+        draw.ellipse(box(cx, eye_y, 0.05, 0.025), fill=(245, 245, 245))
+        draw.ellipse(box(cx, eye_y, 0.022, 0.022), fill=iris)
+        draw.ellipse(box(cx, eye_y, 0.009, 0.009), fill=(15, 15, 15))
+        draw.line(box(cx, eye_y - 0.055, 0.05, rng.uniform(-0.01, 0.01)), fill=(60, 40, 30), width=max(1, size // 80))
+    shade = tuple(int(c * 0.85) for c in skin)
+    draw.polygon([(size * 0.5, size * 0.50), (size * 0.47, size * 0.60), (size * 0.53, size * 0.60)], fill=shade)
+    mouth_open = rng.uniform(0.01, 0.05)
+    draw.chord(box(0.5, 0.68, 0.08, mouth_open), 0, 180, fill=jitter((170, 60, 70), 20))
+    return img
+
+
+def run_demo(args) -> int:
+    import torch
+
+    from mmfs_fast import io
+    from mmfs_fast.models import StylizerConfig
+
+    if args.faces < 1 or args.batch_size < 1:
+        raise UsageError("--faces and --batch-size must be >= 1")
+    args.random_init = args.ckpt is None or args.clip_weights is None and args.with_clip
+    try:
+        config = StylizerConfig(size=args.size) if args.ckpt is None else None
+    except ValueError as e:
+        raise UsageError(f"--size: {e}") from e
+    mmfs = load_mmfs(args, config)
+    out = Path(args.out)
+    (out / "inputs").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    face_paths = [out / "inputs" / f"face{i}.png" for i in range(args.faces)]
+    for path in face_paths:
+        synthetic_face(mmfs.size, rng).save(path)
+    styles = {f"seed{s}": {"seed": s} for s in args.seeds}
+    if args.with_clip:
+        styles["text"] = {"text": DEMO_PROMPT, "seed": 0}
+    columns = [mmfs.load_faces(face_paths).float().cpu()]
+    for name, style in styles.items():
+        err(f"stylizing {len(face_paths)} faces with {name} …")
+        images = mmfs.stylize(face_paths, batch_size=args.batch_size, progress=True, **style)
+        for path, image in zip(face_paths, images):
+            io.save_image(image, out / name / path.name)
+        columns.append(images)
+    # one row per face: the input, then each style
+    grid = io.image_grid([col[i] for i in range(args.faces) for col in columns], columns=len(columns))
+    io.save_image(grid, out / "grid.png")
+    print(f"demo: inputs in {out / 'inputs'}, stylized faces in {', '.join(str(out / n) for n in styles)}; "
+          f"grid (rows: faces; columns: input, {', '.join(styles)}) in {out / 'grid.png'}")
+    return EXIT_OK
+
+
+# -- main -------------------------------------------------------------------------
+def add_optional_parsers(sub) -> None:
+    """Subcommands from optional modules; if their dependencies are missing the subcommand
+    still exists and says what to install."""
+    for name, module_name in OPTIONAL_SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            if e.name == module_name:
+                continue  # this installation does not have the module at all
+            p = sub.add_parser(name, help=f"(unavailable: {e})", add_help=False)
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(func=_unavailable(name, e))
+        else:
+            module.add_cli_parser(sub)
+
+
+def _unavailable(name: str, error: ImportError):
+    def run(args) -> int:
+        raise UsageError(f"the {name} subcommand needs a missing dependency ({error}); "
+                         f"install it, e.g. pip install 'mmfs_fast[clip]'")
+    return run
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmfs-fast", description="Fast MMFS face stylization.",
+                                     epilog="exit codes: 0 ok, 1 some inputs failed, 2 usage errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_stylize_parser, add_info_parser, add_convert_parser, add_demo_parser, add_optional_parsers):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"mmfs-fast {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
