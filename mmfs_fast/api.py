@@ -235,6 +235,8 @@ class MMFS:
             raise ValueError(f"noise must be 'random' or 'zero', got {noise!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            images = list(images)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         style = self.style(seed, text, ref, w_plus)
         if style.shape[0] not in (1, len(images)):
@@ -242,26 +244,28 @@ class MMFS:
         generator = _seeded_generator(seed) if seed is not None else None
         with tqdm(total=len(images), unit="img", disable=not progress) as bar:
             for start in range(0, len(images), batch_size):
-                faces, indices = [], []
+                faces, results = {}, {}
                 for index in range(start, min(start + batch_size, len(images))):
                     try:
-                        faces.append(self._load_face(images[index]))
-                        indices.append(index)
+                        faces[index] = self._load_face(images[index])
                     except io.ImageError as e:
                         if not skip_errors:
                             raise
-                        yield index, e
+                        results[index] = e
                 if faces:
+                    indices = list(faces)
                     w = style if style.shape[0] == 1 else style[indices]
                     noise_maps = self.random_noise(len(faces), generator) if noise == "random" else noise
-                    out = self.render(torch.stack(faces), w, noise_maps).float().cpu()
-                    yield from zip(indices, out)
+                    out = self.render(torch.stack(list(faces.values())), w, noise_maps)
+                    results.update(zip(indices, out.float().cpu()))
+                yield from sorted(results.items())
                 bar.update(min(batch_size, len(images) - start))
 
     def stylize(self, images, seed: int | None = None, text: str | None = None, ref=None,
                 w_plus: Style | None = None, noise: str = "random", batch_size: int = 8,
                 progress: bool = False, output: str = "tensor"):
-        """Stylize faces (paths, PIL images, numpy arrays or (3, size, size) tensors in [-1, 1])
+        """Stylize faces (paths, PIL images, numpy arrays or (3, size, size) tensors in [-1, 1],
+        or a (N, 3, size, size) tensor)
         with one style: ``seed``, ``text``, ``ref`` (reference image) or ``w_plus``; with none
         of them a random seed. ``seed`` also seeds the noise maps of any style.
 
