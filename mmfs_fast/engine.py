@@ -1,0 +1,599 @@
+"""The inference engine: the Stylizer prepared once for fast, predictable serving.
+
+``Engine`` wraps a :class:`~mmfs_fast.models.stylizer.Stylizer` (and optionally a
+:class:`~mmfs_fast.encoders.CLIPEncoder`) and adds
+
+- low precision (fp16/bf16) that cannot overflow: style affines and demodulation
+  coefficients are computed in fp32, only activations and conv weights are cast;
+- weights prepared once at load (equalized-lr scales folded in, cast, FIR buffers
+  on the device), never on every call;
+- batch-size buckets: a batch is padded to the next bucket size (split above the
+  largest), so shapes are static; on CUDA each (function, bucket) pair is captured
+  once as a CUDA graph and replayed, all graphs sharing one memory pool;
+  ``compile=True`` uses ``torch.compile(mode="max-autotune")`` instead;
+- LRU caches of w+ per text prompt and per reference image;
+- ``submit()``: thread-safe micro-batching of single requests into one run.
+
+Noise: graphs need static inputs, so the engine's default is ``noise="zero"`` (no
+noise, deterministic). ``noise="random"`` draws fresh N(0, 1) maps on every call
+outside the graph and copies them into the graph's static noise inputs.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfs_fast.models.layers import EqualConv2d, EqualLinear, ModulatedConv2d, synthesize
+from mmfs_fast.models.stylizer import N_LATENT, N_UPSAMPLINGS, Stylizer
+from mmfs_fast.ops import bias_act, default_fir, modulated_conv2d
+from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+NOISE_MODES = ("zero", "random")
+
+
+# -- the Stylizer prepared for inference --------------------------------------------------
+
+class _Linear(nn.Module):
+    """EqualLinear with its learning-rate scales folded in, in fp32 (styles stay fp32)."""
+
+    def __init__(self, layer: EqualLinear):
+        super().__init__()
+        self.register_buffer("weight", (layer.weight * layer.scale).detach().float())
+        bias = None if layer.bias is None else (layer.bias * layer.lr_mul).detach().float()
+        self.register_buffer("bias", bias)
+        self.activation = layer.activation
+        self.impl = layer.impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation:
+            return bias_act(F.linear(x, self.weight), self.bias, act="lrelu", impl=self.impl)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _conv(layer: EqualConv2d, dtype: torch.dtype) -> nn.Conv2d:
+    """EqualConv2d as a plain Conv2d with the equalized-lr scale folded into its weight."""
+    out_ch, in_ch, k, _ = layer.weight.shape
+    conv = nn.Conv2d(in_ch, out_ch, k, layer.stride, layer.padding, bias=layer.bias is not None,
+                     device=layer.weight.device, dtype=dtype)
+    with torch.no_grad():
+        conv.weight.copy_(layer.weight * layer.scale)
+        if layer.bias is not None:
+            conv.bias.copy_(layer.bias)
+    return conv.requires_grad_(False)
+
+
+class _ModulatedConv(nn.Module):
+    """ModulatedConv2d safe in fp16: the style affine and the demodulation coefficients
+    are computed in fp32 and only the convolution runs in the activation dtype.
+
+    Demodulated layers are pre-normalised as in NVlabs' stylegan3: each output
+    channel's weights to max |W| = 1/sqrt(fan_in), each sample's styles to max |s| = 1.
+    Demodulation cancels both scales exactly, and every fp16 product W·s stays ≤ 1.
+    """
+
+    def __init__(self, layer: ModulatedConv2d, dtype: torch.dtype):
+        super().__init__()
+        weight = (layer.weight[0] * layer.scale).detach().float()
+        self.demodulate = layer.demodulate
+        if self.demodulate:
+            weight = weight * (layer.scale / weight.abs().amax(dim=(1, 2, 3), keepdim=True))
+        self.register_buffer("weight", weight.to(dtype))
+        # demodulation normalises exactly the weights the convolution applies
+        self.register_buffer("weight_sq", self.weight.float().square().sum(dim=(2, 3)))
+        self.affine = _Linear(layer.modulation)
+        self.up = 2 if layer.upsample else 1
+        # the op takes the unit-sum FIR; a device buffer keeps the call free of host→device copies
+        fir = layer.blur.kernel / 4 if layer.upsample else default_fir(weight.device)
+        self.register_buffer("fir", fir.detach().to(dtype))
+        self.impl = layer.impl
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        styles = self.affine(w.float())
+        if self.demodulate:
+            styles = styles / styles.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+            demod = torch.rsqrt(styles.square() @ self.weight_sq.T + DEMOD_EPS)
+        out = modulated_conv2d(x, self.weight, styles.to(x.dtype), demodulate=False, up=self.up, fir=self.fir,
+                               impl=self.impl)
+        return out * demod.to(out.dtype)[:, :, None, None] if self.demodulate else out
+
+
+def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str) -> Stylizer:
+    """A frozen copy of ``stylizer`` for inference in ``dtype``: encoder and decoder
+    activations in ``dtype``; mapping network, style affines and clip_mapper in fp32."""
+    model = copy.deepcopy(stylizer).eval().requires_grad_(False)
+    for name, child in model.named_children():
+        child.to(dtype=dtype if name not in ("mapping_z", "clip_mapper") else torch.float32)
+    # rebuilt from the caller's modules, so they read the weights before any cast
+    for name, source in stylizer.named_modules():
+        if isinstance(source, EqualLinear):
+            prepared = _Linear(source)
+        elif isinstance(source, EqualConv2d):
+            prepared = _conv(source, dtype)
+        elif isinstance(source, ModulatedConv2d):
+            prepared = _ModulatedConv(source, dtype)
+        else:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, prepared)
+    model.set_impl(impl)
+    return model
+
+
+# -- static-shape execution: buckets, CUDA graphs, torch.compile ----------------------------
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    inputs: list[torch.Tensor]
+    output: torch.Tensor
+
+
+class _Executor:
+    """Runs batch functions at bucketed batch sizes: eagerly, compiled, or as CUDA graphs
+    captured per (function, bucket, input shapes) and replayed.
+
+    Every row of every function is independent of the others, so padding rows (zeros, or
+    whatever an earlier replay left in a static buffer: always finite, inputs are
+    validated) never change the real rows. All graphs share one memory pool, so the
+    workspace is that of the largest capture; replays are serialised by ``lock``.
+    """
+
+    def __init__(self, device: torch.device, buckets: tuple[int, ...] | None, mode: str,
+                 graph_memory_limit: int | None):
+        self.device, self.buckets, self.mode = device, buckets, mode
+        self.graph_memory_limit = graph_memory_limit
+        self.lock = threading.RLock()
+        self.pool = torch.cuda.graph_pool_handle() if mode == "graph" else None
+        self.graphs: dict[tuple, _Graph] = {}
+        self.failed: set[str] = set()
+
+    def run(self, name: str, fn: Callable, *inputs: torch.Tensor) -> torch.Tensor:
+        """fn(*inputs) for inputs sharing batch size B; returns a fresh tensor."""
+        batch = inputs[0].shape[0]
+        if self.buckets is None:
+            return fn(*inputs)
+        step = self.buckets[-1]
+        chunks = [self._run_bucket(name, fn, [x[i:i + step] for x in inputs]) for i in range(0, batch, step)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def _run_bucket(self, name: str, fn: Callable, inputs: list[torch.Tensor]) -> torch.Tensor:
+        n = inputs[0].shape[0]
+        bucket = next(b for b in self.buckets if b >= n)
+        if self.mode == "graph" and name not in self.failed:
+            graph = self._graph(name, fn, bucket, inputs)
+            if graph is not None:
+                for static, x in zip(graph.inputs, inputs):
+                    static[:n].copy_(x)
+                graph.graph.replay()
+                return graph.output[:n].clone()
+        padded = [torch.cat([x, x.new_zeros((bucket - n, *x.shape[1:]))]) if bucket > n else x for x in inputs]
+        out = fn(*padded)[:n]
+        # compiled functions may return buffers (cudagraph trees) that the next call overwrites
+        return out.clone() if self.mode == "compile" else out
+
+    def _graph(self, name: str, fn: Callable, bucket: int, inputs: list[torch.Tensor]) -> _Graph | None:
+        key = (name, bucket, *((tuple(x.shape[1:]), x.dtype) for x in inputs))
+        if key in self.graphs:
+            return self.graphs[key]
+        if self.graph_memory_limit is not None and torch.cuda.memory_reserved(self.device) > self.graph_memory_limit:
+            warnings.warn(f"mmfs_fast.Engine: graph_memory_limit reached; {name} at batch {bucket} runs eagerly",
+                          RuntimeWarning, stacklevel=4)
+            return None
+        static = [x.new_zeros((bucket, *x.shape[1:])) for x in inputs]
+        try:
+            # warm-up runs on a side stream (cuDNN autotuning, Triton JIT) before the capture
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn(*static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                output = fn(*static)
+        except RuntimeError as e:
+            warnings.warn(f"mmfs_fast.Engine: cannot capture {name} as a CUDA graph, it runs eagerly: {e}",
+                          RuntimeWarning, stacklevel=4)
+            self.failed.add(name)
+            return None
+        self.graphs[key] = _Graph(graph, static, output)
+        return self.graphs[key]
+
+    def static_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for g in self.graphs.values() for t in (*g.inputs, g.output))
+
+    def release(self) -> None:
+        with self.lock:
+            self.graphs.clear()
+            self.failed.clear()
+            self.pool = torch.cuda.graph_pool_handle() if self.mode == "graph" else None
+
+
+# -- caches ---------------------------------------------------------------------------------
+
+class LRUCache:
+    """A bounded, thread-safe least-recently-used map with hit/miss counts."""
+
+    def __init__(self, capacity: int):
+        if capacity < 0:
+            raise ValueError(f"cache capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self.hits = self.misses = 0
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key in self._items:
+                self.hits += 1
+                self._items.move_to_end(key)
+                return self._items[key]
+            self.misses += 1
+            return None
+
+    def put(self, key, value) -> None:
+        if self.capacity == 0:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def stats(self) -> dict:
+        return {"size": len(self), "capacity": self.capacity, "hits": self.hits, "misses": self.misses}
+
+
+def _image_key(image: torch.Tensor) -> tuple:
+    data = image.detach().contiguous().cpu()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+    return tuple(data.shape), str(data.dtype), digest
+
+
+# -- micro-batching -------------------------------------------------------------------------
+
+@dataclass
+class _Request:
+    face: torch.Tensor
+    style: object
+    noise: str
+    future: Future
+
+
+# -- the engine -----------------------------------------------------------------------------
+
+class Engine:
+    """Fast stylization with a prepared Stylizer (see the module docstring).
+
+    Args:
+        stylizer: the model; the engine keeps its own prepared copy.
+        clip: a CLIPEncoder on the same device, for text and reference-image styles.
+        precision: "fp16", "bf16" or "fp32"; default fp16 on CUDA, fp32 on CPU (where
+            fp16 is not offered).
+        device: default CUDA when available, else CPU.
+        cuda_graphs: capture and replay CUDA graphs per bucket (CUDA only).
+        buckets: batch sizes runs are padded to; "auto" is (1, 2, 4, 8, 16, 32) where
+            static shapes pay (CUDA graphs, compile) and no padding otherwise; None: no padding.
+        style_cache_size: entries of each of the text and reference-image w+ caches.
+        impl: op backend ("auto", "ref", "cuda", "triton").
+        compile: run through ``torch.compile(mode="max-autotune")`` instead of hand-captured graphs.
+        max_batch, max_wait_ms: micro-batching of ``submit()``: a batch runs when it has
+            max_batch requests or max_wait_ms after its first request arrived.
+        graph_memory_limit: bytes of reserved CUDA memory above which no new graph is
+            captured (those batch sizes then run eagerly).
+    """
+
+    def __init__(self, stylizer: Stylizer, clip=None, precision: str | None = None, device=None,
+                 cuda_graphs: bool = True, buckets: Sequence[int] | str | None = "auto",
+                 style_cache_size: int = 256, impl: str = "auto", compile: bool = False,
+                 max_batch: int | None = None, max_wait_ms: float = 2.0, graph_memory_limit: int | None = None):
+        if not isinstance(stylizer, Stylizer):
+            raise TypeError(f"stylizer must be a mmfs_fast Stylizer, got {type(stylizer).__name__}")
+        self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        on_cuda = self.device.type == "cuda"
+        precision = precision or ("fp16" if on_cuda else "fp32")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        if precision == "fp16" and not on_cuda:
+            raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
+        if clip is not None and torch.device(clip.device).type != self.device.type:
+            raise ValueError(f"the CLIP encoder is on {clip.device} but the engine runs on {self.device}")
+        self.precision, self.dtype = precision, PRECISIONS[precision]
+        self.config = stylizer.config
+        self.clip = clip
+        self.model = prepare_stylizer(stylizer, self.dtype, impl).to(self.device)
+
+        mode = "compile" if compile else "graph" if cuda_graphs and on_cuda else "eager"
+        if buckets == "auto":
+            buckets = DEFAULT_BUCKETS if mode != "eager" else None
+        if buckets is not None:
+            buckets = tuple(sorted(set(buckets)))
+            if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
+                raise ValueError(f"buckets must be positive ints, got {buckets}")
+        self._executor = _Executor(self.device, buckets, mode, graph_memory_limit)
+        wrap = (lambda f: torch.compile(f, mode="max-autotune", dynamic=False)) if compile else (lambda f: f)
+        self._encode_fn = wrap(self.model.encoder)
+        self._decode_fn = wrap(self._decode_graph)
+        self._stylize_fn = wrap(self._stylize_graph)
+        self._image_style_fn = wrap(self._image_style_graph)
+        self._text_style_fn = wrap(self._text_style_graph)
+
+        self.text_cache = LRUCache(style_cache_size)
+        self.image_cache = LRUCache(style_cache_size)
+
+        self.max_batch = max_batch or (buckets[-1] if buckets else DEFAULT_BUCKETS[-1])
+        self.max_wait_ms = max_wait_ms
+        self._queue: list[_Request] = []
+        self._queue_cond = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def buckets(self) -> tuple[int, ...] | None:
+        return self._executor.buckets
+
+    # -- the captured functions (tensors in, tensor out; no host syncs) --------------------
+    def _decode_graph(self, feat: torch.Tensor, w_plus: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        blocks = [(getattr(m, f"decoder{i}a"), getattr(m, f"decoder{i}b"), getattr(m, f"to_rgb{i}"))
+                  for i in range(1, N_UPSAMPLINGS + 1)]
+        noises = list(noises) or [None] * (1 + 2 * N_UPSAMPLINGS)
+        return synthesize(m.decoder0, m.to_rgb0, blocks, feat, w_plus, noises).clamp(-1, 1)
+
+    def _stylize_graph(self, faces: torch.Tensor, w_plus: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
+        return self._decode_graph(self.model.encoder(faces), w_plus, *noises)
+
+    def _image_style_graph(self, pixels: torch.Tensor) -> torch.Tensor:
+        # clip_mapper L2-normalises the embedding itself
+        return self.model.clip_mapper(self.clip.model.encode_image(pixels).float())
+
+    def _text_style_graph(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.clip_mapper(self.clip.model.encode_text(tokens).float())
+
+    def _run(self, name: str, fn: Callable, *inputs: torch.Tensor) -> torch.Tensor:
+        with self._executor.lock:
+            return self._executor.run(name, fn, *inputs)
+
+    # -- input checks ----------------------------------------------------------------------
+    def _faces(self, faces: torch.Tensor) -> torch.Tensor:
+        size = self.config.size
+        _check_tensor("faces", faces, (None, 3, size, size))
+        return faces.to(self.device, self.dtype)
+
+    def _w_plus(self, w_plus: torch.Tensor, batch: int) -> torch.Tensor:
+        _check_tensor("w_plus", w_plus, (batch, N_LATENT, self.config.style_dim))
+        return w_plus.to(self.device, torch.float32)
+
+    def _noises(self, noise: str, batch: int) -> list[torch.Tensor]:
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+        if noise == "zero":
+            return []
+        return [torch.randn(batch, 1, r, r, device=self.device, dtype=self.dtype)
+                for r in self.model.noise_resolutions]
+
+    # -- public API ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, faces: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) faces in [-1, 1] → encoder features (B, 8·ngf, S/16, S/16) in the engine dtype."""
+        return self._run("encode", self._encode_fn, self._faces(faces))
+
+    @torch.inference_mode()
+    def decode(self, feats: torch.Tensor, w_plus: torch.Tensor, noise: str = "zero") -> torch.Tensor:
+        """Encoder features + (B, 10, D) w+ → float32 images in [-1, 1]."""
+        r = self.model.feature_size
+        _check_tensor("feats", feats, (None, self.model.decoder0.conv.weight.shape[1], r, r))
+        feats = feats.to(self.device, self.dtype)
+        w_plus = self._w_plus(w_plus, feats.shape[0])
+        return self._run("decode", self._decode_fn, feats, w_plus, *self._noises(noise, feats.shape[0])).float()
+
+    @torch.inference_mode()
+    def stylize(self, faces: torch.Tensor, w_plus: torch.Tensor, noise: str = "zero") -> torch.Tensor:
+        """(B, 3, S, S) faces in [-1, 1] in the style (B, 10, D) w+ → float32 images in [-1, 1]."""
+        faces = self._faces(faces)
+        w_plus = self._w_plus(w_plus, faces.shape[0])
+        return self._run("stylize", self._stylize_fn, faces, w_plus, *self._noises(noise, faces.shape[0])).float()
+
+    @torch.inference_mode()
+    def style_from_seed(self, seeds: int | Sequence[int]) -> torch.Tensor:
+        """w+ (B, 10, D) of seeds: z = torch.randn(D, generator=torch.Generator().manual_seed(seed))
+        (drawn on the CPU, so the same on every device), mapped and repeated over the 10 slots."""
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        if not seeds:
+            raise ValueError("style_from_seed needs at least one seed")
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63:
+                raise ValueError(f"seeds must be ints in [0, 2**63), got {s!r}")
+        z = torch.stack([torch.randn(self.config.style_dim, generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(self.device)
+        w = self.model.mapping_z(z)
+        return w[:, None].repeat(1, N_LATENT, 1)
+
+    @torch.inference_mode()
+    def style_from_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """w+ (B, 10, D) of text prompts through CLIP and the clip_mapper (LRU-cached per prompt)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"text prompts must be non-empty strings, got {t!r}")
+        self._check_clip()
+        return self._cached_styles(self.text_cache, texts, texts, lambda todo: self._run(
+            "text_style", self._text_style_fn, self.clip.tokenizer(todo).to(self.device)))
+
+    @torch.inference_mode()
+    def style_from_image(self, images: torch.Tensor) -> torch.Tensor:
+        """w+ (B, 10, D) of (B, 3, H, W) reference images in [-1, 1] through CLIP and the
+        clip_mapper (LRU-cached per image content)."""
+        _check_tensor("images", images, (None, 3, None, None))
+        self._check_clip()
+        keys = [_image_key(image) for image in images]
+        return self._cached_styles(self.image_cache, keys, list(images), lambda todo: self._run(
+            "image_style", self._image_style_fn, self.clip.preprocess(torch.stack(todo).to(self.device))))
+
+    def _check_clip(self) -> None:
+        if self.clip is None:
+            raise RuntimeError("text and reference-image styles need a CLIP encoder: Engine(stylizer, clip=CLIPEncoder(...))")
+        if self.model.clip_mapper is None:
+            raise RuntimeError("this Stylizer has no clip_mapper (phase 1/2 checkpoint): text and reference "
+                               "styles need a phase 3/4 checkpoint")
+
+    @staticmethod
+    def _cached_styles(cache: LRUCache, keys: list, items: list, compute: Callable) -> torch.Tensor:
+        """w+ of each item: cached ones looked up, the others computed in one batch and cached."""
+        found = {key: w for key in dict.fromkeys(keys) if (w := cache.get(key)) is not None}
+        todo = {key: item for key, item in zip(keys, items) if key not in found}
+        if todo:
+            for key, w in zip(todo, compute(list(todo.values()))):
+                found[key] = w
+                cache.put(key, w)
+        return torch.stack([found[key] for key in keys])
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Capture (or compile) the stylization, and the CLIP styles when a CLIP encoder is
+        given, for every bucket now instead of on first use."""
+        size, dim = self.config.size, self.config.style_dim
+        for batch in self.buckets or (1,):
+            self.stylize(torch.zeros(batch, 3, size, size), torch.zeros(batch, N_LATENT, dim))
+            if self.clip is not None and self.model.clip_mapper is not None:
+                self._run("image_style", self._image_style_fn,
+                          self.clip.preprocess(torch.zeros(batch, 3, size, size, device=self.device)))
+                self._run("text_style", self._text_style_fn, self.clip.tokenizer(["a"] * batch).to(self.device))
+
+    def memory_stats(self) -> dict:
+        """Captured graphs, their static buffers, CUDA memory and the style caches."""
+        ex = self._executor
+        stats = {"mode": ex.mode, "buckets": ex.buckets, "graphs": sorted(key[:2] for key in ex.graphs),
+                 "graph_static_bytes": ex.static_bytes(), "eager_fallbacks": sorted(ex.failed),
+                 "text_cache": self.text_cache.stats(), "image_cache": self.image_cache.stats()}
+        if self.device.type == "cuda":
+            stats["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+            stats["cuda_reserved_bytes"] = torch.cuda.memory_reserved(self.device)
+            stats["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return stats
+
+    def release_graphs(self) -> None:
+        """Free every captured graph and its memory pool (they are captured again on use)."""
+        self._executor.release()
+
+    # -- micro-batching --------------------------------------------------------------------
+    def submit(self, face: torch.Tensor, style, noise: str = "zero") -> Future:
+        """Queue one (3, S, S) face for stylization; returns a Future of the (3, S, S) image.
+
+        style: a seed (int), a text prompt (str), a reference image ((3, H, W) tensor in
+        [-1, 1]) or a w+ ((10, D) tensor). Requests arriving within ``max_wait_ms`` run
+        as one batch; a bad request fails only its own Future.
+        """
+        future: Future = Future()
+        with self._queue_cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._queue.append(_Request(face, style, noise, future))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="mmfs-engine", daemon=True)
+                self._worker.start()
+            self._queue_cond.notify()
+        return future
+
+    def close(self) -> None:
+        """Finish every submitted request, then stop the batching thread."""
+        with self._queue_cond:
+            self._closed = True
+            self._queue_cond.notify()
+            worker = self._worker
+        if worker is not None:
+            worker.join()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _serve(self) -> None:
+        while True:
+            with self._queue_cond:
+                while not self._queue and not self._closed:
+                    self._queue_cond.wait()
+                if not self._queue:
+                    return
+                deadline = time.monotonic() + self.max_wait_ms / 1000
+                while len(self._queue) < self.max_batch and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._queue_cond.wait(left)
+                batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+            self._process([r for r in batch if r.future.set_running_or_notify_cancel()])
+
+    def _process(self, requests: list[_Request]) -> None:
+        ready: dict[str, list] = {}
+        for request in requests:
+            try:
+                _check_tensor("face", request.face, (3, self.config.size, self.config.size))
+                face = self._faces(request.face[None])
+                w_plus = self._style(request.style)
+                self._noises(request.noise, 0)
+            except Exception as e:  # the request's own error goes to its caller
+                request.future.set_exception(e)
+                continue
+            ready.setdefault(request.noise, []).append((request, face, w_plus))
+        for noise, group in ready.items():
+            try:
+                images = self.stylize(torch.cat([f for _, f, _ in group]), torch.cat([w for _, _, w in group]), noise)
+            except Exception:  # unexpected: run one by one so a failure stays with its request
+                for request, face, w_plus in group:
+                    try:
+                        request.future.set_result(self.stylize(face, w_plus, noise)[0])
+                    except Exception as e:
+                        request.future.set_exception(e)
+                continue
+            for (request, _, _), image in zip(group, images):
+                request.future.set_result(image)
+
+    def _style(self, style) -> torch.Tensor:
+        """(1, 10, D) w+ of one request's style."""
+        if isinstance(style, bool):
+            raise TypeError("style must be a seed, a text prompt, a reference image or a w+ tensor, got a bool")
+        if isinstance(style, int):
+            return self.style_from_seed([style])
+        if isinstance(style, str):
+            return self.style_from_text([style])
+        if isinstance(style, torch.Tensor) and style.ndim == 2:
+            return self._w_plus(style[None], 1)
+        if isinstance(style, torch.Tensor) and style.ndim == 3:
+            return self.style_from_image(style[None])
+        raise TypeError(f"style must be a seed (int), a text prompt (str), a reference image (3, H, W) or a "
+                        f"w+ (10, D) tensor; got {type(style).__name__}"
+                        + (f" of shape {tuple(style.shape)}" if isinstance(style, torch.Tensor) else ""))
+
+
+def _check_tensor(name: str, t, shape: tuple) -> None:
+    """A finite floating tensor of ``shape`` (None matches any size)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "(" + ", ".join("B" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or Inf")

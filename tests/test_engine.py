@@ -1,0 +1,285 @@
+"""Engine: the prepared, bucketed, cached, micro-batched path must reproduce the plain
+fp32 Stylizer (noise="zero") for every style source."""
+import threading
+
+import pytest
+import torch
+
+from mmfs_fast.engine import Engine, LRUCache
+from mmfs_fast.models.stylizer import Stylizer
+
+SIZE, DIM = 64, 32
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def randomise_biases(model: Stylizer, seed: int = 0) -> Stylizer:
+    """Freshly initialised biases and noise strengths are zero; random ones exercise them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name.endswith("noise.weight"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def make_stylizer(style_dim: int = DIM, seed: int = 0) -> Stylizer:
+    torch.manual_seed(seed)
+    return randomise_biases(Stylizer(size=SIZE, ngf=4, style_dim=style_dim), seed).eval()
+
+
+def faces(batch: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def seed_z(seeds, dim: int = DIM) -> torch.Tensor:
+    return torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def assert_images_close(actual, expected, atol=2e-5):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def stylizer():
+    return make_stylizer()
+
+
+@pytest.fixture(scope="module")
+def engine(stylizer):
+    return Engine(stylizer, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def clip_setup():
+    """The real CLIP encoder (random weights) with a Stylizer whose clip_mapper takes its 512-d features."""
+    from mmfs_fast.encoders import CLIPEncoder
+
+    stylizer = make_stylizer(style_dim=512, seed=3)
+    clip = CLIPEncoder(random_init=True)
+    return stylizer, clip, Engine(stylizer, clip=clip, device="cpu", style_cache_size=8)
+
+
+@torch.no_grad()
+def test_seed_styles_match_plain_stylizer(stylizer, engine):
+    x = faces(3)
+    w_plus = engine.style_from_seed([5, 6, 7])
+    assert w_plus.shape == (3, 10, DIM)
+    torch.testing.assert_close(w_plus, stylizer.style_from_z(seed_z([5, 6, 7])))
+    assert_images_close(engine.stylize(x, w_plus), stylizer(x, z=seed_z([5, 6, 7]), noise="zero"))
+
+
+@torch.no_grad()
+def test_encode_decode_match_plain_stylizer(stylizer, engine):
+    x, w_plus = faces(2), torch.randn(2, 10, DIM)
+    feats = engine.encode(x)
+    torch.testing.assert_close(feats, stylizer.encode(x), rtol=0, atol=1e-5)
+    assert_images_close(engine.decode(feats, w_plus), stylizer.decode(stylizer.encode(x), w_plus, noise="zero"))
+
+
+@torch.no_grad()
+def test_random_noise_matches_stylizer_given_the_same_noise(stylizer, engine):
+    x, w_plus = faces(2), torch.randn(2, 10, DIM)
+    torch.manual_seed(11)
+    out = engine.stylize(x, w_plus, noise="random")
+    torch.manual_seed(11)
+    noises = [torch.randn(2, 1, r, r) for r in stylizer.noise_resolutions]
+    assert_images_close(out, stylizer(x, w_plus=w_plus, noise=noises))
+    assert (out - engine.stylize(x, w_plus)).abs().max() > 1e-3  # the noise strengths are non-zero
+
+
+@torch.no_grad()
+def test_text_and_reference_styles_match_plain_stylizer(clip_setup):
+    stylizer, clip, engine = clip_setup
+    x = faces(2)
+    texts = ["a watercolor portrait", "a 3d cartoon"]
+    torch.testing.assert_close(engine.style_from_text(texts), stylizer.map_clip(clip.encode_text(texts)),
+                               rtol=0, atol=1e-5)
+    assert_images_close(engine.stylize(x, engine.style_from_text(texts)),
+                        stylizer(x, clip_feats=clip.encode_text(texts), noise="zero"))
+    refs = faces(2, seed=9)
+    torch.testing.assert_close(engine.style_from_image(refs), stylizer.map_clip(clip.encode_image(refs)),
+                               rtol=0, atol=1e-5)
+
+
+def test_bucket_padding_and_splitting_return_the_unpadded_results(stylizer, engine):
+    x, w_plus = faces(7), torch.randn(7, 10, DIM)
+    unpadded = engine.stylize(x, w_plus)
+    bucketed = Engine(stylizer, device="cpu", buckets=(2, 4))  # 7 → 4 + 3 padded to 4
+    assert bucketed.buckets == (2, 4)
+    # rows are independent; only the BLAS blocking of a different batch size may move the last bit
+    assert_images_close(bucketed.stylize(x, w_plus), unpadded, atol=1e-5)
+    assert_images_close(bucketed.stylize(x[:1], w_plus[:1]), unpadded[:1], atol=1e-5)
+
+
+def test_concurrent_submit_returns_each_caller_its_own_result(clip_setup):
+    stylizer, clip, _ = clip_setup
+    x = faces(8, seed=4)
+    w = torch.randn(10, 512)
+    refs = faces(2, seed=5)
+    styles = [0, "a pencil sketch", w, refs[0], 1, "an oil painting", refs[1], 2]
+    with Engine(stylizer, clip=clip, device="cpu", max_batch=8, max_wait_ms=50) as engine:
+        expected = [engine.stylize(x[i:i + 1], engine._style(s))[0] for i, s in enumerate(styles)]
+        results = [None] * 8
+
+        def call(i):
+            results[i] = engine.submit(x[i], styles[i]).result(timeout=120)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for got, want in zip(results, expected):
+        assert_images_close(got, want)
+    # the seed styles against the plain model, independently of the engine's own style path
+    with torch.no_grad():
+        ref = stylizer(x[[0, 4, 7]], z=seed_z([0, 1, 2], dim=512), noise="zero")
+    for got, want in zip([results[0], results[4], results[7]], ref):
+        assert_images_close(got, want)
+
+
+def test_bad_requests_fail_alone(stylizer):
+    x = faces(4)
+    nan_w = torch.randn(10, DIM)
+    nan_w[3, 4] = float("nan")
+    good_w = torch.randn(10, DIM)
+    with Engine(stylizer, device="cpu", max_batch=8, max_wait_ms=200) as engine:
+        futures = {
+            "seed": engine.submit(x[0], 3),
+            "wrong size": engine.submit(torch.zeros(3, 32, 32), 3),
+            "nan w+": engine.submit(x[1], nan_w),
+            "empty text": engine.submit(x[2], "  "),
+            "no clip": engine.submit(x[2], "a sketch"),
+            "bad type": engine.submit(x[3], 1.5),
+            "bad noise": engine.submit(x[3], 3, noise="loud"),
+            "w+": engine.submit(x[3], good_w),
+        }
+    errors = {name: f.exception(timeout=60) for name, f in futures.items()}
+    assert errors["seed"] is None and errors["w+"] is None
+    assert isinstance(errors["wrong size"], ValueError) and "(3, 64, 64)" in str(errors["wrong size"])
+    assert isinstance(errors["nan w+"], ValueError) and "NaN" in str(errors["nan w+"])
+    assert isinstance(errors["empty text"], ValueError) and "non-empty" in str(errors["empty text"])
+    assert isinstance(errors["no clip"], RuntimeError) and "CLIP" in str(errors["no clip"])
+    assert isinstance(errors["bad type"], TypeError)
+    assert isinstance(errors["bad noise"], ValueError)
+    with torch.no_grad():
+        assert_images_close(futures["seed"].result(), stylizer(x[:1], z=seed_z([3]), noise="zero")[0])
+        assert_images_close(futures["w+"].result(), stylizer(x[3:], w_plus=good_w[None], noise="zero")[0])
+
+
+def test_close_drains_and_refuses_new_work(stylizer):
+    engine = Engine(stylizer, device="cpu", max_batch=2, max_wait_ms=1)
+    futures = [engine.submit(f, i) for i, f in enumerate(faces(5))]
+    engine.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(faces(1)[0], 0)
+
+
+def test_direct_calls_reject_bad_input(engine):
+    with pytest.raises(ValueError, match="shape"):
+        engine.stylize(faces(2), torch.randn(3, 10, DIM))
+    with pytest.raises(ValueError, match="NaN"):
+        engine.stylize(faces(1) * float("inf"), torch.randn(1, 10, DIM))
+    with pytest.raises(ValueError, match="noise"):
+        engine.stylize(faces(1), torch.randn(1, 10, DIM), noise="loud")
+    with pytest.raises(ValueError, match="seeds"):
+        engine.style_from_seed([-1])
+    with pytest.raises(ValueError, match="fp16"):
+        Engine(Stylizer(size=SIZE, ngf=4, style_dim=DIM), device="cpu", precision="fp16")
+
+
+def test_lru_cache_bound_and_hits():
+    cache = LRUCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a becomes the most recent
+    cache.put("c", 3)  # evicts b
+    assert cache.get("b") is None and cache.get("c") == 3 and len(cache) == 2
+    assert cache.stats() == {"size": 2, "capacity": 2, "hits": 2, "misses": 1}
+
+
+@torch.no_grad()
+def test_style_caches_hit_and_stay_bounded(clip_setup):
+    stylizer, clip, _ = clip_setup
+    engine = Engine(stylizer, clip=clip, device="cpu", style_cache_size=2)
+    first = engine.style_from_text(["a", "b"])
+    assert engine.text_cache.stats()["misses"] == 2
+    again = engine.style_from_text(["b", "a", "b"])
+    assert engine.text_cache.stats()["hits"] == 2  # "b" twice in one call is looked up once
+    torch.testing.assert_close(again, first[[1, 0, 1]])
+    engine.style_from_text(["c"])
+    assert len(engine.text_cache) == 2
+    refs = faces(3, seed=7)
+    w = engine.style_from_image(refs)
+    assert engine.image_cache.stats() == {"size": 2, "capacity": 2, "hits": 0, "misses": 3}
+    torch.testing.assert_close(engine.style_from_image(refs[2:].clone()), w[2:])  # same bytes, new tensor: a hit
+    assert engine.image_cache.stats()["hits"] == 1
+
+
+@torch.no_grad()
+def test_bf16_error_within_twice_the_plain_model_cast_to_bf16(stylizer):
+    x, w_plus = faces(4), torch.randn(4, 10, DIM)
+    ref = stylizer(x, w_plus=w_plus, noise="zero")
+    plain_bf16 = make_stylizer().to(torch.bfloat16)
+    plain_err = (plain_bf16(x.bfloat16(), w_plus=w_plus.bfloat16(), noise="zero").float() - ref).abs().mean()
+    out = Engine(stylizer, device="cpu", precision="bf16").stylize(x, w_plus)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - ref).abs().mean() <= 2 * plain_err
+
+
+def test_warmup_and_memory_stats(stylizer):
+    engine = Engine(stylizer, device="cpu", buckets=(1, 2))
+    engine.warmup()
+    stats = engine.memory_stats()
+    assert stats["mode"] == "eager" and stats["buckets"] == (1, 2) and stats["graphs"] == []
+    assert stats["text_cache"]["capacity"] == 256
+
+
+# -- GPU -------------------------------------------------------------------------------------
+
+def _gpu_stylizer():
+    return make_stylizer(style_dim=512).cuda()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@torch.no_grad()
+def test_gpu_low_precision_error_within_twice_the_plain_cast(precision):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    stylizer = _gpu_stylizer()
+    x, w_plus = faces(8).cuda(), torch.randn(8, 10, 512, device="cuda")
+    ref = stylizer(x, w_plus=w_plus, noise="zero")
+    plain = make_stylizer(style_dim=512).cuda().to(dtype)
+    plain_err = (plain(x.to(dtype), w_plus=w_plus.to(dtype), noise="zero").float() - ref).abs().mean()
+    out = Engine(stylizer, precision=precision).stylize(x, w_plus)
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().mean() <= 2 * plain_err
+
+
+@pytest.mark.gpu
+@needs_cuda
+@torch.no_grad()
+def test_gpu_fp16_never_overflows_over_many_random_z():
+    stylizer = _gpu_stylizer()
+    engine = Engine(stylizer, precision="fp16")
+    x = faces(32).cuda()
+    for i in range(0, 10_000, 32):
+        w_plus = stylizer.style_from_z(torch.randn(32, 512, device="cuda") * (1 + i / 2500))
+        assert torch.isfinite(engine.stylize(x, w_plus)).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@torch.no_grad()
+def test_gpu_graph_replay_equals_eager():
+    stylizer = _gpu_stylizer()
+    graphs = Engine(stylizer, precision="fp32", cuda_graphs=True)
+    eager = Engine(stylizer, precision="fp32", cuda_graphs=False, buckets=graphs.buckets)
+    x, w_plus = faces(3).cuda(), torch.randn(3, 10, 512, device="cuda")
+    want = eager.stylize(x, w_plus)
+    for _ in range(3):  # the first call captures, the others replay
+        assert_images_close(graphs.stylize(x, w_plus), want, atol=1e-5)
+    assert_images_close(graphs.encode(x), eager.encode(x), atol=1e-5)
+    assert graphs.memory_stats()["graphs"] and not graphs.memory_stats()["eager_fallbacks"]
