@@ -1,0 +1,249 @@
+"""The triton backend against ref: forward, gradients and bias_act's second order.
+
+Small shapes run on the GPU when there is one, else on the CPU through the Triton
+interpreter (TRITON_INTERPRET=1). Triton reads that variable when it decorates a
+kernel, and triton.language decorates its own helpers (tl.zeros, ...) on import, so
+triton is imported here under the variable, before anything else imports it. The
+variable itself is set only while this module's tests run: left set, it would let
+impl="triton" run on CPU tensors in every other test module.
+
+Low-precision results follow the flash-attention rule: the triton error in fp16/bf16
+is at most twice the error of ref run in the same precision, both against fp32 ref.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_IMPORTED_WITHOUT_INTERPRETER = (
+    not HAS_CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1")
+if not HAS_CUDA and not TRITON_IMPORTED_WITHOUT_INTERPRETER:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRITON_INTERPRET", "1")
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            pass
+
+from mmfs_fast.models import Stylizer  # noqa: E402
+from mmfs_fast.ops import _backend, bias_act, modulated_conv2d, upfirdn2d  # noqa: E402
+from mmfs_fast.ops.modulated_conv2d import blur_pads, default_fir  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not _backend.triton_installed(), reason="triton is not installed")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    if HAS_CUDA:
+        yield
+        return
+    if TRITON_IMPORTED_WITHOUT_INTERPRETER:
+        pytest.skip("triton was imported before this module, without TRITON_INTERPRET=1: run "
+                    "TRITON_INTERPRET=1 python -m pytest tests/test_triton_ops.py")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def run_both(fn, inputs, dtype, grad_out_seed=0):
+    """fn(*inputs, impl) in fp32 ref, ``dtype`` ref and ``dtype`` triton: (outputs, input grads) of each."""
+    results = {}
+    for name, impl, dt in (("ref32", "ref", torch.float32), ("ref", "ref", dtype), ("triton", "triton", dtype)):
+        leaves = [t.detach().to(dt).requires_grad_(t.is_floating_point()) for t in inputs]
+        out = fn(*leaves, impl=impl)
+        g = torch.Generator(device=DEVICE).manual_seed(grad_out_seed)
+        dy = torch.randn(out.shape, generator=g, device=DEVICE).to(dt)
+        grads = torch.autograd.grad(out, leaves, dy)
+        results[name] = [out.float()] + [gr.float() for gr in grads]
+    return results
+
+
+def assert_matches_ref(results, dtype, floor=1e-5):
+    """Each tensor of triton within 2× ref's own ``dtype`` error of fp32 ref (plus a floor)."""
+    for i, (exact, low, tri) in enumerate(zip(results["ref32"], results["ref"], results["triton"])):
+        scale = exact.abs().max().item() + 1e-12
+        ref_err = (low - exact).abs().max().item()
+        tri_err = (tri - exact).abs().max().item()
+        bound = 2 * ref_err + floor * scale if dtype != torch.float32 else 1e-4 * scale
+        assert tri_err <= bound, f"tensor {i}: triton error {tri_err:.3g} > {bound:.3g} (ref's own {ref_err:.3g})"
+
+
+def randn(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+LOW_PRECISION = [torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float16]
+DTYPES = [torch.float32] + LOW_PRECISION
+
+
+# ---------------------------------------------------------------- upfirdn2d
+
+FIR = default_fir()
+UPFIRDN_CASES = {
+    "blur int pad": ((1, 3, 9, 7), FIR, 1, 1, 2),
+    "Upsample": ((2, 3, 6, 5), FIR * 4, 2, 1, (2, 1)),
+    "encoder blur k3": ((2, 2, 8, 8), FIR, 1, 1, blur_pads(4, 3, up=1, down=2)),
+    "encoder blur k1": ((1, 2, 7, 9), FIR, 1, 1, blur_pads(4, 1, up=1, down=2)),
+    "decoder blur up": ((2, 2, 13, 13), FIR * 4, 1, 1, blur_pads(4, 3, up=2, down=1)),
+    "down 2, odd size": ((1, 2, 9, 11), FIR, 1, 2, (1, 1)),
+    "4-tuple, crops, up and down": ((2, 2, 7, 6), torch.arange(12.0).reshape(3, 4), 2, 2, (-1, 3, 0, -2)),
+    "1-D taps, down 3": ((1, 1, 10, 8), torch.tensor([1.0, 2.0, 1.0]), 1, 3, (1, 0, 2, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", UPFIRDN_CASES.values(), ids=UPFIRDN_CASES.keys())
+def test_upfirdn2d_matches_ref(case, dtype):
+    shape, kernel, up, down, pad = case
+    kernel = kernel.to(DEVICE)
+    results = run_both(lambda x, impl: upfirdn2d(x, kernel, up, down, pad, impl=impl), [randn(*shape)], dtype)
+    assert_matches_ref(results, dtype)
+
+
+# ---------------------------------------------------------------- bias_act
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("clamp", [None, 0.5])
+@pytest.mark.parametrize("act", ["linear", "relu", "lrelu"])
+def test_bias_act_matches_ref(act, clamp, dtype):
+    x, bias = randn(2, 5, 3, 7), randn(5, seed=1)
+    results = run_both(lambda x, b, impl: bias_act(x, b, act, clamp=clamp, impl=impl), [x, bias], dtype)
+    assert_matches_ref(results, dtype)
+
+
+@pytest.mark.parametrize("dim, with_bias", [(1, False), (0, True), (-1, True)])
+def test_bias_act_other_dims_and_no_bias(dim, with_bias):
+    x = randn(3, 4, 5)
+    bias = randn(x.shape[dim], seed=1) if with_bias else None
+    args = [x] + ([bias] if with_bias else [])
+    fn = lambda x, b=None, impl="ref": bias_act(x, b, "lrelu", alpha=0.1, gain=-1.5, dim=dim, impl=impl)  # noqa: E731
+    assert_matches_ref(run_both(fn, args, torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("clamp", [None, 0.5])
+@pytest.mark.parametrize("act", ["relu", "lrelu"])
+def test_bias_act_second_order_matches_ref(act, clamp):
+    """What R1 needs: grads of (grad · v) with respect to dy, x and bias."""
+    x, bias, dy, v = randn(2, 4, 3, 3), randn(4, seed=1), randn(2, 4, 3, 3, seed=2), randn(2, 4, 3, 3, seed=3)
+    grads = {}
+    for impl in ("ref", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (x, bias, dy)]
+        y = bias_act(leaves[0], leaves[1], act, clamp=clamp, impl=impl)
+        dx, = torch.autograd.grad(y, leaves[0], leaves[2], create_graph=True)
+        grads[impl] = torch.autograd.grad((dx * v).sum(), leaves, materialize_grads=True)
+    for got, want in zip(grads["triton"], grads["ref"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- modulated_conv2d
+
+MODCONV_CASES = {  # (batch, in, out, h, w, k, demodulate, up, down)
+    "3x3 demod": (2, 6, 5, 7, 5, 3, True, 1, 1),
+    "batch 1, odd": (1, 3, 4, 5, 9, 3, True, 1, 1),
+    "ToRGB 1x1": (2, 8, 3, 6, 6, 1, False, 1, 1),
+    "up 2": (2, 5, 4, 5, 4, 3, True, 2, 1),
+    "up 2, batch 1": (1, 4, 6, 3, 3, 3, True, 2, 1),
+    "down 2": (2, 4, 5, 9, 8, 3, True, 1, 2),
+    "down 2, 1x1, no demod": (1, 4, 3, 8, 7, 1, False, 1, 2),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MODCONV_CASES.values(), ids=MODCONV_CASES.keys())
+def test_modulated_conv2d_matches_ref(case, dtype):
+    b, i, o, h, w, k, demodulate, up, down = case
+    inputs = [randn(b, i, h, w), randn(o, i, k, k, seed=1) / (i * k * k) ** 0.5, randn(b, i, seed=2) + 1]
+    results = run_both(lambda x, wt, s, impl: modulated_conv2d(x, wt, s, demodulate, up, down, impl=impl),
+                       inputs, dtype)
+    assert_matches_ref(results, dtype)
+
+
+def test_modulated_conv2d_padding_and_second_order():
+    """An explicit padding, and grads of grads (path-length regularisation differentiates twice)."""
+    x, weight, styles = randn(2, 3, 5, 6), randn(4, 3, 3, 3, seed=1) / 3, randn(2, 3, seed=2) + 1
+    grads = {}
+    for impl in ("ref", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, styles)]
+        y = modulated_conv2d(*leaves, padding=2, impl=impl)
+        dx, = torch.autograd.grad(y.square().sum(), leaves[0], create_graph=True)
+        grads[impl] = [y] + list(torch.autograd.grad(dx.square().sum(), leaves, materialize_grads=True))
+    for got, want in zip(grads["triton"], grads["ref"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- a whole model
+
+def test_small_stylizer_matches_ref():
+    torch.manual_seed(0)
+    model = Stylizer(size=16, ngf=2, style_dim=8, n_mlp=1, clip_mapper=False).to(DEVICE)
+    x = torch.rand(1, 3, 16, 16, device=DEVICE) * 2 - 1
+    w_plus = randn(1, 10, 8, seed=1)
+    noises = [randn(1, 1, r, r, seed=2 + n) for n, r in enumerate(model.noise_resolutions)]
+    outputs = {}
+    for impl in ("ref", "triton"):
+        model.set_impl(impl).zero_grad()
+        outputs[impl] = model(x, w_plus=w_plus, noise=noises)
+        outputs[impl].square().mean().backward()
+        outputs[impl] = [outputs[impl].detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert len(outputs["triton"]) == len(outputs["ref"]) > 10
+    for got, want in zip(outputs["triton"], outputs["ref"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- full MMFS shapes on a GPU
+
+FULL_MODCONV = {  # the decoder at 512² and batch 4: first conv, an up conv, the last conv, a ToRGB
+    "32² 512→512": (4, 512, 512, 32, 32, 3, True, 1, 1),
+    "64²→128² 512→256 up": (4, 512, 256, 64, 64, 3, True, 2, 1),
+    "512² 64→64": (4, 64, 64, 512, 512, 3, True, 1, 1),
+    "ToRGB 512² 64→3": (4, 64, 3, 512, 512, 1, False, 1, 1),
+}
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("case", FULL_MODCONV.values(), ids=FULL_MODCONV.keys())
+def test_full_size_modulated_conv2d(case, dtype):
+    b, i, o, h, w, k, demodulate, up, down = case
+    inputs = [randn(b, i, h, w), randn(o, i, k, k, seed=1) / (i * k * k) ** 0.5, randn(b, i, seed=2) + 1]
+    results = run_both(lambda x, wt, s, impl: modulated_conv2d(x, wt, s, demodulate, up, down, impl=impl),
+                       inputs, dtype)
+    assert_matches_ref(results, dtype, floor=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_full_size_upfirdn2d_and_bias_act(dtype):
+    up = run_both(lambda x, impl: upfirdn2d(x, (FIR * 4).to(DEVICE), 2, 1, (2, 1), impl=impl),
+                  [randn(4, 3, 256, 256)], dtype)
+    assert_matches_ref(up, dtype, floor=1e-3)
+    blur = run_both(lambda x, impl: upfirdn2d(x, FIR.to(DEVICE), 1, 1, blur_pads(4, 3, 1, 2), impl=impl),
+                    [randn(4, 64, 256, 256)], dtype)
+    assert_matches_ref(blur, dtype, floor=1e-3)
+    act = run_both(lambda x, bias, impl: bias_act(x, bias, impl=impl), [randn(4, 128, 256, 256), randn(128)], dtype)
+    assert_matches_ref(act, dtype, floor=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graph_and_compile():
+    """The decoder in fp16 replays from a CUDA graph and compiles with fullgraph=True."""
+    model = Stylizer(size=64, ngf=16, style_dim=64, n_mlp=2, clip_mapper=False, impl="triton").to(DEVICE).half()
+    feat = randn(2, model.decoder0.conv.weight.shape[2], 4, 4).half()
+    w_plus = randn(2, 10, 64, seed=1).half()
+    with torch.no_grad():
+        expected = model.decode(feat, w_plus, noise="zero")  # also runs the autotuner before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model.decode(feat, w_plus, noise="zero")
+        graph.replay()
+        torch.testing.assert_close(captured, expected)
+        compiled = torch.compile(model.decode, fullgraph=True)
+        torch.testing.assert_close(compiled(feat, w_plus, noise="zero"), expected, rtol=2e-2, atol=2e-2)
