@@ -68,6 +68,8 @@ setup(
     extras_require={
         "clip": ["open_clip_torch", "timm"],
         "triton": ["triton"],
+        # face detection/landmarks (dlib + its offline 68-point model) and video I/O
+        "faces": ["dlib-bin", "face-recognition-models", "av"],
         "dev": ["pytest", "pytest-benchmark", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["mmfs-fast=mmfs_fast.cli:main"]},

@@ -1,0 +1,310 @@
+"""Faces in the wild: detection, 68 landmarks, FFHQ alignment and paste-back.
+
+MMFS expects faces aligned like FFHQ. For a photo we find every face (dlib's HOG
+detector and its 68-point shape predictor, both offline: the predictor ships in
+the ``face-recognition-models`` package), turn its eye and mouth landmarks into an
+oriented square (the "quad") with the FFHQ recipe, and resample that square to the
+model size. After stylization, :func:`paste_back` warps each stylized square back
+into the photo through a feathered mask: pixels outside the squares keep their
+exact original values.
+
+Coordinates are continuous pixel coordinates: pixel (i, j) covers [i, i+1) × [j, j+1),
+so its centre is (i + 0.5, j + 0.5). A quad lists its corners top-left, bottom-left,
+bottom-right, top-right of the aligned crop, as (x, y).
+
+Needs the ``faces`` extra: ``pip install 'mmfs_fast[faces]'``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+StylizeBatch = Callable[[torch.Tensor], torch.Tensor]
+
+EXTRA_HINT = "pip install 'mmfs_fast[faces]' (dlib-bin, face-recognition-models, av)"
+LANDMARK_MODEL = "shape_predictor_68_face_landmarks.dat"
+# 68-point layout (iBUG 300-W): eyes and the outer mouth corners
+LEFT_EYE, RIGHT_EYE = slice(36, 42), slice(42, 48)
+MOUTH_LEFT, MOUTH_RIGHT = 48, 54
+
+
+class FacesUnavailable(ImportError):
+    """The optional ``faces`` extra is not installed."""
+
+
+def require(module: str):
+    """Import a dependency of the faces extra, or say how to install it."""
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise FacesUnavailable(f"{module} is missing: face alignment and video need the 'faces' extra: "
+                               f"{EXTRA_HINT}") from e
+
+
+def landmark_model_path() -> Path:
+    # found without importing face_recognition_models: its __init__ needs pkg_resources
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FacesUnavailable(f"face-recognition-models is missing (the 68-point landmark model): {EXTRA_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / LANDMARK_MODEL
+    if not path.is_file():
+        raise FacesUnavailable(f"{path} is missing: reinstall face-recognition-models")
+    return path
+
+
+# -- the FFHQ recipe ----------------------------------------------------------------
+def ffhq_quad(landmarks: np.ndarray) -> np.ndarray:
+    """The FFHQ crop square (4, 2) of 68 landmarks (68, 2).
+
+    The square is centred a tenth of the way from the eyes' midpoint to the mouth's,
+    turned so that its x axis follows the eye line (corrected by the eye-to-mouth
+    direction), and its half side is the larger of 2× the eye distance and 1.8× the
+    eye-to-mouth distance.
+    """
+    lm = np.asarray(landmarks, dtype=np.float64)
+    if lm.shape != (68, 2):
+        raise ValueError(f"expected 68 (x, y) landmarks, got shape {lm.shape}")
+    eye_left, eye_right = lm[LEFT_EYE].mean(0), lm[RIGHT_EYE].mean(0)
+    eye_avg = (eye_left + eye_right) / 2
+    eye_to_eye = eye_right - eye_left
+    eye_to_mouth = (lm[MOUTH_LEFT] + lm[MOUTH_RIGHT]) / 2 - eye_avg
+    x = eye_to_eye - _turn_clockwise(eye_to_mouth)
+    x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8) / np.hypot(*x)
+    y = _turn_clockwise(x)
+    c = eye_avg + eye_to_mouth * 0.1
+    return np.stack([c - x - y, c - x + y, c + x + y, c + x - y])
+
+
+def _turn_clockwise(v: np.ndarray) -> np.ndarray:
+    """v turned 90° clockwise on screen (image y points down): (x, y) → (-y, x)."""
+    return np.array([-v[1], v[0]])
+
+
+def quad_side(quad: np.ndarray) -> float:
+    return float(np.hypot(*(np.asarray(quad)[3] - np.asarray(quad)[0])))
+
+
+def crop_coordinates(quad: np.ndarray, points: np.ndarray, size: int) -> np.ndarray:
+    """Photo points (N, 2) → their positions in the ``size``² crop of ``quad``."""
+    q = np.asarray(quad, dtype=np.float64)
+    axes = np.stack([q[3] - q[0], q[1] - q[0]], axis=1)  # columns: crop x and y axes in the photo
+    return np.linalg.solve(axes, (np.asarray(points, dtype=np.float64) - q[0]).T).T * size
+
+
+# -- detection ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Face:
+    """One detected face: box (x0, y0, x1, y1), detector score, 68 landmarks (68, 2)
+    and the FFHQ quad (4, 2), all in the photo's continuous pixel coordinates."""
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: np.ndarray
+    quad: np.ndarray
+
+
+class FaceDetector:
+    """dlib's HOG face detector + 68-point landmarks.
+
+    ``upsample``: times the detector doubles the image (finds faces down to ~40 px
+    at 1, ~80 px at 0). ``min_score``: detector confidence below which a detection is
+    dropped (0.5 removes most false positives). ``detect_side``: detection runs on a
+    copy whose longer side is at most this (landmarks use the full resolution).
+    """
+
+    def __init__(self, upsample: int = 1, min_score: float = 0.5, detect_side: int = 1024):
+        if upsample < 0 or detect_side < 64:
+            raise ValueError(f"need upsample >= 0 and detect_side >= 64, got {upsample}, {detect_side}")
+        dlib = require("dlib")
+        self._dlib = dlib
+        self._detector = dlib.get_frontal_face_detector()
+        self._predictor = dlib.shape_predictor(str(landmark_model_path()))
+        self.upsample, self.min_score, self.detect_side = upsample, min_score, detect_side
+
+    def __call__(self, image: np.ndarray) -> list[Face]:
+        """Faces of an (H, W, 3) uint8 RGB image, left to right."""
+        image = as_rgb_array(image)
+        scale = min(1.0, self.detect_side / max(image.shape[:2]))
+        small = image if scale == 1.0 else _resize(image, scale)
+        boxes, scores, _ = self._detector.run(small, self.upsample, 0.0)
+        faces = []
+        for box, score in zip(boxes, scores):
+            if score < self.min_score:
+                continue
+            rect = self._dlib.rectangle(*(round(v / scale) for v in (box.left(), box.top(), box.right(),
+                                                                     box.bottom())))
+            shape = self._predictor(image, rect)
+            landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64) + 0.5
+            faces.append(Face((rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1), float(score),
+                              landmarks, ffhq_quad(landmarks)))
+        return sorted(faces, key=lambda f: (f.box[0], f.box[1]))
+
+
+def as_rgb_array(image) -> np.ndarray:
+    """A path, PIL image or array → contiguous (H, W, 3) uint8 RGB (EXIF orientation applied)."""
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        from mmfs_fast import io
+
+        image = np.asarray(io.open_rgb(image))
+    return np.ascontiguousarray(image)
+
+
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    return np.asarray(Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                    Image.BILINEAR))
+
+
+# -- warping ----------------------------------------------------------------------------
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.tensor(image).permute(2, 0, 1)[None].float()
+
+
+def align(image: np.ndarray, quads, size: int = 512) -> torch.Tensor:
+    """Resample each quad of an (H, W, 3) uint8 image to a ``size``² crop:
+    (N, 3, size, size) float in [-1, 1]. Parts of a quad outside the photo are mirrored."""
+    image = as_rgb_array(image)
+    src = _to_tensor(image) / 127.5 - 1
+    crops = []
+    for quad in np.asarray(quads, dtype=np.float64).reshape(-1, 4, 2):
+        # average-pool by an integer factor first (FFHQ's "shrink") so that bicubic
+        # sampling never minifies by 2× or more and does not alias
+        shrink = max(1, int(quad_side(quad) / size))
+        pooled = F.avg_pool2d(src, shrink) if shrink > 1 else src
+        t = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+        q = torch.from_numpy(quad / shrink)
+        points = q[0] + t[None, :, None] * (q[3] - q[0]) + t[:, None, None] * (q[1] - q[0])  # (size, size, 2)
+        height, width = pooled.shape[-2:]
+        grid = points / torch.tensor([width, height], dtype=torch.float64) * 2 - 1
+        crops.append(F.grid_sample(pooled, grid[None].float(), mode="bicubic", padding_mode="reflection",
+                                   align_corners=False))
+    if not crops:
+        return src.new_zeros(0, 3, size, size)
+    return torch.cat(crops).clamp(-1, 1)
+
+
+def paste_back(image: np.ndarray, crops: torch.Tensor, quads, feather: float = 0.1) -> np.ndarray:
+    """Warp each (3, S, S) crop in [-1, 1] back onto its quad of the (H, W, 3) uint8 image.
+
+    The mask is 1 inside the crop square and falls smoothly to 0 over its outer
+    ``feather`` fraction, so there is no seam; pixels outside every quad are returned
+    unchanged, bit for bit.
+    """
+    image = as_rgb_array(image)
+    quads = np.asarray(quads, dtype=np.float64).reshape(-1, 4, 2)
+    if len(crops) != len(quads):
+        raise ValueError(f"{len(crops)} crops for {len(quads)} quads")
+    if not 0 < feather <= 0.5:
+        raise ValueError(f"feather must be in (0, 0.5], got {feather}")
+    out = _to_tensor(image)[0]
+    height, width = image.shape[:2]
+    for crop, quad in zip(crops, quads):
+        x0, y0 = np.floor(quad.min(0)).clip(0, [width, height]).astype(int)
+        x1, y1 = np.ceil(quad.max(0)).clip(0, [width, height]).astype(int)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        crop = crop.detach().float().cpu()[None]
+        side = quad_side(quad)
+        if side < crop.shape[-1]:  # minify with a proper low-pass before sampling
+            crop = F.interpolate(crop, size=max(1, math.ceil(side)), mode="bilinear", antialias=True,
+                                 align_corners=False)
+        xs, ys = np.meshgrid(np.arange(x0, x1) + 0.5, np.arange(y0, y1) + 0.5)
+        uv = torch.from_numpy(crop_coordinates(quad, np.stack([xs.ravel(), ys.ravel()], 1), 1)).float()
+        uv = uv.reshape(y1 - y0, x1 - x0, 2)
+        warped = F.grid_sample(crop, uv[None] * 2 - 1, mode="bicubic", padding_mode="border",
+                               align_corners=False)[0]
+        edge = torch.minimum(uv, 1 - uv).amin(-1)  # distance to the square's border, in crop sides
+        ramp = (edge / feather).clamp(0, 1)
+        mask = ramp * ramp * (3 - 2 * ramp)  # smoothstep: no kink where the ramp starts
+        region = out[:, y0:y1, x0:x1]
+        region += mask * ((warped * 127.5 + 127.5) - region)
+    return out.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+# -- stylizing ---------------------------------------------------------------------------------
+def stylize_in_batches(stylize_batch: StylizeBatch, faces: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Run (N, 3, S, S) faces through ``stylize_batch`` at most ``batch_size`` at a time;
+    the result is a float CPU tensor."""
+    if len(faces) == 0:
+        return faces
+    return torch.cat([stylize_batch(faces[i:i + batch_size]).float().cpu() for i in range(0, len(faces), batch_size)])
+
+
+def mmfs_stylize_batch(mmfs, w_plus: torch.Tensor, noise: str = "fixed", seed: int = 0) -> StylizeBatch:
+    """A ``stylize_batch`` that renders every face with :class:`mmfs_fast.MMFS` in one style.
+    ``noise``: "fixed" draws one set of noise maps (from ``seed``) and reuses it for every
+    face, so a video does not flicker; "zero" uses none; "random" draws new maps per call."""
+    if noise not in ("fixed", "zero", "random"):
+        raise ValueError(f"noise must be 'fixed', 'zero' or 'random', got {noise!r}")
+    if noise == "fixed":
+        noise = mmfs.random_noise(1, torch.Generator().manual_seed(seed))
+    return lambda faces: mmfs.render(faces, w_plus, noise)
+
+
+# -- photos ----------------------------------------------------------------------------------
+@dataclass
+class PhotoResult:
+    """Faces found in one photo, their stylized crops (N, 3, S, S) in [-1, 1] and, with
+    paste-back, the photo with the crops pasted in (H, W, 3) uint8."""
+    faces: list[Face]
+    crops: torch.Tensor
+    composite: np.ndarray | None
+
+
+def stylize_photo(image, stylize_batch: StylizeBatch, detector: FaceDetector, size: int = 512,
+                  batch_size: int = 8, paste: bool = True) -> PhotoResult:
+    """Detect, align, stylize (``stylize_batch``: (B, 3, size, size) → same, in [-1, 1])
+    and optionally paste back every face of one photo. No face → empty crops and the
+    photo itself as the composite."""
+    image = as_rgb_array(image)
+    faces = detector(image)
+    crops = stylize_in_batches(stylize_batch, align(image, [f.quad for f in faces], size), batch_size)
+    composite = paste_back(image, crops, [f.quad for f in faces]) if paste else None
+    return PhotoResult(faces, crops, composite)
+
+
+def stylize_photo_files(files: list[tuple[Path, str]], stylize_batch: StylizeBatch, out_dir: Path,
+                        size: int = 512, batch_size: int = 8, paste: bool = False,
+                        detector: FaceDetector | None = None) -> Iterator[tuple[Path, PhotoResult | Exception]]:
+    """Stylize every face of each (input path, output stem) and write
+    ``<stem>_face<i>.png`` (and ``<stem>.png``, the pasted photo, with ``paste``).
+    Yields (path, result), or (path, ImageError) for an unreadable file."""
+    from PIL import Image
+
+    from mmfs_fast import io
+
+    detector = detector or FaceDetector()
+    out_dir = Path(out_dir)
+    for path, stem in files:
+        try:
+            image = as_rgb_array(path)
+        except io.ImageError as e:
+            yield path, e
+            continue
+        result = stylize_photo(image, stylize_batch, detector, size, batch_size, paste)
+        for i, crop in enumerate(result.crops):
+            io.save_image(crop, out_dir / f"{stem}_face{i}.png")
+        if paste and result.faces:
+            Image.fromarray(result.composite).save(out_dir / f"{stem}.png")
+        yield path, result
+
+
+def add_align_options(parser) -> None:
+    """``stylize --align [--paste-back]`` options, for the CLI's stylize parser."""
+    group = parser.add_argument_group("faces in photos (needs the 'faces' extra)")
+    group.add_argument("--align", action="store_true",
+                       help="find every face (dlib), FFHQ-align it and stylize the crops: <name>_face<i>.png")
+    group.add_argument("--paste-back", action="store_true",
+                       help="with --align, also write <name>.png: the photo with the stylized faces pasted in")
+    group.add_argument("--upsample", type=int, default=1,
+                       help="face detector upsampling: 1 finds faces down to ~40 px, 0 is faster (default 1)")
+    group.add_argument("--min-face-score", type=float, default=0.5,
+                       help="drop detections below this detector score (default 0.5)")
