@@ -63,27 +63,34 @@ class CLIPEncoder:
         x = x.to(device=self.device, dtype=self.dtype)
         return normalize(resize(x, (INPUT_SIZE, INPUT_SIZE)), MEAN, STD)
 
-    def _visual(self, x: torch.Tensor, embedding: bool) -> dict:
-        return self.model.visual.forward_intermediates(
-            self.preprocess(x), indices=[TOKEN_BLOCK], stop_early=not embedding,
-            intermediates_only=not embedding, output_fmt="NLC")
+    def _forward(self, pixels: torch.Tensor, embedding: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(L2-normalised embedding or None, block-3 tokens without CLS) of preprocessed pixels;
+        without the embedding the blocks after the tokens are skipped."""
+        out = self.model.visual.forward_intermediates(
+            pixels, indices=[TOKEN_BLOCK], stop_early=not embedding, intermediates_only=not embedding,
+            output_fmt="NLC")
+        emb = F.normalize(out["image_features"].float(), dim=-1) if embedding else None
+        return emb, out["image_intermediates"][0].float()
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] → L2-normalised (B, 512) float32 embeddings."""
-        return F.normalize(self.model.encode_image(self.preprocess(x)).float(), dim=-1)
+        return self._forward(self.preprocess(x), embedding=True)[0]
 
     def layer4_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] → (B, 49, 768) float32 block-3 tokens, CLS dropped."""
-        return self._visual(x, embedding=False)["image_intermediates"][0].float()
+        return self._forward(self.preprocess(x), embedding=False)[1]
 
     def encode_image_and_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`encode_image` and :meth:`layer4_tokens` from one forward pass."""
-        out = self._visual(x, embedding=True)
-        return F.normalize(out["image_features"].float(), dim=-1), out["image_intermediates"][0].float()
+        return self._forward(self.preprocess(x), embedding=True)
 
     def encode_pil(self, images: Iterable) -> torch.Tensor:
         """Reference images (PIL images or file paths) with CLIP's standard preprocessing →
         L2-normalised (B, 512) float32 embeddings."""
+        return self.encode_pil_and_tokens(images)[0]
+
+    def encode_pil_and_tokens(self, images: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_pil` and the layer-4 tokens of the same preprocessed images."""
         import open_clip
 
         from PIL import Image
@@ -100,8 +107,7 @@ class CLIPEncoder:
             batch.append(transform(image.convert("RGB")))
         if not batch:
             raise ValueError("encode_pil needs at least one image")
-        x = torch.stack(batch).to(device=self.device, dtype=self.dtype)
-        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+        return self._forward(torch.stack(batch).to(device=self.device, dtype=self.dtype), embedding=True)
 
     def encode_text(self, texts: str | list[str]) -> torch.Tensor:
         """Prompts → L2-normalised (B, 512) float32 embeddings."""

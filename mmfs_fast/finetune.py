@@ -1,0 +1,273 @@
+"""One-shot (reference image) and zero-shot (text) fine-tuning of the decoder (SPEC §5–6, stage IV).
+
+The prompt's CLIP embedding goes through the clip_mapper once to give the style w+, which
+stays fixed; only the decoder (decoder*, to_rgb*) learns, from
+λ_st·L_structure + λ_clip·L_directional (+ λ_proj·L_projection for image prompts), with
+Adam and an exponential moving average of the decoder that becomes the result.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmfs_fast.losses import directional_clip_loss, projection_loss, structure_loss, token_basis
+
+STATE_FILE = "finetune_state.pt"
+FROZEN_PARTS = ("encoder", "mapping_z", "clip_mapper")
+
+
+@dataclasses.dataclass
+class Prompt:
+    """What the losses need of a text or reference-image prompt."""
+    embedding: torch.Tensor  # (1, 512) n(CLIP(prompt))
+    source: torch.Tensor | None  # (1, 512) n(CLIP_text(source_text)); None: the batch mean of the faces
+    basis: torch.Tensor | None  # (768, K) token basis of a reference image, for the projection loss
+
+    def direction(self, face_emb: torch.Tensor) -> torch.Tensor:
+        source = self.source if self.source is not None else face_emb.mean(0, keepdim=True)
+        return self.embedding - source
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    stylizer: nn.Module  # the EMA Stylizer
+    history: list[dict[str, float]]  # loss terms per step
+    w_plus: torch.Tensor  # (1, 10, style_dim) the prompt's style
+
+    def save(self, path) -> Path:
+        """``.safetensors``: our format; anything else: the official layout (``G_ema_model``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".safetensors":
+            self.stylizer.save(path)
+        else:
+            atomic_save({"G_ema_model": self.stylizer.official_state_dict()}, path)
+        return path
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save that never leaves a half-written file behind (temp file, then os.replace)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -- inputs ---------------------------------------------------------------------------
+def encode_prompt(clip, text=None, ref_image=None, source_text: str = "photo") -> Prompt:
+    """Exactly one of ``text`` and ``ref_image`` (a path, PIL image or (1, 3, H, W) tensor in [-1, 1])."""
+    if (text is None) == (ref_image is None):
+        raise ValueError("give exactly one prompt: text=... or ref_image=...")
+    with torch.no_grad():
+        if text is not None:
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"the text prompt must be a non-empty string, got {text!r}")
+            if not isinstance(source_text, str) or not source_text.strip():
+                raise ValueError(f"source_text must be a non-empty string, got {source_text!r}")
+            return Prompt(clip.encode_text([text]), clip.encode_text([source_text]), None)
+        if isinstance(ref_image, torch.Tensor):
+            if ref_image.ndim == 3:
+                ref_image = ref_image[None]
+            if ref_image.ndim != 4 or ref_image.shape[0] != 1:
+                raise ValueError(f"a reference tensor must be (3, H, W) or (1, 3, H, W), got {tuple(ref_image.shape)}")
+            embedding, tokens = clip.encode_image_and_tokens(ref_image)
+        else:
+            from mmfs_fast.io import open_rgb
+
+            embedding, tokens = clip.encode_pil_and_tokens([open_rgb(ref_image)])  # clear error if unreadable
+        return Prompt(embedding, None, token_basis(tokens))
+
+
+def load_faces(faces, stylizer, batch_size: int) -> torch.Tensor:
+    """A folder, a (N, 3, size, size) tensor, or a list of paths / PIL images / (3, size, size)
+    tensors → (N, 3, size, size) on the stylizer's device; fewer than a batch are reused."""
+    from mmfs_fast.api import MMFS
+    from mmfs_fast.io import IMAGE_SUFFIXES
+
+    if isinstance(faces, (str, os.PathLike)):
+        folder = Path(faces)
+        if not folder.is_dir():
+            raise ValueError(f"faces: {folder} is not a folder; give a folder or a list of images")
+        faces = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not faces:
+            raise ValueError(f"faces: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    faces = list(faces)
+    if not faces:
+        raise ValueError("fine-tuning needs at least one face")
+    loaded = MMFS(stylizer).load_faces(faces)
+    if len(loaded) < batch_size:
+        warnings.warn(f"only {len(loaded)} faces for batches of {batch_size}: faces are reused within a batch "
+                      f"(a few dozen different faces work best)", stacklevel=3)
+    return loaded
+
+
+def batch_indices(n_faces: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random batch without repeats, unless there are fewer faces than the batch."""
+    perms = [torch.randperm(n_faces, generator=generator) for _ in range(math.ceil(batch_size / n_faces))]
+    return torch.cat(perms)[:batch_size]
+
+
+def decoder_parameters(stylizer: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in stylizer.named_parameters() if name.split(".")[0] not in FROZEN_PARTS}
+
+
+def _check_settings(steps, batch_size, lr, ema, checkpoint_every) -> None:
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not 0 <= ema < 1:
+        raise ValueError(f"ema must be in [0, 1), got {ema!r}")
+
+
+# -- the loop ---------------------------------------------------------------------------
+class _Run:
+    """Everything one fine-tuning run updates, and how it is saved and restored."""
+
+    def __init__(self, stylizer, faces, prompt, settings, lr, betas, seed):
+        self.model = copy.deepcopy(stylizer).eval()
+        self.model.requires_grad_(False)
+        self.params = decoder_parameters(self.model)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.ema_model = copy.deepcopy(self.model)
+        self.ema_model.requires_grad_(False)
+        self.ema_params = list(decoder_parameters(self.ema_model).values())
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=lr, betas=betas)
+        device = faces.device
+        self.noise_rng = torch.Generator(device).manual_seed(seed)
+        self.batch_rng = torch.Generator().manual_seed(seed)
+        self.settings = settings
+        self.prompt = prompt
+        self.step, self.history = 0, []
+
+    def update_ema(self, decay: float) -> None:
+        params = [p.detach() for p in self.params.values()]
+        torch._foreach_mul_(self.ema_params, decay)
+        torch._foreach_add_(self.ema_params, params, alpha=1 - decay)
+
+    def state(self) -> dict:
+        return {"step": self.step, "history": self.history, "settings": self.settings,
+                "prompt": self.prompt.embedding.cpu(),
+                "decoder": {k: p.detach().cpu() for k, p in self.params.items()},
+                "ema": [p.cpu() for p in self.ema_params],
+                "optimizer": self.optimizer.state_dict(),
+                "noise_rng": self.noise_rng.get_state(), "batch_rng": self.batch_rng.get_state()}
+
+    def restore(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["settings"] != self.settings or not torch.equal(state["prompt"], self.prompt.embedding.cpu()):
+            raise ValueError(f"{path} belongs to a run with another prompt or settings ({state['settings']}); "
+                             f"resume with the same ones, or use a fresh checkpoint_dir")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state["decoder"][name])
+            for p, saved in zip(self.ema_params, state["ema"]):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.noise_rng.set_state(state["noise_rng"])
+        self.batch_rng.set_state(state["batch_rng"])
+        self.step, self.history = state["step"], state["history"]
+
+
+def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=None, *, steps: int = 200,
+             batch_size: int = 8, lr: float = 2e-4, betas=(0.9, 0.999), ema: float = 0.99,
+             lambda_st: float = 0.5, lambda_clip: float = 1.0, lambda_proj: float = 100.0,
+             source_text: str = "photo", seed: int = 0, checkpoint_dir=None, checkpoint_every: int = 50,
+             progress: bool = True, preview=None, mixed_precision: bool | None = None) -> FinetuneResult:
+    """Adapt ``stylizer``'s decoder to a text prompt or a reference image; ``stylizer`` itself
+    is not modified. ``clip`` and ``dino`` are the frozen encoders (normally
+    :class:`~mmfs_fast.encoders.CLIPEncoder` and :class:`~mmfs_fast.encoders.DINOEncoder`).
+
+    With ``checkpoint_dir`` the run state is saved every ``checkpoint_every`` steps and a
+    later call with the same arguments resumes from it (on the CPU bit-exactly).
+    ``preview``: a PNG path for a grid of input faces over their stylizations.
+    ``mixed_precision`` (default: on for CUDA) runs the decoder under bf16 autocast.
+    """
+    _check_settings(steps, batch_size, lr, ema, checkpoint_every)
+    prompt = encode_prompt(clip, text, ref_image, source_text)
+    faces = load_faces(faces, stylizer, batch_size)
+    device = faces.device
+    settings = {"batch_size": batch_size, "lr": lr, "betas": list(betas), "ema": ema, "lambda_st": lambda_st,
+                "lambda_clip": lambda_clip, "lambda_proj": lambda_proj, "seed": seed, "n_faces": len(faces),
+                "source_text": source_text if text is not None else None}
+    run = _Run(stylizer, faces, prompt, settings, lr, betas, seed)
+    with torch.no_grad():
+        w_plus = run.model.map_clip(prompt.embedding.to(device=device, dtype=faces.dtype))
+        feats, face_emb, face_sim = _face_features(run.model, clip, dino, faces, batch_size)
+
+    state_path = None
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        state_path = Path(checkpoint_dir) / STATE_FILE
+        if state_path.is_file():
+            run.restore(state_path)
+
+    if mixed_precision is None:
+        mixed_precision = device.type == "cuda"
+    weights = {"structure": lambda_st, "clip": lambda_clip, "projection": lambda_proj}
+    bar = _progress_bar(run.step, steps, progress)
+    while run.step < steps:
+        idx = batch_indices(len(faces), batch_size, run.batch_rng).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
+            fake = run.model.decode(feats[idx], w_plus.expand(batch_size, -1, -1), generator=run.noise_rng)
+        terms = _loss_terms(fake.float(), clip, dino, prompt, face_emb[idx], face_sim[idx])
+        total = sum(weights[name] * value for name, value in terms.items())
+        run.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        run.optimizer.step()
+        run.update_ema(ema)
+        run.step += 1
+        run.history.append({"total": total.item(), **{name: value.item() for name, value in terms.items()}})
+        bar.set_postfix({k: f"{v:.4f}" for k, v in run.history[-1].items()}, refresh=False)
+        bar.update()
+        if state_path is not None and (run.step % checkpoint_every == 0 or run.step == steps):
+            atomic_save(run.state(), state_path)
+    bar.close()
+
+    result = FinetuneResult(run.ema_model.eval(), run.history, w_plus)
+    if preview is not None:
+        save_preview(result, faces, preview)
+    return result
+
+
+def _face_features(model, clip, dino, faces, chunk: int):
+    """What the frozen networks make of the input faces, computed once: encoder features,
+    n(CLIP(x)) and DINO self-similarities."""
+    parts = [(model.encode(x), clip.encode_image(x), dino.self_similarity(x)) for x in faces.split(chunk)]
+    return [torch.cat(p) for p in zip(*parts)]
+
+
+def _loss_terms(fake, clip, dino, prompt: Prompt, face_emb, face_sim) -> dict[str, torch.Tensor]:
+    if prompt.basis is None:
+        fake_emb, fake_tokens = clip.encode_image(fake), None
+    else:
+        fake_emb, fake_tokens = clip.encode_image_and_tokens(fake)
+    terms = {"structure": structure_loss(dino.self_similarity(fake), face_sim),
+             "clip": directional_clip_loss(fake_emb, face_emb, prompt.direction(face_emb))}
+    if fake_tokens is not None:
+        terms["projection"] = projection_loss(fake_tokens, prompt.basis)
+    return terms
+
+
+def _progress_bar(start: int, steps: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=steps, initial=start, desc="finetune", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def save_preview(result: FinetuneResult, faces: torch.Tensor, path, count: int = 8) -> Path:
+    """Input faces (top row) over their stylizations with zero noise (bottom row)."""
+    from mmfs_fast.io import image_grid, save_image
+
+    faces = faces[:count]
+    fakes = result.stylizer(faces, w_plus=result.w_plus.expand(len(faces), -1, -1), noise="zero")
+    return save_image(image_grid([*faces, *fakes], columns=len(faces)), path)
