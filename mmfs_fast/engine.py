@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmfs_fast.models.noise import NoiseSpec, make_noises
 from mmfs_fast.models.layers import EqualConv2d, EqualLinear, ModulatedConv2d, synthesize
 from mmfs_fast.models.stylizer import N_LATENT, N_UPSAMPLINGS, Stylizer
 from mmfs_fast.ops import bias_act, default_fir, modulated_conv2d
@@ -41,7 +42,7 @@ from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
-NOISE_MODES = ("zero", "random")
+NOISE_MODES = ("zero", "random")  # of submit(); the direct calls also take explicit maps
 
 
 # -- the Stylizer prepared for inference --------------------------------------------------
@@ -380,13 +381,10 @@ class Engine:
         _check_tensor("w_plus", w_plus, (batch, N_LATENT, self.config.style_dim))
         return w_plus.to(self.device, torch.float32)
 
-    def _noises(self, noise: str, batch: int) -> list[torch.Tensor]:
-        if noise not in NOISE_MODES:
-            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-        if noise == "zero":
-            return []
-        return [torch.randn(batch, 1, r, r, device=self.device, dtype=self.dtype)
-                for r in self.model.noise_resolutions]
+    def _noises(self, noise: NoiseSpec, batch: int) -> list[torch.Tensor]:
+        """The noise inputs of a run: none for "zero", else one (B, 1, r, r) map per conv."""
+        noises = make_noises(noise, batch, self.model.noise_resolutions, self.device, self.dtype)
+        return [] if noises[0] is None else [n.expand(batch, -1, -1, -1) for n in noises]
 
     # -- public API ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -395,7 +393,7 @@ class Engine:
         return self._run("encode", self._encode_fn, self._faces(faces))
 
     @torch.inference_mode()
-    def decode(self, feats: torch.Tensor, w_plus: torch.Tensor, noise: str = "zero") -> torch.Tensor:
+    def decode(self, feats: torch.Tensor, w_plus: torch.Tensor, noise: NoiseSpec = "zero") -> torch.Tensor:
         """Encoder features + (B, 10, D) w+ → float32 images in [-1, 1]."""
         r = self.model.feature_size
         _check_tensor("feats", feats, (None, self.model.decoder0.conv.weight.shape[1], r, r))
@@ -404,8 +402,12 @@ class Engine:
         return self._run("decode", self._decode_fn, feats, w_plus, *self._noises(noise, feats.shape[0])).float()
 
     @torch.inference_mode()
-    def stylize(self, faces: torch.Tensor, w_plus: torch.Tensor, noise: str = "zero") -> torch.Tensor:
-        """(B, 3, S, S) faces in [-1, 1] in the style (B, 10, D) w+ → float32 images in [-1, 1]."""
+    def stylize(self, faces: torch.Tensor, w_plus: torch.Tensor, noise: NoiseSpec = "zero") -> torch.Tensor:
+        """(B, 3, S, S) faces in [-1, 1] in the style (B, 10, D) w+ → float32 images in [-1, 1].
+
+        noise: "zero" (no noise), "random" (fresh N(0, 1) maps from torch's RNG) or
+        explicit maps, one (B or 1, 1, r, r) tensor per conv layer (Stylizer.noise_resolutions).
+        """
         faces = self._faces(faces)
         w_plus = self._w_plus(w_plus, faces.shape[0])
         return self._run("stylize", self._stylize_fn, faces, w_plus, *self._noises(noise, faces.shape[0])).float()
@@ -543,45 +545,65 @@ class Engine:
             self._process([r for r in batch if r.future.set_running_or_notify_cancel()])
 
     def _process(self, requests: list[_Request]) -> None:
-        ready: dict[str, list] = {}
+        """Run one batch of requests; each error goes to its own request's Future."""
+        pending = []
         for request in requests:
             try:
                 _check_tensor("face", request.face, (3, self.config.size, self.config.size))
-                face = self._faces(request.face[None])
-                w_plus = self._style(request.style)
-                self._noises(request.noise, 0)
-            except Exception as e:  # the request's own error goes to its caller
+                if request.noise not in NOISE_MODES:
+                    raise ValueError(f"noise must be one of {NOISE_MODES}, got {request.noise!r}")
+                pending.append((request, _style_kind(request.style)))
+            except Exception as e:
                 request.future.set_exception(e)
-                continue
-            ready.setdefault(request.noise, []).append((request, face, w_plus))
-        for noise, group in ready.items():
-            try:
-                images = self.stylize(torch.cat([f for _, f, _ in group]), torch.cat([w for _, _, w in group]), noise)
-            except Exception:  # unexpected: run one by one so a failure stays with its request
-                for request, face, w_plus in group:
-                    try:
-                        request.future.set_result(self.stylize(face, w_plus, noise)[0])
-                    except Exception as e:
-                        request.future.set_exception(e)
-                continue
-            for (request, _, _), image in zip(group, images):
-                request.future.set_result(image)
+        resolvers = {"seed": self.style_from_seed, "text": self.style_from_text,
+                     "image": lambda images: self.style_from_image(torch.stack(images)),
+                     "w+": lambda ws: self._w_plus(torch.stack(ws), len(ws))}
+        styled = []
+        for kind, resolve in resolvers.items():
+            group = [request for request, k in pending if k == kind]
+            for request, w_plus in zip(group, _batched(resolve, [r.style for r in group])):
+                if isinstance(w_plus, Exception):
+                    request.future.set_exception(w_plus)
+                else:
+                    styled.append((request, w_plus))
+        for noise in NOISE_MODES:
+            group = [(r, w) for r, w in styled if r.noise == noise]
+            results = _batched(lambda items: self.stylize(torch.stack([r.face for r, _ in items]),
+                                                          torch.stack([w for _, w in items]), noise), group)
+            for (request, _), image in zip(group, results):
+                if isinstance(image, Exception):
+                    request.future.set_exception(image)
+                else:
+                    request.future.set_result(image)
 
-    def _style(self, style) -> torch.Tensor:
-        """(1, 10, D) w+ of one request's style."""
-        if isinstance(style, bool):
-            raise TypeError("style must be a seed, a text prompt, a reference image or a w+ tensor, got a bool")
-        if isinstance(style, int):
-            return self.style_from_seed([style])
-        if isinstance(style, str):
-            return self.style_from_text([style])
-        if isinstance(style, torch.Tensor) and style.ndim == 2:
-            return self._w_plus(style[None], 1)
-        if isinstance(style, torch.Tensor) and style.ndim == 3:
-            return self.style_from_image(style[None])
-        raise TypeError(f"style must be a seed (int), a text prompt (str), a reference image (3, H, W) or a "
-                        f"w+ (10, D) tensor; got {type(style).__name__}"
-                        + (f" of shape {tuple(style.shape)}" if isinstance(style, torch.Tensor) else ""))
+
+def _style_kind(style) -> str:
+    if isinstance(style, int) and not isinstance(style, bool):
+        return "seed"
+    if isinstance(style, str):
+        return "text"
+    if isinstance(style, torch.Tensor) and style.ndim in (2, 3):
+        return "w+" if style.ndim == 2 else "image"
+    shape = f" of shape {tuple(style.shape)}" if isinstance(style, torch.Tensor) else ""
+    raise TypeError(f"style must be a seed (int), a text prompt (str), a reference image (3, H, W) tensor or a "
+                    f"w+ (10, D) tensor; got {type(style).__name__}{shape}")
+
+
+def _batched(fn: Callable, items: list) -> list:
+    """fn(items), one result per item, computed as one batch; if the batch fails, item by
+    item, so that an error (as the item's result) stays with the item that caused it."""
+    if not items:
+        return []
+    try:
+        return list(fn(items))
+    except Exception:
+        results = []
+        for item in items:
+            try:
+                results.append(fn([item])[0])
+            except Exception as e:
+                results.append(e)
+        return results
 
 
 def _check_tensor(name: str, t, shape: tuple) -> None:

@@ -84,6 +84,8 @@ def test_random_noise_matches_stylizer_given_the_same_noise(stylizer, engine):
     torch.manual_seed(11)
     noises = [torch.randn(2, 1, r, r) for r in stylizer.noise_resolutions]
     assert_images_close(out, stylizer(x, w_plus=w_plus, noise=noises))
+    shared = [n[:1] for n in noises]  # explicit maps, one per layer, broadcast over the batch
+    assert_images_close(engine.stylize(x, w_plus, noise=shared), stylizer(x, w_plus=w_plus, noise=shared))
     assert (out - engine.stylize(x, w_plus)).abs().max() > 1e-3  # the noise strengths are non-zero
 
 
@@ -118,7 +120,11 @@ def test_concurrent_submit_returns_each_caller_its_own_result(clip_setup):
     refs = faces(2, seed=5)
     styles = [0, "a pencil sketch", w, refs[0], 1, "an oil painting", refs[1], 2]
     with Engine(stylizer, clip=clip, device="cpu", max_batch=8, max_wait_ms=50) as engine:
-        expected = [engine.stylize(x[i:i + 1], engine._style(s))[0] for i, s in enumerate(styles)]
+        w_plus = torch.cat([engine.style_from_seed([0]), engine.style_from_text(["a pencil sketch"]), w[None],
+                            engine.style_from_image(refs[:1]), engine.style_from_seed([1]),
+                            engine.style_from_text(["an oil painting"]), engine.style_from_image(refs[1:]),
+                            engine.style_from_seed([2])])
+        expected = [engine.stylize(x[i:i + 1], w_plus[i:i + 1])[0] for i in range(8)]
         results = [None] * 8
 
         def call(i):
