@@ -71,7 +71,7 @@ def _bias_act_backward(ctx, dy):
     x, bias = ctx.saved_tensors
     dx = _bias_act_grad(dy.contiguous(), x, bias, *ctx.params)
     dbias = None
-    if bias is not None:
+    if bias is not None and ctx.needs_input_grad[1]:
         dim = ctx.params[-1]
         dbias = dx.sum([d for d in range(dx.ndim) if d != dim], dtype=torch.float32).to(bias.dtype)
     return dx, dbias, None, None, None, None, None
@@ -125,34 +125,37 @@ def _input_grad_mode(weight: torch.Tensor, up: int, stride: int, padding: int):
     return flipped.flip((2, 3)).contiguous(), 1, 1, k - 1 - padding
 
 
-def _modulated_conv2d_backward(ctx, dy):
-    x, weight, styles, demod, y = ctx.saved_tensors
-    dy = dy.contiguous()
-    dtype = x.dtype
-    h, w = x.shape[2:]
-    k = weight.shape[2]
-    dy_scale = torch.ones_like(dy[:, :, 0, 0]) if demod is None else demod
-
-    # x: the transposed convolution of dy·demod; unmodulated, it also gives the styles gradient.
-    dx_weight, dx_up, dx_stride, dx_padding = _input_grad_mode(weight, ctx.up, ctx.stride, ctx.padding)
-    dx_raw = _modulated_conv2d(dy, dx_weight, dy_scale.contiguous(), None, dx_up, dx_stride, dx_padding, h, w)
-    dx = dx_raw * styles[:, :, None, None].to(dtype)
-    dstyles = (dx_raw.float() * x.float()).sum((2, 3)).to(styles.dtype)
-
-    # weight: the ordinary whole-batch weight gradient of conv(styles·x, W) at dy·demod.
+def _weight_grad(ctx, dy_scaled, x_scaled, weight, out_shape):
+    """The ordinary whole-batch weight gradient of conv(styles·x, W) at dy·demod (cuDNN)."""
     transposed = ctx.up == 2
     stride = 2 if transposed else ctx.stride
     output_padding = [0, 0]
     if transposed:
-        output_padding = [out - ((size - 1) * stride - 2 * ctx.padding + k)
-                          for out, size in zip(y.shape[2:], x.shape[2:])]
+        output_padding = [out - ((size - 1) * stride - 2 * ctx.padding + weight.shape[2])
+                          for out, size in zip(out_shape[2:], x_scaled.shape[2:])]
     _, dweight, _ = torch.ops.aten.convolution_backward(
-        dy * dy_scale[:, :, None, None].to(dtype), x * styles[:, :, None, None].to(dtype),
-        (weight.transpose(0, 1) if transposed else weight).to(dtype), None, [stride] * 2, [ctx.padding] * 2,
-        [1, 1], transposed, output_padding, 1, [False, True, False])
-    dweight = (dweight.transpose(0, 1) if transposed else dweight).to(weight.dtype)
+        dy_scaled, x_scaled, (weight.transpose(0, 1) if transposed else weight).to(x_scaled.dtype), None,
+        [stride] * 2, [ctx.padding] * 2, [1, 1], transposed, output_padding, 1, [False, True, False])
+    return (dweight.transpose(0, 1) if transposed else dweight).to(weight.dtype)
 
-    ddemod = None if demod is None else (dy.float() * y.float()).sum((2, 3)) / demod
+
+def _modulated_conv2d_backward(ctx, dy):
+    x, weight, styles, demod, y = ctx.saved_tensors
+    dy = dy.contiguous()
+    dy_scale = torch.ones_like(dy[:, :, 0, 0]) if demod is None else demod
+    styles_4d = styles[:, :, None, None].to(x.dtype)
+    dx = dweight = dstyles = ddemod = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+        # The transposed convolution of dy·demod; unmodulated, it also gives the styles gradient.
+        dx_weight, dx_up, dx_stride, dx_padding = _input_grad_mode(weight, ctx.up, ctx.stride, ctx.padding)
+        dx_raw = _modulated_conv2d(dy, dx_weight, dy_scale.contiguous(), None, dx_up, dx_stride, dx_padding,
+                                   x.shape[2], x.shape[3])
+        dx = dx_raw * styles_4d
+        dstyles = (dx_raw.float() * x.float()).sum((2, 3)).to(styles.dtype)
+    if ctx.needs_input_grad[1]:
+        dweight = _weight_grad(ctx, dy * dy_scale[:, :, None, None].to(dy.dtype), x * styles_4d, weight, y.shape)
+    if demod is not None and ctx.needs_input_grad[3]:
+        ddemod = (dy.float() * y.float()).sum((2, 3)) / demod
     return dx, dweight, dstyles, ddemod, None, None, None, None, None
 
 
@@ -188,10 +191,8 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
         h, w = x.shape[2:]
         out = _modulated_conv2d(x, weight, styles, demod, 2, 1, 0, (h - 1) * 2 + k, (w - 1) * 2 + k)
         return upfirdn2d(out, fir * 4, 1, 1, fir_pads)
-    stride = down
     if down == 2:
         x = upfirdn2d(x, fir, 1, 1, fir_pads)
-        padding = 0
     h, w = x.shape[2:]
-    out_h, out_w = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-    return _modulated_conv2d(x, weight, styles, demod, 1, stride, padding, out_h, out_w)
+    out_h, out_w = (h + 2 * padding - k) // down + 1, (w + 2 * padding - k) // down + 1
+    return _modulated_conv2d(x, weight, styles, demod, 1, down, padding, out_h, out_w)
