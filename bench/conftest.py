@@ -1,0 +1,60 @@
+"""Shared machinery of the benchmark suite: device and size profile, and the
+``measure`` fixture that times a call with pytest-benchmark's pedantic mode.
+
+On a CUDA machine everything runs at 512² (profile gpu-512); without one the same
+suite runs on the CPU at reduced sizes, fp32 only, few rounds (profile
+cpu-reduced-64): those numbers only show that the suite works.
+"""
+from __future__ import annotations
+
+import pytest
+
+from harness import DEVICE, MAX_ITERATIONS, ON_GPU, PROFILE, ROUND_SECONDS, ROUNDS
+from mmfs_fast import benchmark as mb
+
+
+def pytest_report_header(config):
+    env = mb.environment()
+    label = "GPU" if ON_GPU else "CPU (reduced sizes: numbers only show that the suite runs)"
+    return (f"mmfs_fast bench: {label}; profile {PROFILE.name} on {env['device']}; torch {env['torch']}, "
+            f"triton {env['triton']}, CUDA {env['cuda']}, commit {env['git_commit']}; backends {env['backends']}")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["mmfs_fast"] = {**mb.environment(), "profile": PROFILE.name}
+
+
+def pytest_collection_modifyitems(config, items):
+    """torch.compile cases last: they cost compile time, so a time-boxed run keeps the rest."""
+    items.sort(key=lambda item: "compile" in item.name)
+
+
+def _run_once(fn) -> float:
+    start = mb.synced_timer()
+    fn()
+    return mb.synced_timer() - start
+
+
+@pytest.fixture
+def measure(benchmark):
+    """measure(fn, group=..., rounds=..., **info) times ``fn``; returns its median seconds per call.
+
+    The first call (compilation, autotuning, CUDA graph capture) is timed separately
+    and reported as ``first_call_s``; a second untimed call warms caches before the
+    pedantic rounds. extra_info carries the environment, profile, peak GPU memory
+    and ``info``.
+    """
+    def run(fn, *, group: str, rounds: int = ROUNDS, **info) -> float:
+        benchmark._timer = mb.synced_timer  # synchronises CUDA before each reading
+        benchmark.group = group
+        mb.reset_peak_memory(DEVICE)
+        first_call = _run_once(fn)
+        per_call = _run_once(fn)
+        iterations = max(1, min(MAX_ITERATIONS, int(ROUND_SECONDS / max(per_call, 1e-9))))
+        benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
+        benchmark.extra_info.update(mb.environment())
+        benchmark.extra_info.update(profile=PROFILE.name, first_call_s=first_call,
+                                    peak_memory_mib=mb.peak_memory_mib(DEVICE), **info)
+        return benchmark.stats.stats.median
+
+    return run

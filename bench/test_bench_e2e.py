@@ -1,0 +1,62 @@
+"""End-to-end benchmarks of the paper's timing table (SPEC §7) and of fine-tuning.
+
+Configurations: ``eager-fp32-ref`` (plain Stylizer + CLIP in fp32 on the pure-PyTorch
+ops: the stand-in for the official code), ``compile-fp32-ref`` (torch.compile of it)
+and ``mmfs-fast`` (the Engine: fp16 and CUDA graphs on a GPU; fp32 eager on the CPU).
+Speed-ups in bench/summarize.py are taken against the first two.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from harness import DEVICE, ON_GPU, PROFILE
+from mmfs_fast import benchmark as mb
+
+BASELINE, COMPILED, FASTEST = "eager-fp32-ref", "compile-fp32-ref", "mmfs-fast"
+PRECISION = "fp16" if ON_GPU else "fp32"  # the Engine offers fp16 on CUDA only
+FINETUNE_STEPS = 20 if ON_GPU else 2
+FINETUNE_BATCH = 8 if ON_GPU else 2  # the paper's batch on a GPU
+
+
+@functools.cache
+def pipeline(config: str) -> mb.Workloads:
+    if config == FASTEST:
+        stylizer, clip = mb.build_models(PROFILE, DEVICE, clip_dtype=mb.DTYPES[PRECISION])
+        return mb.fastest_pipeline(stylizer, clip, PRECISION)
+    stylizer, clip = mb.build_models(PROFILE, DEVICE, impl="ref")
+    return mb.ModelPipeline(stylizer, clip, compile=config == COMPILED)
+
+
+@pytest.mark.parametrize("batch", PROFILE.batches)
+@pytest.mark.parametrize("scenario", mb.SCENARIOS)
+@pytest.mark.parametrize("config", [BASELINE, FASTEST, COMPILED])
+def test_e2e(config: str, scenario: str, batch: int, measure, benchmark):
+    precision = PRECISION if config == FASTEST else "fp32"
+    seconds = measure(pipeline(config).workload(scenario, batch), group=f"e2e {scenario} b{batch}",
+                      scenario=scenario, config=config, batch=batch, precision=precision)
+    benchmark.extra_info["images_per_s"] = batch / seconds
+
+
+@pytest.mark.parametrize("config", [BASELINE, FASTEST])
+def test_finetune(config: str, measure, benchmark):
+    """FINETUNE_STEPS steps of text-prompt fine-tuning (setup included, so the per-step
+    time is an upper bound); extra_info has the projected 200-step time."""
+    from mmfs_fast.finetune import finetune
+
+    fast = config == FASTEST
+    stylizer, clip = mb.build_models(PROFILE, DEVICE, impl="auto" if fast else "ref")
+    dino = mb.build_dino(PROFILE, DEVICE)
+    size = PROFILE.stylizer.size
+    faces = torch.rand(FINETUNE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 2 - 1
+
+    def run():
+        finetune(stylizer, clip, dino, faces, text="a pop art portrait", steps=FINETUNE_STEPS,
+                 batch_size=FINETUNE_BATCH, progress=False, mixed_precision=fast and ON_GPU)
+
+    seconds = measure(run, group="finetune", rounds=2 if ON_GPU else 1, scenario="finetune", config=config,
+                      batch=FINETUNE_BATCH, steps=FINETUNE_STEPS, precision="bf16-autocast" if fast and ON_GPU else "fp32")
+    benchmark.extra_info.update(seconds_per_step=seconds / FINETUNE_STEPS,
+                                projected_200_steps_s=200 * seconds / FINETUNE_STEPS)

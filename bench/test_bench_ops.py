@@ -1,0 +1,100 @@
+"""Per-op benchmarks: upfirdn2d, bias_act and modulated_conv2d at the exact calls the
+Stylizer and the Discriminator make (bench/op_shapes.py), for each installed impl,
+torch.compile of ``ref``, each dtype, forward and forward+backward.
+
+modulated_conv2d reports TFLOP/s (its convolution work); upfirdn2d and bias_act,
+being memory-bound, report GB/s of the ideal traffic (each input read once, each
+output written once). extra_info.uses says how often each model makes the call.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from harness import DEVICE, DTYPE_NAMES, ON_GPU, PROFILE, record_rate
+from mmfs_fast import benchmark as mb
+from mmfs_fast import ops
+from op_shapes import PUBLIC_OPS, OpCall, op_calls
+
+OP_BATCHES = (PROFILE.batches[0], PROFILE.batches[-1])
+CALLS = op_calls(PROFILE.stylizer, PROFILE.stylizer.size, PROFILE.stylizer.ngf, OP_BATCHES)
+GPU_IMPLS = ("cuda", "triton")
+# torch.compile takes seconds per shape, dtype and direction, so it runs on the
+# heaviest call of each op and batch size only: enough to place it beside the rest.
+COMPILED_PER_OP_AND_BATCH = 1
+
+
+def conv_flops(call: OpCall, out: torch.Tensor) -> float:
+    """Multiply-adds ×2 of the convolution: per input pixel for the transposed (up=2)
+    conv, per output pixel otherwise."""
+    shapes, options = dict(call.shapes), dict(call.options)
+    b, i, h, w = shapes["x"]
+    o, _, k, _ = shapes["weight"]
+    pixels = h * w if options["up"] == 2 else out.shape[2] * out.shape[3]
+    return 2.0 * b * o * i * k * k * pixels
+
+
+def ideal_bytes(call: OpCall, x: torch.Tensor, out: torch.Tensor, backward: bool) -> float:
+    """Forward reads x, writes out; backward reads grad_out, writes grad_x, and bias_act
+    also re-reads x for the activation's slope."""
+    traffic = x.numel() + out.numel()
+    if backward:
+        traffic += out.numel() + x.numel() + (x.numel() if call.op == "bias_act" else 0)
+    return traffic * x.element_size()
+
+
+def _work(call: OpCall) -> int:
+    """Size of the call, for picking the heaviest: elements of x (times the weight's for convs)."""
+    shapes = dict(call.shapes)
+    return math.prod(shapes["x"]) * math.prod(shapes.get("weight") or ())
+
+
+def _cases() -> list:
+    heaviest: dict[tuple[str, int], list[OpCall]] = {}
+    for call, _ in CALLS:
+        heaviest.setdefault((call.op, call.batch), []).append(call)
+    compiled = {c for calls in heaviest.values()
+                for c in sorted(calls, key=_work, reverse=True)[:COMPILED_PER_OP_AND_BATCH]}
+    impls = ["ref"] + (list(GPU_IMPLS) if ON_GPU else [])
+    cases = []
+    for call, uses in CALLS:
+        for impl in impls + (["compile"] if call in compiled else []):
+            cases.append(pytest.param(call, uses, impl, id=f"{call.op}-{call.label}-{impl}"))
+    return cases
+
+
+def _op_function(op: str, impl: str):
+    fn = PUBLIC_OPS[op]
+    if impl == "compile":
+        return torch.compile(functools.partial(fn, impl="ref"))
+    return functools.partial(fn, impl=impl)
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("call,uses,impl", _cases())
+def test_op(call: OpCall, uses: dict, impl: str, dtype: str, direction: str, measure, benchmark):
+    if impl in GPU_IMPLS and impl not in ops.backends()[call.op]:
+        pytest.skip(f"{call.op}: impl {impl!r} is not installed here (ops.backends() = {ops.backends()[call.op]})")
+    backward = direction == "fwdbwd"
+    args = call.make_args(DEVICE, mb.DTYPES[dtype], requires_grad=backward)
+    op = _op_function(call.op, impl)
+    with torch.no_grad():
+        out = op(**args)
+    if backward:
+        inputs = [t for t in args.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+        grad_out = torch.randn_like(out)
+
+        def fn():
+            torch.autograd.grad(op(**args), inputs, grad_out)
+    else:
+        fn = torch.no_grad()(lambda: op(**args))
+    seconds = measure(fn, group=f"{call.op} {call.label} {dtype} {direction}", op=call.op, impl=impl, dtype=dtype,
+                      direction=direction, batch=call.batch, shape=call.label, uses=uses)
+    if call.op == "modulated_conv2d":
+        record_rate(benchmark, seconds, dtype, flops=conv_flops(call, out) * (3 if backward else 1))
+    else:
+        record_rate(benchmark, seconds, dtype, bytes_moved=ideal_bytes(call, args["x"], out, backward))
