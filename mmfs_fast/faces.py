@@ -308,3 +308,36 @@ def add_align_options(parser) -> None:
                        help="face detector upsampling: 1 finds faces down to ~40 px, 0 is faster (default 1)")
     group.add_argument("--min-face-score", type=float, default=0.5,
                        help="drop detections below this detector score (default 0.5)")
+
+
+def run_stylize_align(args, files: list[tuple[Path, str]]) -> int:
+    """``mmfs-fast stylize --align``: the CLI's stylize calls this when --align is given."""
+    from mmfs_fast import cli, io
+
+    try:
+        detector = FaceDetector(upsample=args.upsample, min_score=args.min_face_score)
+    except (FacesUnavailable, ValueError) as e:
+        raise cli.UsageError(str(e)) from e
+    mmfs = cli.load_mmfs(args)
+    style = cli.style_args(args)
+    try:
+        w_plus = mmfs.style(**style)
+    except io.ImageError as e:  # the --ref image
+        raise cli.UsageError(str(e)) from e
+    # one noise draw for every face, from the seed, so a run repeats exactly
+    stylize_batch = mmfs_stylize_batch(mmfs, w_plus, "zero" if args.noise == "zero" else "fixed",
+                                       seed=style["seed"] or 0)
+    failed = no_face = written = 0
+    for path, result in stylize_photo_files(files, stylize_batch, Path(args.out), mmfs.size, args.batch_size,
+                                            args.paste_back, detector):
+        if isinstance(result, io.ImageError):
+            failed += 1
+            cli.err(f"error: {result}")
+        elif not result.faces:
+            no_face += 1
+            cli.err(f"no face found in {path}")
+        else:
+            written += len(result.faces)
+    cli.err(f"wrote {written} face(s) from {len(files) - failed - no_face} photo(s) to {args.out}"
+            + (f"; no face in {no_face}" if no_face else "") + (f"; {failed} failed" if failed else ""))
+    return cli.EXIT_SOME_FAILED if failed else cli.EXIT_OK

@@ -182,7 +182,8 @@ def test_with_a_small_mmfs_model(detector, astronaut):
     from mmfs_fast.models import StylizerConfig
 
     with pytest.warns(UserWarning, match="RANDOM-INITIALISED"):
-        mmfs = MMFS.load(random_init=True, device="cpu", config=StylizerConfig(size=64, ngf=4, style_dim=32))
+        mmfs = MMFS.load(random_init=True, device="cpu", config=StylizerConfig(size=64, ngf=4, style_dim=32),
+                         engine=False)  # renders with the Stylizer, whose noise strengths we set
     with torch.no_grad():  # noise strengths start at 0: make the noise visible
         for name, param in mmfs.stylizer.named_parameters():
             if name.endswith("noise.weight"):
@@ -213,3 +214,31 @@ def test_paste_back_checks_its_inputs(astronaut):
         faces.paste_back(astronaut, torch.zeros(2, 3, 8, 8), [quad])
     with pytest.raises(ValueError, match="feather"):
         faces.paste_back(astronaut, torch.zeros(1, 3, 8, 8), [quad], feather=0.0)
+
+
+@pytest.fixture
+def small_random_mmfs(monkeypatch):
+    """The CLI's model loader, returning a small random model (the default one is 512²)."""
+    from mmfs_fast import cli
+    from mmfs_fast.models import StylizerConfig
+
+    real_load = cli.load_mmfs
+    monkeypatch.setattr(cli, "load_mmfs", lambda args: real_load(args, StylizerConfig(size=64, ngf=4, style_dim=32)))
+
+
+def test_cli_stylize_align(tmp_path, astronaut, small_random_mmfs):
+    import argparse
+
+    from mmfs_fast import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_model_options(parser)
+    faces.add_align_options(parser)
+    Image.fromarray(astronaut).save(tmp_path / "astronaut.png")
+    Image.fromarray(np.full((80, 80, 3), 128, np.uint8)).save(tmp_path / "blank.png")
+    args = parser.parse_args(["--random-init", "--device", "cpu", "--align", "--paste-back"])
+    args.out, args.seed, args.text, args.ref, args.noise, args.batch_size = tmp_path / "out", 5, None, None, "random", 4
+    files = [(tmp_path / "astronaut.png", "astronaut"), (tmp_path / "blank.png", "blank")]
+    assert faces.run_stylize_align(args, files) == cli.EXIT_OK
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["astronaut.png", "astronaut_face0.png"]
+    assert Image.open(tmp_path / "out" / "astronaut.png").size == (512, 512)

@@ -176,6 +176,28 @@ def test_modulated_conv2d_padding_and_second_order():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+# ---------------------------------------------------------------- op registration
+
+def test_registered_ops_pass_opcheck():
+    """Schema and autograd registration everywhere; fake tensors and AOT dispatch (what
+    torch.compile needs) only on a GPU: under the interpreter wrap_triton launches eagerly."""
+    checks = ("test_schema", "test_autograd_registration")
+    if HAS_CUDA:
+        checks += ("test_faketensor", "test_aot_dispatch_dynamic")
+    ops = torch.ops.mmfs_fast
+    cases = [
+        (ops.triton_upfirdn2d, (randn(1, 2, 5, 6), randn(4, 4, seed=1), 2, 1, [2, 1, 2, 1])),
+        (ops.triton_bias_act, (randn(2, 3, 4), randn(3, seed=1), "lrelu", 0.2, 1.4, 0.5, 1)),
+        (ops.triton_bias_act_grad, (randn(2, 3, 4), randn(2, 3, 4, seed=1), randn(3, seed=2), "relu", 0.0, 1.4,
+                                    None, 1)),
+        (ops.triton_modulated_conv2d, (randn(2, 3, 4, 5), randn(4, 3, 3, 3, seed=1), randn(2, 3, seed=2),
+                                       randn(2, 4, seed=3).abs() + 0.5, 2, 1, 0, 9, 11)),
+    ]
+    for op, args in cases:
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(op, args, test_utils=checks)
+
+
 # ---------------------------------------------------------------- a whole model
 
 def test_small_stylizer_matches_ref():

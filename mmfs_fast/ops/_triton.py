@@ -8,7 +8,8 @@ it may be absent (then the backend reports itself unavailable and is never calle
 and they import the op modules, which import this one.
 
 Order of ``impl="auto"`` on CUDA stays cuda > triton > ref (_backend): the GPU
-timings that would confirm or change it are pending (written without a GPU).
+timings that would confirm or change it are pending (written without a GPU), and so
+are the fake-tensor/compile checks, which torch skips under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
