@@ -310,8 +310,9 @@ def add_align_options(parser) -> None:
                        help="drop detections below this detector score (default 0.5)")
 
 
-def run_stylize_align(args, files: list[tuple[Path, str]]) -> int:
-    """``mmfs-fast stylize --align``: the CLI's stylize calls this when --align is given."""
+def cli_setup(args, noise: str) -> tuple[FaceDetector, object, StylizeBatch]:
+    """The face detector, the model and a one-style ``stylize_batch`` of a CLI run
+    (``mmfs-fast stylize --align`` or ``video``); problems become usage errors."""
     from mmfs_fast import cli, io
 
     try:
@@ -324,9 +325,15 @@ def run_stylize_align(args, files: list[tuple[Path, str]]) -> int:
         w_plus = mmfs.style(**style)
     except io.ImageError as e:  # the --ref image
         raise cli.UsageError(str(e)) from e
+    return detector, mmfs, mmfs_stylize_batch(mmfs, w_plus, noise, seed=style["seed"] or 0)
+
+
+def run_stylize_align(args, files: list[tuple[Path, str]]) -> int:
+    """``mmfs-fast stylize --align``: the CLI's stylize calls this when --align is given."""
+    from mmfs_fast import cli, io
+
     # one noise draw for every face, from the seed, so a run repeats exactly
-    stylize_batch = mmfs_stylize_batch(mmfs, w_plus, "zero" if args.noise == "zero" else "fixed",
-                                       seed=style["seed"] or 0)
+    detector, mmfs, stylize_batch = cli_setup(args, "zero" if args.noise == "zero" else "fixed")
     failed = no_face = written = 0
     for path, result in stylize_photo_files(files, stylize_batch, Path(args.out), mmfs.size, args.batch_size,
                                             args.paste_back, detector):

@@ -234,25 +234,18 @@ def add_cli_parser(sub) -> None:
 
 
 def run_video(args) -> int:
-    from mmfs_fast import cli, io
-    from mmfs_fast.faces import FacesUnavailable, mmfs_stylize_batch
+    from mmfs_fast import cli
+    from mmfs_fast.faces import FacesUnavailable, cli_setup
 
     if args.batch_size < 1:
         raise cli.UsageError("--batch-size must be >= 1")
     if not Path(args.input).is_file():
         raise cli.UsageError(f"{args.input}: no such file")
     try:
-        detector = FaceDetector(upsample=args.upsample, min_score=args.min_face_score)
         require("av")
     except FacesUnavailable as e:
         raise cli.UsageError(str(e)) from e
-    mmfs = cli.load_mmfs(args)
-    style = cli.style_args(args)
-    try:
-        w_plus = mmfs.style(**style)
-    except io.ImageError as e:  # the --ref image
-        raise cli.UsageError(str(e)) from e
-    stylize_batch = mmfs_stylize_batch(mmfs, w_plus, args.noise, seed=style["seed"] or 0)
+    detector, mmfs, stylize_batch = cli_setup(args, args.noise)
     report = stylize_video(args.input, args.output, stylize_batch, mmfs.size, args.batch_size, detector,
                            QuadTracker(min_cutoff=args.smoothing))
     cli.err(f"wrote {report.frames} frames at {float(report.fps):.3g} fps to {args.output}"

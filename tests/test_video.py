@@ -2,7 +2,6 @@
 tone as audio) goes through stylize_video; frame count, rate, duration, audio packets,
 pixels and the steadiness of the crop are checked against the source."""
 import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
