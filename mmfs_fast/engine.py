@@ -149,7 +149,9 @@ class _Executor:
     Every row of every function is independent of the others, so padding rows (zeros, or
     whatever an earlier replay left in a static buffer: always finite, inputs are
     validated) never change the real rows. All graphs share one memory pool, so the
-    workspace is that of the largest capture; replays are serialised by ``lock``.
+    workspace is that of the largest capture: a graph's static output may sit in memory
+    another graph's replay writes to, which is harmless because replays are serialised by
+    ``lock`` and each output is copied out right after its replay.
     """
 
     def __init__(self, device: torch.device, buckets: tuple[int, ...] | None, mode: str,
@@ -162,10 +164,10 @@ class _Executor:
         self.failed: set[str] = set()
 
     def run(self, name: str, fn: Callable, *inputs: torch.Tensor) -> torch.Tensor:
-        """fn(*inputs) for inputs sharing batch size B; returns a fresh tensor."""
+        """fn(*inputs) for inputs sharing batch size B, in chunks of at most the largest bucket."""
         batch = inputs[0].shape[0]
         if self.buckets is None:
-            return fn(*inputs)
+            return self._call(fn, inputs)
         step = self.buckets[-1]
         chunks = [self._run_bucket(name, fn, [x[i:i + step] for x in inputs]) for i in range(0, batch, step)]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
@@ -181,8 +183,11 @@ class _Executor:
                 graph.graph.replay()
                 return graph.output[:n].clone()
         padded = [torch.cat([x, x.new_zeros((bucket - n, *x.shape[1:]))]) if bucket > n else x for x in inputs]
-        out = fn(*padded)[:n]
-        # compiled functions may return buffers (cudagraph trees) that the next call overwrites
+        return self._call(fn, padded)[:n]
+
+    def _call(self, fn: Callable, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = fn(*inputs)
+        # torch.compile's own CUDA graphs (cudagraph trees) overwrite their outputs on the next call
         return out.clone() if self.mode == "compile" else out
 
     def _graph(self, name: str, fn: Callable, bucket: int, inputs: list[torch.Tensor]) -> _Graph | None:
@@ -203,7 +208,8 @@ class _Executor:
                     fn(*static)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: CUDA work of other threads (callers' own models) may go on during the capture
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 output = fn(*static)
         except RuntimeError as e:
             warnings.warn(f"mmfs_fast.Engine: cannot capture {name} as a CUDA graph, it runs eagerly: {e}",
@@ -339,6 +345,8 @@ class Engine:
         self.image_cache = LRUCache(style_cache_size)
 
         self.max_batch = max_batch or (buckets[-1] if buckets else DEFAULT_BUCKETS[-1])
+        if self.max_batch < 1 or max_wait_ms < 0:
+            raise ValueError(f"need max_batch >= 1 and max_wait_ms >= 0, got {self.max_batch} and {max_wait_ms}")
         self.max_wait_ms = max_wait_ms
         self._queue: list[_Request] = []
         self._queue_cond = threading.Condition()
@@ -450,7 +458,8 @@ class Engine:
 
     def _check_clip(self) -> None:
         if self.clip is None:
-            raise RuntimeError("text and reference-image styles need a CLIP encoder: Engine(stylizer, clip=CLIPEncoder(...))")
+            raise RuntimeError("text and reference-image styles need a CLIP encoder: "
+                               "Engine(stylizer, clip=CLIPEncoder(...))")
         if self.model.clip_mapper is None:
             raise RuntimeError("this Stylizer has no clip_mapper (phase 1/2 checkpoint): text and reference "
                                "styles need a phase 3/4 checkpoint")

@@ -1,11 +1,13 @@
 """Engine: the prepared, bucketed, cached, micro-batched path must reproduce the plain
 fp32 Stylizer (noise="zero") for every style source."""
+import copy
 import threading
 
 import pytest
 import torch
 
-from mmfs_fast.engine import Engine, LRUCache
+from mmfs_fast.engine import Engine, LRUCache, _ModulatedConv
+from mmfs_fast.models.layers import ModulatedConv2d
 from mmfs_fast.models.stylizer import Stylizer
 
 SIZE, DIM = 64, 32
@@ -232,6 +234,21 @@ def test_bf16_error_within_twice_the_plain_model_cast_to_bf16(stylizer):
     out = Engine(stylizer, device="cpu", precision="bf16").stylize(x, w_plus)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - ref).abs().mean() <= 2 * plain_err
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("upsample", [False, True])
+def test_fp16_modulation_is_safe_where_the_plain_fp16_layer_overflows(upsample):
+    torch.manual_seed(0)
+    layer = ModulatedConv2d(16, 8, 3, DIM, upsample=upsample)
+    layer.modulation.bias.fill_(400.0)  # styles ~400: Σ(W·s)² ≈ 400² exceeds fp16's 65504
+    x, w = torch.randn(2, 16, 8, 8), torch.randn(2, DIM)
+    ref = layer(x, w)
+    plain = copy.deepcopy(layer).half()(x.half(), w.half()).float()
+    assert not torch.allclose(plain, ref, atol=0.1)  # the plain cast demodulates by rsqrt(inf) = 0
+    prepared = _ModulatedConv(layer, torch.float16)(x.half(), w)
+    assert prepared.dtype == torch.float16
+    torch.testing.assert_close(prepared.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
 
 
 def test_warmup_and_memory_stats(stylizer):
