@@ -24,9 +24,17 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["mmfs_fast"] = {**mb.environment(), "profile": PROFILE.name}
 
 
+# Run order for a time-boxed run (bench/gpu_check.sh): whole groups of cases in order of
+# interest, torch.compile cases last because compiling costs more than measuring.
+DTYPE_ORDER = {"fp16": 0, "bf16": 1, "fp32": 2}
+
+
 def pytest_collection_modifyitems(config, items):
-    """torch.compile cases last: they cost compile time, so a time-boxed run keeps the rest."""
-    items.sort(key=lambda item: "compile" in item.name)
+    def priority(item):
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        return ("compile" in item.name, DTYPE_ORDER.get(params.get("dtype"), 0), params.get("direction") == "fwdbwd")
+
+    items.sort(key=priority)
 
 
 def _run_once(fn) -> float:
@@ -40,8 +48,8 @@ def measure(benchmark):
     """measure(fn, group=..., rounds=..., **info) times ``fn``; returns its median seconds per call.
 
     The first call (compilation, autotuning, CUDA graph capture) is timed separately
-    and reported as ``first_call_s``; a second untimed call warms caches before the
-    pedantic rounds. extra_info carries the environment, profile, peak GPU memory
+    and reported as ``first_call_s``; a second call, also a warm-up, sets how many
+    calls make one timed round. extra_info carries the environment, profile, peak GPU memory
     and ``info``.
     """
     def run(fn, *, group: str, rounds: int = ROUNDS, **info) -> float:
@@ -51,7 +59,7 @@ def measure(benchmark):
         first_call = _run_once(fn)
         per_call = _run_once(fn)
         iterations = max(1, min(MAX_ITERATIONS, int(ROUND_SECONDS / max(per_call, 1e-9))))
-        benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
+        benchmark.pedantic(fn, rounds=rounds, iterations=iterations)
         benchmark.extra_info.update(mb.environment())
         benchmark.extra_info.update(profile=PROFILE.name, first_call_s=first_call,
                                     peak_memory_mib=mb.peak_memory_mib(DEVICE), **info)

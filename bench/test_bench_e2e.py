@@ -17,7 +17,7 @@ from mmfs_fast import benchmark as mb
 
 BASELINE, COMPILED, FASTEST = "eager-fp32-ref", "compile-fp32-ref", "mmfs-fast"
 PRECISION = "fp16" if ON_GPU else "fp32"  # the Engine offers fp16 on CUDA only
-FINETUNE_STEPS = 20 if ON_GPU else 2
+FINETUNE_STEPS = 10 if ON_GPU else 2
 FINETUNE_BATCH = 8 if ON_GPU else 2  # the paper's batch on a GPU
 
 
@@ -30,9 +30,14 @@ def pipeline(config: str) -> mb.Workloads:
     return mb.ModelPipeline(stylizer, clip, compile=config == COMPILED)
 
 
-@pytest.mark.parametrize("batch", PROFILE.batches)
-@pytest.mark.parametrize("scenario", mb.SCENARIOS)
-@pytest.mark.parametrize("config", [BASELINE, FASTEST, COMPILED])
+def _cases() -> list:
+    cases = [(config, scenario, batch) for config in (BASELINE, FASTEST, COMPILED)
+             for scenario in mb.SCENARIOS for batch in PROFILE.batches]
+    # compiling the whole model takes minutes on a CPU: one case there keeps the path alive
+    return [c for c in cases if ON_GPU or c[0] != COMPILED or c[1:] == ("guided_stylization", 1)]
+
+
+@pytest.mark.parametrize("config,scenario,batch", _cases())
 def test_e2e(config: str, scenario: str, batch: int, measure, benchmark):
     precision = PRECISION if config == FASTEST else "fp32"
     seconds = measure(pipeline(config).workload(scenario, batch), group=f"e2e {scenario} b{batch}",

@@ -24,7 +24,9 @@ CALLS = op_calls(PROFILE.stylizer, PROFILE.stylizer.size, PROFILE.stylizer.ngf, 
 GPU_IMPLS = ("cuda", "triton")
 # torch.compile takes seconds per shape, dtype and direction, so it runs on the
 # heaviest call of each op and batch size only: enough to place it beside the rest.
+# On the CPU one op keeps the path alive (compiling there takes minutes).
 COMPILED_PER_OP_AND_BATCH = 1
+COMPILED_OPS = tuple(PUBLIC_OPS) if ON_GPU else ("upfirdn2d",)
 
 
 def conv_flops(call: OpCall, out: torch.Tensor) -> float:
@@ -55,7 +57,8 @@ def _work(call: OpCall) -> int:
 def _cases() -> list:
     heaviest: dict[tuple[str, int], list[OpCall]] = {}
     for call, _ in CALLS:
-        heaviest.setdefault((call.op, call.batch), []).append(call)
+        if call.op in COMPILED_OPS and (ON_GPU or call.batch == OP_BATCHES[0]):
+            heaviest.setdefault((call.op, call.batch), []).append(call)
     compiled = {c for calls in heaviest.values()
                 for c in sorted(calls, key=_work, reverse=True)[:COMPILED_PER_OP_AND_BATCH]}
     impls = ["ref"] + (list(GPU_IMPLS) if ON_GPU else [])

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: install, test everything on CUDA, benchmark, summarise.
+#
+#   bash bench/gpu_check.sh OUTDIR            # on the GPU machine, from anywhere
+#   DRY_RUN=1 bash bench/gpu_check.sh OUTDIR  # anywhere: same phases at CPU scale, no install
+#
+# Writes into OUTDIR: env.txt, install.log, pytest.log + junit.xml (tests/), bench-e2e.json +
+# bench-e2e.log, bench-ops.json + bench-ops.log, summary.md, status.txt. Every phase is
+# time-boxed so the whole run ends within TOTAL_SECONDS (default 530: 9 minutes on an H100
+# minus margin); a benchmark phase cut short still writes the results it has (SIGINT
+# makes pytest-benchmark save its JSON). Wheels in ./.whl (see bench/README.md) are
+# installed first, into /tmp/site, for what the machine lacks (open_clip_torch ...).
+set -uo pipefail
+OUT="${1:?usage: bash bench/gpu_check.sh OUTDIR}"
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+DRY_RUN="${DRY_RUN:-0}"
+TOTAL_SECONDS="${TOTAL_SECONDS:-530}"
+PY="${PYTHON:-python}"
+deadline=$((SECONDS + TOTAL_SECONDS))
+: > "$OUT/status.txt"
+
+log() { echo "gpu_check [$((SECONDS))s]: $*" | tee -a "$OUT/status.txt" >&2; }
+
+# seconds a phase may take: at most CAP, leaving RESERVE for the phases after it
+budget() {
+    local cap=$1 reserve=$2 left=$((deadline - SECONDS - $2))
+    (( left < cap )) && cap=$left
+    (( cap < 5 )) && cap=5
+    echo "$cap"
+}
+
+# run a phase: NAME LOGFILE CAP RESERVE command...; SIGINT at the limit so pytest writes its reports
+phase() {
+    local name=$1 logfile=$2 limit
+    limit=$(budget "$3" "$4")
+    shift 4
+    log "$name: up to ${limit}s: $*"
+    timeout -s INT -k 20 "$limit" "$@" > "$logfile" 2>&1
+    local rc=$?
+    log "$name: exit $rc$([ $rc = 124 ] && echo ' (time limit reached: partial)')"
+    return $rc
+}
+
+# -P: do not put the working directory on sys.path, so tests import the installed package
+# (with its compiled extension), not the source tree
+PYTEST=("$PY" -P -m pytest)
+
+if [ -d .whl ]; then
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/wheels.log" 2>&1 \
+        && log "installed wheels from .whl into /tmp/site" || log "installing .whl failed: see wheels.log"
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+if [ "$DRY_RUN" = 1 ]; then
+    log "DRY_RUN: CPU scale, no install (would run: TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps .)"
+    PYTEST=("$PY" -m pytest)  # the source tree stands in for the installed package
+    TEST_ARGS=(tests --co -q)
+    E2E_ARGS=(-k "eager-fp32-ref and image_to_wplus")
+    OPS_ARGS=(-k "bias_act and ref and fwd-")
+else
+    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        log "no CUDA device visible to torch: this script is for a GPU machine (DRY_RUN=1 runs it at CPU scale)"
+        exit 2
+    fi
+    export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+    export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+    phase install "$OUT/install.log" 180 330 "$PY" -m pip install -v --no-build-isolation --no-deps . \
+        || log "install failed: the tests and benchmarks below run on whatever is importable"
+    TEST_ARGS=(tests -q -ra)
+    E2E_ARGS=()
+    OPS_ARGS=()
+fi
+
+{
+    nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+    "$PY" -P -c "import json, mmfs_fast.benchmark as b; print(json.dumps(b.environment(), indent=1))" 2>&1
+    "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|triton|open.clip|timm|pytest|numpy|safetensors) "
+} > "$OUT/env.txt"
+missing=$("$PY" -c "
+import importlib.util as u
+print(' '.join(m for m in ('open_clip', 'timm', 'ftfy', 'safetensors', 'tqdm', 'pytest_benchmark', 'cpuinfo')
+               if u.find_spec(m) is None))")
+[ -n "$missing" ] && log "missing modules: $missing (bring wheels in .whl: see bench/README.md)"
+
+phase tests "$OUT/pytest.log" 200 200 "${PYTEST[@]}" "${TEST_ARGS[@]}" --junitxml="$OUT/junit.xml"
+tests_rc=$?
+tail -n 3 "$OUT/pytest.log" | tee -a "$OUT/status.txt"
+
+phase bench-e2e "$OUT/bench-e2e.log" 170 100 "${PYTEST[@]}" bench/test_bench_e2e.py -q \
+    --benchmark-json="$OUT/bench-e2e.json" --benchmark-columns=median,iqr,rounds,iterations "${E2E_ARGS[@]}"
+phase bench-ops "$OUT/bench-ops.log" 170 10 "${PYTEST[@]}" bench/test_bench_ops.py -q \
+    --benchmark-json="$OUT/bench-ops.json" --benchmark-columns=median,iqr,rounds,iterations "${OPS_ARGS[@]}"
+
+jsons=()
+for f in "$OUT/bench-e2e.json" "$OUT/bench-ops.json"; do [ -s "$f" ] && jsons+=("$f"); done
+if [ ${#jsons[@]} -gt 0 ]; then
+    "$PY" bench/summarize.py "${jsons[@]}" -o "$OUT/summary.md" && log "summary: $OUT/summary.md"
+else
+    log "no benchmark JSON was written: see bench-*.log"
+fi
+log "done in ${SECONDS}s; tests exit $tests_rc"
+exit "$tests_rc"
