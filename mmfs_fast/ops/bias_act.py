@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mmfs_fast.ops import _backend, _triton
+from mmfs_fast.ops import _backend, _cuda, _triton
 
 
 class Activation(NamedTuple):
@@ -42,7 +42,7 @@ def bias_act_ref(x: torch.Tensor, bias: torch.Tensor | None, act: str, alpha: fl
     return x
 
 
-IMPLEMENTATIONS = {"ref": bias_act_ref, "triton": _triton.bias_act}
+IMPLEMENTATIONS = {"ref": bias_act_ref, "cuda": _cuda.bias_act, "triton": _triton.bias_act}
 
 
 def bias_act(x: torch.Tensor, bias: torch.Tensor | None = None, act: str = "lrelu",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmfs_fast.ops import _backend, _triton
+from mmfs_fast.ops import _backend, _cuda, _triton
 from mmfs_fast.ops.upfirdn2d import as_2d_kernel, upfirdn2d_ref
 
 DEMOD_EPS = 1e-8
@@ -59,7 +59,7 @@ def modulated_conv2d_ref(x: torch.Tensor, weight: torch.Tensor, styles: torch.Te
     return out.reshape(b, o, out.shape[2], out.shape[3])
 
 
-IMPLEMENTATIONS = {"ref": modulated_conv2d_ref, "triton": _triton.modulated_conv2d}
+IMPLEMENTATIONS = {"ref": modulated_conv2d_ref, "cuda": _cuda.modulated_conv2d, "triton": _triton.modulated_conv2d}
 
 
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool = True,

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from mmfs_fast.ops import _backend, _triton
+from mmfs_fast.ops import _backend, _cuda, _triton
 
 
 def parse_pad(pad: int | Sequence[int]) -> tuple[int, int, int, int]:
@@ -70,7 +70,7 @@ def upfirdn2d_ref(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int,
     return F.conv2d(x, weight, stride=down, groups=c)
 
 
-IMPLEMENTATIONS = {"ref": upfirdn2d_ref, "triton": _triton.upfirdn2d}
+IMPLEMENTATIONS = {"ref": upfirdn2d_ref, "cuda": _cuda.upfirdn2d, "triton": _triton.upfirdn2d}
 
 
 def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,

@@ -1,0 +1,102 @@
+// bias_act: clamp(act(x + bias) * gain) and its gradient, elementwise in memory order.
+// linear, relu and lrelu are one activation, z > 0 ? z : slope * z, with slope 1, 0 and
+// alpha; its derivative is piecewise constant, so the gradient kernel is also its own
+// derivative with respect to the incoming gradient (the second-order backward).
+#include "common.h"
+#include "ops.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+namespace mmfs_fast {
+namespace {
+
+struct BiasActParams {
+  int64_t numel;
+  int64_t channel_stride;  // memory distance between consecutive channels (bias entries)
+  int64_t channels;
+  double slope, gain, clamp;
+  bool has_bias, has_clamp;
+};
+
+// kGrad: out = d(bias_act)/dx * grad, else out = bias_act(x). The order of the roundings
+// follows the ref op's autograd: clamp mask, then gain, then the activation's slope.
+template <typename scalar_t, bool kGrad>
+__global__ void __launch_bounds__(kThreads)
+    bias_act_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ bias,
+                    const scalar_t* __restrict__ grad, scalar_t* __restrict__ out, BiasActParams p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t slope = p.slope, gain = p.gain, clamp = p.clamp;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.numel; i += int64_t(gridDim.x) * blockDim.x) {
+    acc_t z = x[i];
+    if (p.has_bias) z += acc_t(bias[(i / p.channel_stride) % p.channels]);
+    const acc_t y = (z > acc_t(0) ? z : z * slope) * gain;
+    if constexpr (kGrad) {
+      const bool passes = !p.has_clamp || (-clamp <= y && y <= clamp);
+      const acc_t g = acc_t(grad[i]) * gain;
+      out[i] = passes ? scalar_t(z > acc_t(0) ? g : g * slope) : scalar_t(0);
+    } else {
+      out[i] = p.has_clamp ? scalar_t(y > clamp ? clamp : (y < -clamp ? -clamp : y)) : scalar_t(y);
+    }
+  }
+}
+
+// x itself when the kernel can walk it in memory order, else a contiguous copy; the
+// fake kernel in mmfs_fast/ops/_cuda.py makes the same choice.
+at::Tensor dense(const at::Tensor& x) {
+  return x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast) ? x : x.contiguous();
+}
+
+template <bool kGrad>
+at::Tensor run(const char* op, const at::Tensor* grad_in, const at::Tensor& x_in, const std::optional<at::Tensor>& bias,
+               double slope, double gain, std::optional<double> clamp, int64_t dim) {
+  check_cuda_float(x_in, op, "x");
+  TORCH_CHECK(x_in.dim() >= 1, op, ": x must have at least one dimension");
+  TORCH_CHECK(dim >= 0 && dim < x_in.dim(), op, ": dim ", dim, " is out of range for a ", x_in.dim(), "-D tensor");
+  TORCH_CHECK(!clamp.has_value() || *clamp >= 0, op, ": clamp must be >= 0, got ", clamp.value_or(0));
+  if (bias.has_value()) {
+    check_cuda_float(*bias, op, "bias");
+    check_same_device(x_in, *bias, op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x_in.size(dim), op, ": bias must be 1-D of size x.shape[", dim,
+                "] = ", x_in.size(dim), ", got ", bias->sizes());
+  }
+  const at::Tensor x = dense(x_in);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor grad;
+  if constexpr (kGrad) {
+    check_same_device(x_in, *grad_in, op, "grad");
+    TORCH_CHECK(grad_in->sizes() == x_in.sizes() && grad_in->scalar_type() == x_in.scalar_type(), op,
+                ": grad must match x in shape and dtype, got ", grad_in->sizes(), " ", grad_in->scalar_type(), " and ",
+                x_in.sizes(), " ", x_in.scalar_type());
+    // The kernel walks grad and x with the same offsets.
+    grad = grad_in->strides() == x.strides() ? *grad_in : at::empty_like(x).copy_(*grad_in);
+  }
+  if (x.numel() == 0) return out;
+  const c10::cuda::CUDAGuard guard(x.device());
+  // The ref op adds the bias in x's dtype.
+  const at::Tensor bias_x = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
+  const BiasActParams params{x.numel(), x.size(dim) > 1 ? x.stride(dim) : 1, x.size(dim), slope, gain,
+                             clamp.value_or(0), bias.has_value(), clamp.has_value()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act", [&] {
+    bias_act_kernel<scalar_t, kGrad><<<grid_stride_blocks(x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<scalar_t>(), bias.has_value() ? bias_x.const_data_ptr<scalar_t>() : nullptr,
+        kGrad ? grad.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), params);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor bias_act(const at::Tensor& x, const std::optional<at::Tensor>& bias, double slope, double gain,
+                    std::optional<double> clamp, int64_t dim) {
+  return run<false>("mmfs_fast::bias_act", nullptr, x, bias, slope, gain, clamp, dim);
+}
+
+at::Tensor bias_act_grad(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                         double slope, double gain, std::optional<double> clamp, int64_t dim) {
+  check_cuda_float(grad, "mmfs_fast::bias_act_grad", "grad");
+  return run<true>("mmfs_fast::bias_act_grad", &grad, x, bias, slope, gain, clamp, dim);
+}
+
+}  // namespace mmfs_fast

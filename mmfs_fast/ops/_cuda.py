@@ -1,0 +1,199 @@
+"""The ``cuda`` backend: the kernels of csrc/, compiled ahead of time into ``mmfs_fast._C``,
+which defines the ops ``torch.ops.mmfs_fast.{upfirdn2d, bias_act, bias_act_grad,
+modulated_conv2d}`` and their CUDA kernels. This module adds what torch.compile and
+autograd need: fake (meta) kernels and backward formulas.
+
+Backward passes are expressed with the ops themselves and plain torch ops, so they are
+differentiable again: upfirdn2d's adjoint is an upfirdn2d, bias_act's gradient kernel is
+its own derivative, and modulated_conv2d's backward runs on cuDNN.
+
+The public functions at the bottom have the signatures of the ``ref`` functions of the op
+modules. Those modules import this one, so it imports from them only inside functions.
+"""
+from __future__ import annotations
+
+import torch
+from torch.library import register_autograd, register_fake
+
+from mmfs_fast.ops import _backend
+
+_ops = torch.ops.mmfs_fast
+
+
+def _empty_with_layout_of(x: torch.Tensor, shape) -> torch.Tensor:
+    """The output layout rule of csrc/common.h: channels_last exactly when x is channels_last
+    and not also contiguous."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.empty(shape, dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+# ---------------------------------------------------------------- upfirdn2d
+
+
+def _upfirdn2d_fake(x, kernel, up, down, pad):
+    from mmfs_fast.ops.upfirdn2d import output_size
+
+    x0, x1, y0, y1 = pad
+    kh, kw = kernel.shape
+    n, c, h, w = x.shape
+    return _empty_with_layout_of(x, (n, c, output_size(h, kh, up, down, y0, y1), output_size(w, kw, up, down, x0, x1)))
+
+
+def _upfirdn2d_setup(ctx, inputs, output):
+    x, kernel, ctx.up, ctx.down, ctx.pad = inputs
+    ctx.save_for_backward(kernel)
+    ctx.in_size, ctx.out_size = x.shape[2:], output.shape[2:]
+
+
+def _adjoint_pads(in_size: int, out_size: int, k: int, up: int, down: int, pad0: int) -> tuple[int, int]:
+    """Pads of the upfirdn2d (up and down swapped, kernel flipped) that is the adjoint of one axis."""
+    return k - pad0 - 1, in_size * up - out_size * down + pad0 - up + 1
+
+
+def _upfirdn2d_backward(ctx, grad):
+    """The FIR taps are constants (registered buffers): only x gets a gradient."""
+    kernel, = ctx.saved_tensors
+    (in_h, in_w), (out_h, out_w) = ctx.in_size, ctx.out_size
+    x0, _, y0, _ = ctx.pad
+    pad = (*_adjoint_pads(in_w, out_w, kernel.shape[1], ctx.up, ctx.down, x0),
+           *_adjoint_pads(in_h, out_h, kernel.shape[0], ctx.up, ctx.down, y0))
+    return _ops.upfirdn2d(grad, kernel.flip((0, 1)), ctx.down, ctx.up, pad), None, None, None, None
+
+
+# ---------------------------------------------------------------- bias_act
+
+
+def _walkable(x: torch.Tensor) -> torch.Tensor:
+    """csrc/bias_act.cu's choice: x when contiguous in either layout, else a contiguous copy."""
+    return x if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) else x.contiguous()
+
+
+def _bias_act_fake(x, bias, slope, gain, clamp, dim):
+    return torch.empty_like(_walkable(x))
+
+
+def _bias_act_grad_fake(grad, x, bias, slope, gain, clamp, dim):
+    return torch.empty_like(_walkable(x))
+
+
+def _bias_act_setup(ctx, inputs, output):
+    x, bias, *ctx.args = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _bias_act_backward(ctx, grad):
+    x, bias = ctx.saved_tensors
+    grad_x = _ops.bias_act_grad(grad, x, bias, *ctx.args)
+    grad_bias = None
+    if bias is not None and ctx.needs_input_grad[1]:
+        dim = ctx.args[-1]
+        grad_bias = grad_x.sum([d for d in range(x.ndim) if d != dim]).to(bias.dtype)
+    return grad_x, grad_bias, None, None, None, None
+
+
+def _bias_act_grad_setup(ctx, inputs, output):
+    _, x, bias, *ctx.args = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _bias_act_grad_backward(ctx, grad_grad_x):
+    """bias_act_grad is linear in grad with a piecewise-constant factor of x and bias: its
+    derivative with respect to grad is itself, with respect to x and bias zero (almost everywhere)."""
+    x, bias = ctx.saved_tensors
+    return _ops.bias_act_grad(grad_grad_x, x, bias, *ctx.args), None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------- modulated_conv2d
+
+
+def _modulated_conv2d_fake(x, weight, styles, demodulate, transposed, stride, padding):
+    k = weight.shape[2]
+
+    def out_size(size):
+        return (size - 1) * stride - 2 * padding + k if transposed else (size + 2 * padding - k) // stride + 1
+
+    return _empty_with_layout_of(x, (x.shape[0], weight.shape[0], out_size(x.shape[2]), out_size(x.shape[3])))
+
+
+def _modulated_conv2d_setup(ctx, inputs, output):
+    x, weight, styles, ctx.demodulate, ctx.transposed, ctx.stride, ctx.padding = inputs
+    ctx.save_for_backward(x, weight, styles, output if ctx.demodulate else None)
+
+
+def _modulated_conv2d_backward(ctx, grad):
+    """out = demod · conv(x · s, W): a plain batched convolution with a shared weight between
+    two per-channel scalings, so cuDNN computes the convolution gradients; the demodulation
+    terms are (B, O) x (O, I) products. Every step is differentiable."""
+    from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS
+
+    x, weight, styles, out = ctx.saved_tensors
+    s = styles.to(x.dtype)[:, :, None, None]
+    if ctx.demodulate:
+        weight_sq = weight.float().square().sum((2, 3))  # (O, I)
+        demod = torch.rsqrt(styles.float().square() @ weight_sq.T + DEMOD_EPS)  # (B, O)
+        # out = demod · undemodulated, so d loss / d demod = sum(grad · out) / demod.
+        grad_demod = (grad.float() * out.float()).sum((2, 3)) / demod
+        grad = grad * demod.to(grad.dtype)[:, :, None, None]
+    conv_weight = weight.to(x.dtype)
+    if ctx.transposed:
+        conv_weight = conv_weight.transpose(0, 1)
+    grad_xs, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad, x * s, conv_weight, None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1], ctx.transposed, [0, 0], 1,
+        [True, True, False])
+    if ctx.transposed:
+        grad_weight = grad_weight.transpose(0, 1)
+    grad_weight = grad_weight.float()
+    grad_styles = (grad_xs.float() * x.float()).sum((2, 3))
+    if ctx.demodulate:
+        # d demod / d(sum of squares) = -demod³ / 2; the sum of squares is s² · W² summed over I and taps.
+        # (the ½ of the rsqrt's derivative cancels the 2 of the squares' derivatives)
+        grad_sum_sq = -grad_demod * demod.pow(3)  # (B, O)
+        grad_styles = grad_styles + styles.float() * (grad_sum_sq @ weight_sq)
+        grad_weight = grad_weight + weight.float() * (grad_sum_sq.T @ styles.float().square())[:, :, None, None]
+    return (grad_xs * s, grad_weight.to(weight.dtype), grad_styles.to(styles.dtype), None, None, None, None)
+
+
+def _register() -> None:
+    register_fake("mmfs_fast::upfirdn2d", _upfirdn2d_fake)
+    register_fake("mmfs_fast::bias_act", _bias_act_fake)
+    register_fake("mmfs_fast::bias_act_grad", _bias_act_grad_fake)
+    register_fake("mmfs_fast::modulated_conv2d", _modulated_conv2d_fake)
+    register_autograd("mmfs_fast::upfirdn2d", _upfirdn2d_backward, setup_context=_upfirdn2d_setup)
+    register_autograd("mmfs_fast::bias_act", _bias_act_backward, setup_context=_bias_act_setup)
+    register_autograd("mmfs_fast::bias_act_grad", _bias_act_grad_backward, setup_context=_bias_act_grad_setup)
+    register_autograd("mmfs_fast::modulated_conv2d", _modulated_conv2d_backward,
+                      setup_context=_modulated_conv2d_setup)
+
+
+if _backend.cuda_extension() is not None:  # importing mmfs_fast._C defined the ops
+    _register()
+
+# ---------------------------------------------------------------- the backend's functions
+
+
+def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int,
+              pad: tuple[int, int, int, int]) -> torch.Tensor:
+    return _ops.upfirdn2d(x, kernel, up, down, list(pad))
+
+
+def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, alpha: float, gain: float,
+             clamp: float | None, dim: int) -> torch.Tensor:
+    # The kernels know one activation, z > 0 ? z : slope · z.
+    slope = {"linear": 1.0, "relu": 0.0}.get(act, alpha)
+    return _ops.bias_act(x, bias, slope, gain, clamp, dim)
+
+
+def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool,
+                     up: int, down: int, padding: int, fir: torch.Tensor) -> torch.Tensor:
+    """up=2: transposed conv (stride 2), then the FIR blur ×4; down=2: blur, then conv stride 2."""
+    from mmfs_fast.ops.modulated_conv2d import blur_pads
+
+    if up == 1 and down == 1:
+        return _ops.modulated_conv2d(x, weight, styles, demodulate, False, 1, padding)
+    p0, p1 = blur_pads(fir.shape[0], weight.shape[2], up, down)
+    if up == 2:
+        out = _ops.modulated_conv2d(x, weight, styles, demodulate, True, 2, 0)
+        return _ops.upfirdn2d(out, fir * 4, 1, 1, [p0, p1, p0, p1])
+    x = _ops.upfirdn2d(x, fir, 1, 1, [p0, p1, p0, p1])
+    return _ops.modulated_conv2d(x, weight, styles, demodulate, False, 2, 0)

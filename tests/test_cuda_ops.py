@@ -1,0 +1,313 @@
+"""The cuda backend (csrc/, mmfs_fast._C).
+
+Without a GPU: the extension imports, its ops are registered with fake kernels and
+autograd, opcheck passes on meta tensors, torch.compile traces them. With a GPU
+(``gpu`` marker): every op against ref in fp32 (tight) and fp16/bf16 (the flash-attention
+rule: cuda's error at most twice ref's own low-precision error, both against fp32 ref),
+forward and gradients, gradgradcheck of bias_act, odd sizes, batch 1 and 33,
+channels_last, CUDA-graph capture and opcheck.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+
+from mmfs_fast.ops import _backend, _cuda, bias_act, default_fir, modulated_conv2d, upfirdn2d
+
+pytestmark = pytest.mark.skipif(_backend.cuda_extension() is None,
+                                reason="mmfs_fast._C is not built (no nvcc or CPU-only torch at install time)")
+needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+OPS = ("upfirdn2d", "bias_act", "bias_act_grad", "modulated_conv2d")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def rand(*shape, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+# Each case: the public op, its keyword arguments, the tensors it differentiates (name -> shape).
+def upfirdn2d_case(up, down, pad, kernel_shape=(4, 4), size=(9, 7), batch=2, channels=3):
+    def run(tensors, impl):
+        return upfirdn2d(tensors["x"], tensors["kernel"], up=up, down=down, pad=pad, impl=impl)
+    return run, {"x": (batch, channels, *size)}, {"kernel": kernel_shape}
+
+
+def bias_act_case(act, clamp=None, shape=(3, 5, 6, 7)):
+    def run(tensors, impl):
+        return bias_act(tensors["x"], tensors["bias"], act=act, clamp=clamp, impl=impl)
+    return run, {"x": shape, "bias": (shape[1],)}, {}
+
+
+def modulated_conv2d_case(k, demodulate, up=1, down=1, batch=2, channels=(5, 6), size=(7, 9)):
+    def run(tensors, impl):
+        fir = tensors["fir"] / tensors["fir"].sum()  # asymmetric taps: a wrong flip shows
+        return modulated_conv2d(tensors["x"], tensors["weight"], tensors["styles"], demodulate=demodulate,
+                                up=up, down=down, fir=fir, impl=impl)
+    i, o = channels
+    return run, {"x": (batch, i, *size), "weight": (o, i, k, k), "styles": (batch, i)}, {"fir": (4,)}
+
+
+CASES = {
+    "fir_up2": upfirdn2d_case(2, 1, (2, 1)),
+    "fir_blur11": upfirdn2d_case(1, 1, (1, 1)),
+    "fir_blur22": upfirdn2d_case(1, 1, (2, 2)),
+    "fir_down2": upfirdn2d_case(1, 2, (1, 1)),
+    "fir_generic": upfirdn2d_case(3, 2, (2, -1, 0, 3), kernel_shape=(5, 3)),
+    "fir_crop": upfirdn2d_case(1, 1, (-1, 2, 3, -2), size=(40, 37)),
+    "fir_batch33": upfirdn2d_case(2, 1, (2, 1), batch=33, size=(35, 33)),
+    "bias_lrelu": bias_act_case("lrelu"),
+    "bias_relu_clamp": bias_act_case("relu", clamp=0.5),
+    "bias_linear": bias_act_case("linear", shape=(33, 7)),
+    "modconv_3x3": modulated_conv2d_case(3, True),
+    "modconv_up2": modulated_conv2d_case(3, True, up=2),
+    "modconv_down2": modulated_conv2d_case(3, True, down=2),
+    "modconv_torgb": modulated_conv2d_case(1, False, channels=(70, 3)),
+    "modconv_batch1_wide": modulated_conv2d_case(3, True, batch=1, channels=(67, 129), size=(17, 13)),
+    "modconv_batch33": modulated_conv2d_case(3, True, batch=33, channels=(8, 4), size=(5, 6)),
+}
+
+
+def make_tensors(shapes, constants, device, dtype, channels_last=False, seed=0):
+    tensors = {name: rand(*shape, device=device, dtype=dtype, seed=seed + n)
+               for n, (name, shape) in enumerate(shapes.items())}
+    if channels_last and tensors["x"].ndim == 4:
+        tensors["x"] = tensors["x"].contiguous(memory_format=torch.channels_last)
+    tensors.update({name: rand(*shape, device=device, seed=99).abs() for name, shape in constants.items()})
+    return tensors
+
+
+# ---------------------------------------------------------------- without a GPU
+
+
+def test_extension_reports_its_build():
+    info = _backend.cuda_extension().build_info()
+    assert set(info) == {"arch_list", "nvcc_flags", "cxx_flags", "cuda_version", "torch_version"}
+    assert info["arch_list"] and "-O3" in info["nvcc_flags"]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_ops_registered_with_fake_kernels_and_autograd(op):
+    from torch._library.simple_registry import singleton
+
+    qualname = f"mmfs_fast::{op}"
+    assert hasattr(torch.ops.mmfs_fast, op)
+    entry = singleton.find(qualname)
+    assert entry.fake_impl.kernel is not None, f"{qualname} has no fake kernel"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd")
+
+
+def test_auto_picks_cuda_only_for_cuda_tensors():
+    module = importlib.import_module("mmfs_fast.ops.upfirdn2d")  # the package attribute is the function
+    assert _backend.resolve("upfirdn2d", "auto", module.IMPLEMENTATIONS, torch.zeros(1)) == "ref"
+    if torch.cuda.is_available():
+        x = torch.zeros(1, device="cuda")
+        assert _backend.resolve("upfirdn2d", "auto", module.IMPLEMENTATIONS, x) == "cuda"
+
+
+def op_samples(device="meta"):
+    fir = torch.rand(4, 4, device=device)
+    x = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
+    x_cl = torch.randn(2, 3, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    styles = torch.randn(2, 3, device=device, requires_grad=True)
+    bias = torch.randn(3, device=device, requires_grad=True)
+    ops = torch.ops.mmfs_fast
+    return [
+        (ops.upfirdn2d, (x, fir, 2, 1, [2, 1, 2, 1])),
+        (ops.upfirdn2d, (x_cl, fir, 1, 2, [1, 1, 1, 1])),
+        (ops.bias_act, (x, bias, 0.2, math.sqrt(2), None, 1)),
+        (ops.bias_act, (x_cl, None, 0.0, 1.0, 256.0, 1)),
+        (ops.bias_act_grad, (torch.randn(2, 3, 8, 8, device=device), x, bias, 0.2, 1.0, 0.5, 1)),
+        (ops.modulated_conv2d, (x, weight, styles, True, False, 1, 1)),
+        (ops.modulated_conv2d, (x_cl, weight, styles, True, True, 2, 0)),
+    ]
+
+
+@pytest.mark.parametrize("sample", range(len(op_samples())))
+def test_fake_kernels_match_shapes(sample):
+    op, args = op_samples()[sample]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = op(*args)
+    expected_shape = {0: (2, 3, 16, 16), 1: (2, 3, 4, 4), 5: (2, 4, 8, 8), 6: (2, 4, 17, 17)}.get(sample, (2, 3, 8, 8))
+    assert tuple(out.shape) == expected_shape
+    assert out.is_contiguous(memory_format=torch.channels_last) == args[0].is_contiguous(
+        memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("sample", range(len(op_samples())))
+def test_opcheck_on_meta(sample):
+    op, args = op_samples()[sample]
+    # Meta tensors carry no values: the fake-kernel and schema tests apply, not those that compare numbers.
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def small_generator_block(x, weight, styles, bias, rgb_weight, fir):
+    """StyledConv(up) -> FusedLeakyReLU -> ToRGB -> Upsample, through the cuda backend's functions."""
+    out = _cuda.modulated_conv2d(x, weight, styles[:, :x.shape[1]], True, 2, 1, 0, fir)
+    out = _cuda.bias_act(out, bias, "lrelu", 0.2, math.sqrt(2), None, 1)
+    rgb = _cuda.modulated_conv2d(out, rgb_weight, styles, False, 1, 1, 0, fir)
+    return _cuda.upfirdn2d(rgb, fir * 4, 2, 1, (2, 1, 2, 1))
+
+
+def test_compile_traces_the_ops_on_meta():
+    """torch.compile(fullgraph=True) traces through the ops (forward and backward) without running them."""
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(str(graph_module.graph))
+        return graph_module
+
+    compiled = torch.compile(small_generator_block, backend=record, fullgraph=True)
+    args = [torch.randn(*shape, device="meta", requires_grad=True)
+            for shape in ((2, 4, 8, 8), (5, 4, 3, 3), (2, 5), (5,), (3, 5, 1, 1))]
+    out = compiled(*args, default_fir("meta"))
+    assert out.shape == (2, 3, 32, 32) and out.device.type == "meta"
+    assert all(f"mmfs_fast.{op}" in graphs[0] for op in ("upfirdn2d", "bias_act", "modulated_conv2d"))
+    out.sum().backward()
+    assert all(a.grad is not None and a.grad.shape == a.shape for a in args)
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+@pytest.fixture
+def no_tf32():
+    """ref's convolutions and the cuda backward's cuDNN calls in true fp32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def forward_and_grads(case, impl, dtype, channels_last=False):
+    """The output and the gradients of <output, fixed random upstream> for the differentiable tensors."""
+    run, shapes, constants = CASES[case]
+    tensors = make_tensors(shapes, constants, "cuda", dtype, channels_last)
+    inputs = [tensors[name].requires_grad_() for name in shapes]
+    out = run(tensors, impl)
+    upstream = rand(*out.shape, device="cuda", dtype=dtype, seed=7)
+    return [out, *torch.autograd.grad(out, inputs, upstream)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp32_matches_ref(case, channels_last):
+    truth = forward_and_grads(case, "ref", torch.float64, channels_last)
+    cuda = forward_and_grads(case, "cuda", torch.float32, channels_last)
+    for n, (got, want) in enumerate(zip(cuda, truth)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item(),
+                                   msg=lambda m: f"tensor {n} (0: output, then gradients): {m}")
+    if channels_last and cuda[0].ndim == 4:
+        assert cuda[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_low_precision_within_twice_ref_error(case, dtype):
+    truth = forward_and_grads(case, "ref", torch.float64)
+    ref = forward_and_grads(case, "ref", dtype)
+    cuda = forward_and_grads(case, "cuda", dtype)
+    for n, (got, base, want) in enumerate(zip(cuda, ref, truth)):
+        assert got.dtype == dtype
+        floor = torch.finfo(dtype).eps * want.abs().max().item()
+        cuda_error = (got.double() - want).abs().max().item()
+        ref_error = (base.double() - want).abs().max().item()
+        assert cuda_error <= 2 * ref_error + floor, f"tensor {n}: cuda error {cuda_error:.3g}, ref error {ref_error:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("clamp", [None, 0.7])
+@pytest.mark.parametrize("act", ["linear", "relu", "lrelu"])
+def test_bias_act_gradgradcheck_float64(act, clamp):
+    x = rand(3, 4, 5, device="cuda", dtype=torch.float64).requires_grad_()
+    bias = rand(4, device="cuda", dtype=torch.float64, seed=1).requires_grad_()
+
+    def op(x, bias):
+        return bias_act(x, bias, act=act, clamp=clamp, impl="cuda")
+
+    assert torch.autograd.gradcheck(op, (x, bias))
+    assert torch.autograd.gradgradcheck(op, (x, bias))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("up,down,pad", [(2, 1, (2, 1)), (1, 2, (1, 1)), (3, 2, (2, -1, 0, 3))])
+def test_upfirdn2d_gradgradcheck_float64(up, down, pad):
+    x = rand(1, 2, 6, 5, device="cuda", dtype=torch.float64).requires_grad_()
+    kernel = rand(4, 3, device="cuda", dtype=torch.float64, seed=1)
+
+    def op(x):
+        return upfirdn2d(x, kernel, up=up, down=down, pad=pad, impl="cuda")
+
+    assert torch.autograd.gradcheck(op, (x,))
+    assert torch.autograd.gradgradcheck(op, (x,))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_graph_capture_and_replay(case):
+    run, shapes, constants = CASES[case]
+    static = make_tensors(shapes, constants, "cuda", torch.float16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs advises
+        run(static, "cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run(static, "cuda")
+    for name, value in make_tensors(shapes, constants, "cuda", torch.float16, seed=50).items():
+        static[name].copy_(value)
+    graph.replay()
+    torch.testing.assert_close(captured, run(static, "cuda"), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sample", range(len(op_samples())))
+def test_opcheck_on_gpu(sample):
+    op, args = op_samples("cuda")[sample]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.usefixtures("no_tf32")
+def test_compiled_block_matches_eager_on_gpu():
+    args = [rand(*shape, device="cuda", seed=n)
+            for n, shape in enumerate(((2, 4, 8, 8), (5, 4, 3, 3), (2, 5), (5,), (3, 5, 1, 1)))]
+    compiled = torch.compile(small_generator_block, fullgraph=True)
+    fir = default_fir("cuda")
+    torch.testing.assert_close(compiled(*args, fir), small_generator_block(*args, fir))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.usefixtures("no_tf32")
+def test_whole_stylizer_cuda_matches_ref():
+    from mmfs_fast.models import Stylizer, set_impl
+
+    torch.manual_seed(0)
+    model = Stylizer(size=32, ngf=4, style_dim=16, n_mlp=2).cuda().eval()
+    x = rand(2, 3, 32, 32, device="cuda").clamp(-1, 1)
+    z = rand(2, 16, device="cuda", seed=1)
+    outputs = {}
+    for impl in ("ref", "cuda"):
+        set_impl(model, impl)
+        with torch.no_grad():
+            outputs[impl] = model(x, z=z, noise="zero")
+    torch.testing.assert_close(outputs["cuda"], outputs["ref"], rtol=1e-4, atol=1e-4)
