@@ -76,7 +76,7 @@ class Stylizer(nn.Module):
         if t.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
             want = "(" + ", ".join("B" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
-        if t.dtype != ref.dtype:
+        if t.dtype != ref.dtype and not torch.is_autocast_enabled(t.device.type):
             raise TypeError(f"{name} is {t.dtype} but the model is {ref.dtype}; convert one of them")
         if t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but the model is on {ref.device}")
