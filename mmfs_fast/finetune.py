@@ -80,7 +80,8 @@ def encode_prompt(clip, text=None, ref_image=None, source_text: str = "photo") -
         else:
             from mmfs_fast.io import open_rgb
 
-            embedding, tokens = clip.encode_pil_and_tokens([open_rgb(ref_image)])  # clear error if unreadable
+            image = open_rgb(ref_image)  # a clear error for unreadable files
+            embedding, tokens = clip.encode_pil_and_tokens([image])
         return Prompt(embedding, None, token_basis(tokens))
 
 
@@ -192,6 +193,9 @@ def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=Non
     ``mixed_precision`` (default: on for CUDA) runs the decoder under bf16 autocast.
     """
     _check_settings(steps, batch_size, lr, ema, checkpoint_every)
+    if stylizer.clip_mapper is None:
+        raise ValueError("this Stylizer has no clip_mapper (phase 1/2 checkpoint); fine-tuning starts from the "
+                         "prompt's style, which needs a phase 3/4 checkpoint")
     prompt = encode_prompt(clip, text, ref_image, source_text)
     faces = load_faces(faces, stylizer, batch_size)
     device = faces.device
@@ -271,3 +275,81 @@ def save_preview(result: FinetuneResult, faces: torch.Tensor, path, count: int =
     faces = faces[:count]
     fakes = result.stylizer(faces, w_plus=result.w_plus.expand(len(faces), -1, -1), noise="zero")
     return save_image(image_grid([*faces, *fakes], columns=len(faces)), path)
+
+
+# -- command line -------------------------------------------------------------------------
+def add_cli_parser(subparsers):
+    """The ``mmfs-fast finetune`` subcommand (hooked in by :mod:`mmfs_fast.cli`)."""
+    p = subparsers.add_parser(
+        "finetune", help="adapt a checkpoint's decoder to a text prompt or a reference image",
+        description="One-shot (--ref) or zero-shot (--text) fine-tuning of the decoder (MMFS stage IV). "
+                    "The result loads wherever a checkpoint does; stylize with the same prompt.")
+    p.add_argument("--ckpt", help="MMFS checkpoint with a clip_mapper (official phase 3/4 or mmfs_fast .safetensors)")
+    p.add_argument("--faces", nargs="+", required=True, help="aligned face images: files, folders or globs")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--text", help="zero-shot: the style as a text prompt, e.g. 'pop art'")
+    prompt.add_argument("--ref", help="one-shot: a reference style image")
+    p.add_argument("--out", required=True, help="result: .safetensors, or .pt/.pth for the official layout")
+    p.add_argument("--clip-weights", help="CLIP ViT-B/32 weights (OpenAI ViT-B-32.pt)")
+    p.add_argument("--dino-weights", help="DINO ViT-B/8 weights (dino_vitbase8_pretrain.pth)")
+    p.add_argument("--random-init", action="store_true",
+                   help="random models for whatever has no weights (meaningless results): demos and tests only")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--ema", type=float, default=0.99)
+    p.add_argument("--lambda-st", type=float, default=0.5, help="weight of the DINO structure loss")
+    p.add_argument("--lambda-clip", type=float, default=1.0, help="weight of the directional CLIP loss")
+    p.add_argument("--lambda-proj", type=float, default=100.0, help="weight of the token projection loss (--ref)")
+    p.add_argument("--source-text", default="photo", help="the source domain for --text prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", help="save the run state here and resume from it if present")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--preview", help="PNG grid of the first faces over their stylizations")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--impl", default="auto", choices=["auto", "ref", "cuda", "triton"], help="op backend")
+    p.add_argument("--encoder-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="precision of the frozen CLIP and DINO (half precision is faster on GPUs)")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast for the decoder on GPUs")
+    p.set_defaults(func=main)
+    return p
+
+
+def _load_models(args, device):
+    from mmfs_fast.encoders import CLIPEncoder, DINOEncoder
+    from mmfs_fast.models import Stylizer
+
+    dtype = getattr(torch, args.encoder_dtype)
+    if args.ckpt is not None:
+        stylizer = Stylizer.from_checkpoint(args.ckpt, device=device, impl=args.impl)
+    elif args.random_init:
+        stylizer = Stylizer(impl=args.impl).to(device)
+    else:
+        raise ValueError("no weights: pass --ckpt <MMFS checkpoint>, or --random-init to try the pipeline")
+    clip = CLIPEncoder(args.clip_weights, random_init=args.random_init and args.clip_weights is None,
+                       device=device, dtype=dtype)
+    dino = DINOEncoder(args.dino_weights, random_init=args.random_init and args.dino_weights is None,
+                       device=device, dtype=dtype)
+    return stylizer, clip, dino
+
+
+def main(args) -> int:
+    """Run ``mmfs-fast finetune``; bad options or inputs raise the CLI's UsageError (exit 2)."""
+    from mmfs_fast.cli import EXIT_OK, RANDOM_INIT_BANNER, UsageError, err, expand_inputs
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.random_init:
+        err(RANDOM_INIT_BANNER)
+    try:
+        stylizer, clip, dino = _load_models(args, device)
+        result = finetune(
+            stylizer, clip, dino, [file for file, _ in expand_inputs(args.faces)], text=args.text,
+            ref_image=args.ref, steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema=args.ema,
+            lambda_st=args.lambda_st, lambda_clip=args.lambda_clip, lambda_proj=args.lambda_proj,
+            source_text=args.source_text, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every, preview=args.preview,
+            mixed_precision=False if args.no_amp else None)
+    except (ValueError, TypeError, OSError) as e:  # checkpoint, weights and image errors are ValueErrors
+        raise UsageError(str(e)) from e
+    err(f"saved {result.save(args.out)}")
+    return EXIT_OK
