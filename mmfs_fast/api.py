@@ -20,25 +20,26 @@ import torch
 from tqdm import tqdm
 
 from mmfs_fast import io
+from mmfs_fast.engine import Engine
 from mmfs_fast.models import N_LATENT, Stylizer, StylizerConfig
 
 RANDOM_INIT_WARNING = ("mmfs_fast: RANDOM-INITIALISED weights (no checkpoint given): outputs are noise-like and "
                        "meaningless. Pass a checkpoint for real stylization.")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # the random-initialised models are seeded so that demos and tests are repeatable
 RANDOM_INIT_SEED = 0
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+ENGINE_PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    dtype = DTYPES.get(dtype, dtype)
+    if dtype not in ENGINE_PRECISIONS:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return dtype
+
 
 Style = torch.Tensor
-
-
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype or torch.float32
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}") from None
 
 
 def default_device() -> torch.device:
@@ -59,8 +60,10 @@ class MMFS:
     :class:`mmfs_fast.encoders.CLIPEncoder`; :meth:`load` builds it.
     """
 
-    def __init__(self, stylizer: Stylizer, clip=None, *, random_clip: bool = False, max_pixels: int | None = None):
+    def __init__(self, stylizer: Stylizer, clip=None, *, engine: Engine | None = None, random_clip: bool = False,
+                 max_pixels: int | None = None):
         self.stylizer = stylizer.eval()
+        self.engine = engine  # renders when given; the Stylizer still computes the styles
         self._clip = clip
         self.max_pixels = max_pixels  # input images above it are rejected (None: see mmfs_fast.io)
         # a random CLIP is only for demos/tests, and large: build it on first use
@@ -68,16 +71,23 @@ class MMFS:
 
     @classmethod
     def load(cls, ckpt=None, clip_weights=None, device=None, dtype=None, impl: str = "auto",
-             random_init: bool = False, config: StylizerConfig | None = None) -> "MMFS":
+             random_init: bool = False, config: StylizerConfig | None = None, engine: bool = True) -> "MMFS":
         """Load a Stylizer checkpoint (official .pt/.pth, bare state dict, StyleGAN2 or our
         safetensors) and, for text/reference styles, CLIP weights (OpenAI ViT-B-32.pt).
+
+        Rendering runs on :class:`mmfs_fast.engine.Engine` (prepared weights; CUDA graphs on
+        GPUs) in ``dtype``: default float16 on CUDA, float32 on the CPU; bfloat16 works on
+        both. Styles are computed in float32. ``engine=False`` renders with the plain
+        Stylizer cast to ``dtype`` instead (the reference path).
 
         ``random_init=True`` builds whatever has no weights with random parameters (the
         Stylizer from ``config`` when ``ckpt`` is None; CLIP when ``clip_weights`` is None),
         with a loud warning: for demos and tests only.
         """
         device = torch.device(device) if device is not None else default_device()
-        dtype = parse_dtype(dtype)
+        render_dtype = parse_dtype(dtype) if dtype is not None else (
+            torch.float16 if engine and device.type == "cuda" else torch.float32)
+        model_dtype = torch.float32 if engine else render_dtype  # the Engine keeps its own cast copy
         if ckpt is None:
             if not random_init:
                 raise ValueError("no checkpoint: pass ckpt=<MMFS checkpoint>, or random_init=True for a "
@@ -86,17 +96,19 @@ class MMFS:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)
                 stylizer = Stylizer(config, impl=impl)
-            stylizer = stylizer.to(device=device, dtype=dtype)
+            stylizer = stylizer.to(device=device, dtype=model_dtype)
         else:
             if config is not None:
                 raise ValueError("config applies to random-initialised models only; a checkpoint has its own")
-            stylizer = Stylizer.from_checkpoint(ckpt, device=device, dtype=dtype, impl=impl)
+            stylizer = Stylizer.from_checkpoint(ckpt, device=device, dtype=model_dtype, impl=impl)
         clip = None
         if clip_weights is not None:
             from mmfs_fast.encoders import CLIPEncoder
 
-            clip = CLIPEncoder(clip_weights, device=device, dtype=dtype)
-        return cls(stylizer, clip, random_clip=random_init)
+            clip = CLIPEncoder(clip_weights, device=device, dtype=model_dtype)
+        if engine:
+            engine = Engine(stylizer, precision=ENGINE_PRECISIONS[render_dtype], device=device, impl=impl)
+        return cls(stylizer, clip, engine=engine or None, random_clip=random_init)
 
     # -- properties -------------------------------------------------------------
     @property
@@ -114,6 +126,7 @@ class MMFS:
 
     @property
     def dtype(self) -> torch.dtype:
+        """Of the Stylizer, which computes the styles (the Engine renders in its own precision)."""
         return self.stylizer.decoder0.conv.weight.dtype
 
     @property
@@ -216,14 +229,17 @@ class MMFS:
                     for _ in range(count)]
         return [torch.cat(maps).to(device=self.device, dtype=self.dtype) for maps in zip(*per_face)]
 
-    def render(self, faces: torch.Tensor, w_plus: Style, noise="random",
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def render(self, faces: torch.Tensor, w_plus: Style, noise="random") -> torch.Tensor:
         """The batched step: faces (B, 3, size, size) in [-1, 1] + w+ (B or 1, 10, style_dim)
-        → images (B, 3, size, size) in [-1, 1]. ``noise`` as in :meth:`Stylizer.forward`."""
+        → float32 images (B, 3, size, size) in [-1, 1], on the Engine when there is one.
+        ``noise``: "random", "zero" or one (B, 1, r, r) map per conv (:meth:`random_noise`)."""
         w_plus = self._check_w_plus(w_plus).expand(faces.shape[0], -1, -1)
+        if isinstance(noise, str) and noise == "random":
+            noise = self.random_noise(faces.shape[0])
+        if self.engine is not None:
+            return self.engine.stylize(faces, w_plus, noise)
         with torch.no_grad():
-            return self.stylizer(faces.to(device=self.device, dtype=self.dtype), w_plus=w_plus, noise=noise,
-                                 generator=generator)
+            return self.stylizer(faces.to(device=self.device, dtype=self.dtype), w_plus=w_plus, noise=noise).float()
 
     def stylize_iter(self, images, seed: int | None = None, text: str | None = None, ref=None,
                      w_plus: Style | None = None, noise: str = "random", batch_size: int = 8,
@@ -257,7 +273,7 @@ class MMFS:
                     w = style if style.shape[0] == 1 else style[indices]
                     noise_maps = self.random_noise(len(faces), generator) if noise == "random" else noise
                     out = self.render(torch.stack(list(faces.values())), w, noise_maps)
-                    results.update(zip(indices, out.float().cpu()))
+                    results.update(zip(indices, out.cpu()))
                 yield from sorted(results.items())
                 bar.update(min(batch_size, len(images) - start))
 

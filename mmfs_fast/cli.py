@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib
+import importlib.util
 import json
 import os
 import random
@@ -17,8 +18,13 @@ from pathlib import Path
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
-# subcommands that other modules provide through ``add_cli_parser(subparsers)``
-OPTIONAL_SUBCOMMANDS = {"finetune": "mmfs_fast.finetune", "bench": "mmfs_fast.benchmark"}
+# subcommands that other modules provide through ``add_cli_parser(subparsers)``:
+# name → (module, help, pip extra that brings its dependencies)
+OPTIONAL_SUBCOMMANDS = {
+    "finetune": ("mmfs_fast.finetune", "adapt a checkpoint's decoder to a text prompt or a reference image", "clip"),
+    "video": ("mmfs_fast.video", "stylize the faces of a video (needs the 'faces' extra)", "faces"),
+    "bench": ("mmfs_fast.benchmark", "quick end-to-end latency/throughput report on this machine", "clip"),
+}
 
 RANDOM_INIT_BANNER = """\
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
@@ -81,7 +87,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-init", action="store_true",
                    help="run without weights (random model, meaningless outputs): demos and tests only")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    p.add_argument("--dtype", help="rendering precision: float32, float16 (CUDA) or bfloat16 "
+                                   "(default: float16 on CUDA, float32 on the CPU)")
     p.add_argument("--impl", default="auto", choices=["auto", "ref", "cuda", "triton"], help="op backend")
 
 
@@ -112,6 +119,8 @@ def style_args(args) -> dict:
 
 # -- stylize ----------------------------------------------------------------------
 def add_stylize_parser(sub) -> None:
+    from mmfs_fast.faces import add_align_options
+
     p = sub.add_parser("stylize", help="stylize face images (files, folders, globs) into PNGs",
                        description="Stylize faces. One style per run: --seed (default: random), --text or "
                                    "--ref; --seed also fixes the noise of text/ref styles.")
@@ -126,17 +135,22 @@ def add_stylize_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-pixels", type=int,
                    help="reject larger input images (default $MMFS_FAST_MAX_PIXELS or 50,000,000)")
+    add_align_options(p)
     p.set_defaults(func=run_stylize)
 
 
 def run_stylize(args) -> int:
-    from mmfs_fast import io
+    from mmfs_fast import faces, io
 
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    if (args.text or args.ref) and not (args.clip_weights or args.random_init):
+        raise UsageError("--text and --ref need CLIP: pass --clip-weights ViT-B-32.pt")
     files = expand_inputs(args.inputs)
     if not files:
         raise UsageError("no input images found")
+    if args.align:
+        return faces.run_stylize_align(args, files)
     mmfs = load_mmfs(args)
     mmfs.max_pixels = args.max_pixels
     out_dir = Path(args.out)
@@ -315,40 +329,48 @@ def run_demo(args) -> int:
 
 
 # -- main -------------------------------------------------------------------------
-def add_optional_parsers(sub) -> None:
-    """Subcommands from optional modules; if their dependencies are missing the subcommand
-    still exists and says what to install."""
-    for name, module_name in OPTIONAL_SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            if e.name == module_name:
-                continue  # this installation does not have the module at all
-            p = sub.add_parser(name, help=f"(unavailable: {e})", add_help=False)
-            p.add_argument("rest", nargs=argparse.REMAINDER)
-            p.set_defaults(func=_unavailable(name, e))
-        else:
-            module.add_cli_parser(sub)
+def add_optional_parser(sub, name: str, module_name: str, command: str | None) -> None:
+    """A subcommand from an optional module. Only the module of the command being run is
+    imported (they pull in heavy dependencies); if its dependencies are missing, the
+    subcommand still exists and says what to install."""
+    if importlib.util.find_spec(module_name) is None:
+        return  # not part of this installation
+    if name != command:
+        sub.add_parser(name, help=OPTIONAL_SUBCOMMANDS[name][1], add_help=False)
+        return
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        p = sub.add_parser(name, help=f"(unavailable: {e})", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_unavailable(name, e))
+    else:
+        module.add_cli_parser(sub)
 
 
 def _unavailable(name: str, error: ImportError):
     def run(args) -> int:
-        raise UsageError(f"the {name} subcommand needs a missing dependency ({error}); "
-                         f"install it, e.g. pip install 'mmfs_fast[clip]'")
+        raise UsageError(f"the {name} subcommand needs a missing dependency ({error}); install it, e.g. "
+                         f"pip install 'mmfs_fast[{OPTIONAL_SUBCOMMANDS[name][2]}]'")
     return run
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``command`` (the subcommand about to run) is the optional one to import."""
     parser = argparse.ArgumentParser(prog="mmfs-fast", description="Fast MMFS face stylization.",
                                      epilog="exit codes: 0 ok, 1 some inputs failed, 2 usage errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_stylize_parser, add_info_parser, add_convert_parser, add_demo_parser, add_optional_parsers):
+    for add in (add_stylize_parser, add_info_parser, add_convert_parser, add_demo_parser):
         add(sub)
+    for name, (module_name, *_) in OPTIONAL_SUBCOMMANDS.items():
+        add_optional_parser(sub, name, module_name, command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = make_parser(command).parse_args(argv)
     try:
         return args.func(args)
     except UsageError as e:

@@ -103,7 +103,7 @@ def crop_coordinates(quad: np.ndarray, points: np.ndarray, size: int) -> np.ndar
 class Face:
     """One detected face: box (x0, y0, x1, y1), detector score, 68 landmarks (68, 2)
     and the FFHQ quad (4, 2), all in the photo's continuous pixel coordinates."""
-    box: tuple[float, float, float, float]
+    box: tuple[int, int, int, int]
     score: float
     landmarks: np.ndarray
     quad: np.ndarray
@@ -133,17 +133,21 @@ class FaceDetector:
         scale = min(1.0, self.detect_side / max(image.shape[:2]))
         small = image if scale == 1.0 else _resize(image, scale)
         boxes, scores, _ = self._detector.run(small, self.upsample, 0.0)
-        faces = []
-        for box, score in zip(boxes, scores):
-            if score < self.min_score:
-                continue
-            rect = self._dlib.rectangle(*(round(v / scale) for v in (box.left(), box.top(), box.right(),
-                                                                     box.bottom())))
-            shape = self._predictor(image, rect)
-            landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64) + 0.5
-            faces.append(Face((rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1), float(score),
-                              landmarks, ffhq_quad(landmarks)))
-        return sorted(faces, key=lambda f: (f.box[0], f.box[1]))
+        found = [(tuple(round(v / scale) for v in (b.left(), b.top(), b.right() + 1, b.bottom() + 1)), score)
+                 for b, score in zip(boxes, scores) if score >= self.min_score]
+        return sorted((self._fit(image, box, score) for box, score in found), key=lambda f: f.box)
+
+    def refit(self, image: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> list[Face]:
+        """Landmarks in given boxes (x0, y0, x1, y1), without running the detector: for
+        following faces from frame to frame. Their score is NaN."""
+        image = as_rgb_array(image)
+        return [self._fit(image, box, math.nan) for box in boxes]
+
+    def _fit(self, image: np.ndarray, box: tuple[int, int, int, int], score: float) -> Face:
+        x0, y0, x1, y1 = box
+        shape = self._predictor(image, self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1))
+        landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64) + 0.5
+        return Face(box, float(score), landmarks, ffhq_quad(landmarks))
 
 
 def as_rgb_array(image) -> np.ndarray:
@@ -170,7 +174,8 @@ def _to_tensor(image: np.ndarray) -> torch.Tensor:
 
 def align(image: np.ndarray, quads, size: int = 512) -> torch.Tensor:
     """Resample each quad of an (H, W, 3) uint8 image to a ``size``² crop:
-    (N, 3, size, size) float in [-1, 1]. Parts of a quad outside the photo are mirrored."""
+    (N, 3, size, size) float in [-1, 1]. Parts of a quad outside the photo are mirrored
+    (FFHQ also blurs them; the paste-back mask hides them anyway)."""
     image = as_rgb_array(image)
     src = _to_tensor(image) / 127.5 - 1
     crops = []

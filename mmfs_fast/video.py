@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mmfs_fast.faces import (FaceDetector, StylizeBatch, align, paste_back, quad_side, require,
+from mmfs_fast.faces import (Face, FaceDetector, StylizeBatch, align, paste_back, quad_side, require,
                              stylize_in_batches)
 
 DEFAULT_FPS = Fraction(30)
@@ -103,6 +103,38 @@ class QuadTracker:
         return [t.quad for t in sorted(self.tracks, key=lambda t: t.quad[0, 0])]
 
 
+class FaceFollower:
+    """Faces frame after frame, running the (slow) detector only every ``detect_every``
+    frames, or while there is no face. In between, the landmarks are re-fitted in each
+    face's last detection box, moved along with the face's landmarks."""
+
+    def __init__(self, detector: FaceDetector, detect_every: int = 5):
+        if detect_every < 1:
+            raise ValueError(f"detect_every must be >= 1, got {detect_every}")
+        self.detector, self.detect_every = detector, detect_every
+        self.frame = 0
+        self.faces: list[Face] = []
+        self.anchors: list[tuple[np.ndarray, np.ndarray]] = []  # per face: box centre − landmark centre, box size
+
+    def __call__(self, image: np.ndarray) -> list[Face]:
+        if self.frame % self.detect_every == 0 or not self.faces:
+            self.faces = self.detector(image)
+            self.anchors = [(_box_centre(f.box) - f.landmarks.mean(0), np.subtract(f.box[2:], f.box[:2]))
+                            for f in self.faces]
+        else:
+            boxes = []
+            for face, (offset, box_size) in zip(self.faces, self.anchors):
+                x0, y0 = np.round(face.landmarks.mean(0) + offset - box_size / 2).astype(int)
+                boxes.append((x0, y0, x0 + box_size[0], y0 + box_size[1]))
+            self.faces = self.detector.refit(image, boxes)
+        self.frame += 1
+        return self.faces
+
+
+def _box_centre(box) -> np.ndarray:
+    return (np.asarray(box[:2], dtype=np.float64) + box[2:]) / 2
+
+
 @dataclass
 class VideoReport:
     """What :func:`stylize_video` did: frames written, their rate, the frames with no
@@ -117,22 +149,24 @@ class VideoReport:
 @dataclass
 class _Frame:
     image: np.ndarray
-    pts: int | None
+    pts: int
     quads: list[np.ndarray]
 
 
 def stylize_video(src, dst, stylize_batch: StylizeBatch, size: int = 512, batch_size: int = 8,
                   detector: FaceDetector | None = None, tracker: QuadTracker | None = None,
-                  codec: str = "libx264", crf: int = 18, progress: bool = True) -> VideoReport:
+                  detect_every: int = 5, codec: str = "libx264", crf: int = 18,
+                  progress: bool = True) -> VideoReport:
     """Stylize every face of video ``src`` into ``dst`` (its container from the suffix,
     e.g. .mp4). ``stylize_batch``: (B, 3, size, size) in [-1, 1] → the same; give it a
-    fixed style and fixed noise, or the video flickers. Frames keep their timestamps;
+    fixed style and fixed noise, or the video flickers. The detector runs every
+    ``detect_every`` frames, the landmarks in every frame. Frames keep their timestamps;
     the first audio stream is copied without re-encoding. Odd frame sizes lose their
     last row/column (the encoder's 4:2:0 chroma needs even sizes)."""
     av = require("av")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    detector = detector or FaceDetector()
+    follower = FaceFollower(detector or FaceDetector(), detect_every)
     tracker = tracker or QuadTracker()
     report = VideoReport()
     with av.open(str(src)) as source:
@@ -142,7 +176,8 @@ def stylize_video(src, dst, stylize_batch: StylizeBatch, size: int = 512, batch_
         audio_in = source.streams.audio[0] if source.streams.audio else None
         report.fps = video_in.average_rate or video_in.guessed_rate or DEFAULT_FPS
         with av.open(str(dst), "w") as sink:
-            video_out = sink.add_stream(codec, rate=report.fps, options={"crf": str(crf)} if codec == "libx264" else {})
+            options = {"crf": str(crf)} if codec == "libx264" else {}
+            video_out = sink.add_stream(codec, rate=report.fps, options=options)
             video_out.width, video_out.height = video_in.width // 2 * 2, video_in.height // 2 * 2
             video_out.pix_fmt = "yuv420p"
             video_out.time_base = video_in.time_base
@@ -150,22 +185,28 @@ def stylize_video(src, dst, stylize_batch: StylizeBatch, size: int = 512, batch_
             report.audio_copied = audio_out is not None
             encoder = _BatchedStylizer(stylize_batch, size, batch_size, video_out, sink, report)
             dt = 1.0 / float(report.fps)
-            bar = tqdm(total=video_in.frames or None, unit="frame", disable=not progress, desc="video")
-            with bar:
-                for packet in source.demux(*(s for s in (video_in, audio_in) if s is not None)):
-                    if packet.stream is audio_in:
-                        if packet.dts is not None:  # the demuxer's empty flush packet has none
-                            packet.stream = audio_out
-                            sink.mux(packet)
-                        continue
-                    for frame in packet.decode():
-                        image = frame.to_ndarray(format="rgb24")[:video_out.height, :video_out.width]
-                        quads = tracker.update([f.quad for f in detector(image)], dt)
-                        encoder.add(_Frame(image, frame.pts, quads))
-                        bar.update(1)
+            frames = _decode_copying_audio(source, video_in, audio_in, audio_out, sink)
+            with tqdm(total=video_in.frames or None, unit="frame", disable=not progress, desc="video") as bar:
+                for index, frame in enumerate(frames):
+                    image = frame.to_ndarray(format="rgb24")[:video_out.height, :video_out.width]
+                    quads = tracker.update([f.quad for f in follower(image)], dt)
+                    pts = frame.pts if frame.pts is not None else round(index / report.fps / video_in.time_base)
+                    encoder.add(_Frame(image, pts, quads))
+                    bar.update(1)
                 encoder.flush()
                 sink.mux(video_out.encode(None))
     return report
+
+
+def _decode_copying_audio(source, video_in, audio_in, audio_out, sink):
+    """Yield the decoded video frames; audio packets go straight to the sink as they come."""
+    for packet in source.demux(*(s for s in (video_in, audio_in) if s is not None)):
+        if packet.stream is audio_in:
+            if packet.dts is not None:  # the demuxer's empty flush packet has none
+                packet.stream = audio_out
+                sink.mux(packet)
+        else:
+            yield from packet.decode()
 
 
 class _BatchedStylizer:
@@ -198,7 +239,7 @@ class _BatchedStylizer:
             self.report.quads.append(f.quads)
         self.pending = []
 
-    def _encode(self, image: np.ndarray, pts: int | None) -> None:
+    def _encode(self, image: np.ndarray, pts: int) -> None:
         import av
 
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
@@ -227,6 +268,8 @@ def add_cli_parser(sub) -> None:
                    help="fixed: one noise draw for every frame (default); zero: no noise")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crf", type=int, default=18, help="x264 quality: lower is better (default 18)")
+    p.add_argument("--detect-every", type=int, default=5,
+                   help="run the face detector every N frames, follow the landmarks in between (default 5)")
     p.add_argument("--smoothing", type=float, default=0.5,
                    help="one-euro minimum cutoff in Hz: lower is steadier, higher follows faster (default 0.5)")
     add_align_options(p)
@@ -246,8 +289,10 @@ def run_video(args) -> int:
     except FacesUnavailable as e:
         raise cli.UsageError(str(e)) from e
     detector, mmfs, stylize_batch = cli_setup(args, args.noise)
+    if args.detect_every < 1:
+        raise cli.UsageError("--detect-every must be >= 1")
     report = stylize_video(args.input, args.output, stylize_batch, mmfs.size, args.batch_size, detector,
-                           QuadTracker(min_cutoff=args.smoothing))
+                           QuadTracker(min_cutoff=args.smoothing), args.detect_every)
     cli.err(f"wrote {report.frames} frames at {float(report.fps):.3g} fps to {args.output}"
             + (", audio copied" if report.audio_copied else "")
             + (f"; no face in {report.frames_without_face} frame(s)" if report.frames_without_face else ""))

@@ -274,3 +274,17 @@ def test_save_image_formula_and_round_trip(tmp_path):
     y = torch.rand(3, 16, 16) * 2 - 1
     io.save_image(y, tmp_path / "y.png")
     torch.testing.assert_close(io.load_image(tmp_path / "y.png", 16), y, rtol=0, atol=1 / 255 + 1e-6)
+
+
+def test_engine_renders_like_the_reference_path(ckpt, mmfs, faces):
+    assert mmfs.engine is not None
+    plain = MMFS.load(ckpt, device="cpu", engine=False)
+    assert plain.engine is None
+    want = plain.stylize(faces, seed=2)
+    torch.testing.assert_close(mmfs.stylize(faces, seed=2), want)
+    bf16 = MMFS.load(ckpt, device="cpu", dtype="bf16")
+    assert bf16.dtype == torch.float32  # styles stay fp32; the Engine renders in bf16
+    error = (bf16.stylize(faces, seed=2) - want).abs().mean()
+    assert 0 < error < 0.02  # bf16 rounding: near, not equal
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        MMFS.load(ckpt, device="cpu", dtype="float64")

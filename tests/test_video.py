@@ -186,3 +186,28 @@ def test_cli_video_subcommand(tmp_path, clip, monkeypatch):
     args = parser.parse_args(["video", str(tmp_path / "missing.mp4"), str(out), "--random-init"])
     with pytest.raises(cli.UsageError, match="no such file"):
         args.func(args)
+
+
+def test_follower_detects_every_nth_frame_and_tracks_landmarks_in_between(detector):
+    images = pan_frames(9)
+    detected = [detector(image)[0] for image in images]
+    log = []
+
+    class LoggingDetector:
+        def __call__(self, image):
+            log.append("detect")
+            return detector(image)
+
+        def refit(self, image, boxes):
+            log.append("refit")
+            return detector.refit(image, boxes)
+
+    follower = video.FaceFollower(LoggingDetector(), detect_every=4)
+    followed = [follower(image) for image in images]
+    assert log == ["detect", "refit", "refit", "refit"] * 2 + ["detect"]
+    for faces_in_frame, reference in zip(followed, detected):
+        assert len(faces_in_frame) == 1
+        # within the landmarks' own frame-to-frame noise on these noisy frames (side ≈ 174 px)
+        np.testing.assert_allclose(faces_in_frame[0].quad, reference.quad, atol=4.0)
+    with pytest.raises(ValueError, match="detect_every"):
+        video.FaceFollower(detector, detect_every=0)
