@@ -104,8 +104,11 @@ def read_config_file(path) -> dict:
         raise ValueError(f"{path}: no such config file")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: YAML config files need PyYAML (pip install pyyaml); "
+                             "or write the settings as .json") from None
         data = yaml.safe_load(text) or {}
     elif path.suffix == ".json":
         data = json.loads(text)

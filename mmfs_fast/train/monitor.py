@@ -45,7 +45,7 @@ class Monitor:
     def log(self, step: int, losses: dict[str, float]) -> None:
         """Losses of the step just finished (``step`` counts from 1)."""
         if self.enabled:
-            self.progress.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+            self.progress.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
         self.progress.update(1)
         if not self.enabled:
             return
