@@ -1,4 +1,5 @@
-"""The ``mmfs-fast`` command: stylize, info, convert, demo (+ finetune/bench when installed).
+"""The ``mmfs-fast`` command: stylize, info, convert, demo, and the subcommands of optional
+modules (finetune, video, bench).
 
 Exit codes: 0 everything worked, 1 some inputs failed (each reported on stderr, the
 rest were written), 2 usage errors (bad options, unusable weights: nothing ran).
@@ -10,7 +11,6 @@ import glob
 import importlib
 import importlib.util
 import json
-import os
 import random
 import sys
 import warnings
@@ -104,10 +104,12 @@ def load_mmfs(args, config=None):
         err(RANDOM_INIT_BANNER)
         warnings.filterwarnings("ignore", message="mmfs_fast: RANDOM-INITIALISED")  # the banner said it
     try:
-        return MMFS.load(args.ckpt, args.clip_weights, device=args.device, dtype=args.dtype, impl=args.impl,
+        mmfs = MMFS.load(args.ckpt, args.clip_weights, device=args.device, dtype=args.dtype, impl=args.impl,
                          random_init=args.random_init, config=config)
     except (CheckpointError, EncoderWeightsError, ValueError, RuntimeError, TypeError) as e:
         raise UsageError(str(e)) from e
+    mmfs.max_pixels = getattr(args, "max_pixels", None)
+    return mmfs
 
 
 def style_args(args) -> dict:
@@ -152,24 +154,23 @@ def run_stylize(args) -> int:
     if args.align:
         return faces.run_stylize_align(args, files)
     mmfs = load_mmfs(args)
-    mmfs.max_pixels = args.max_pixels
-    out_dir = Path(args.out)
-    images = [file for file, _ in files]
-    failed = 0
+    style = style_args(args)
     try:
-        results = mmfs.stylize_iter(images, noise=args.noise, batch_size=args.batch_size, progress=True,
-                                    skip_errors=True, **style_args(args))
-        for index, result in results:
-            if isinstance(result, io.ImageError):
-                failed += 1
-                err(f"error: {result}")
-            else:
-                io.save_image(result, out_dir / f"{files[index][1]}.png")
-    except io.ImageError as e:  # the --ref image
+        w_plus = mmfs.style(**style)
+    except (io.ImageError, RuntimeError) as e:  # the --ref image; a checkpoint without clip_mapper
         raise UsageError(str(e)) from e
+    out_dir = Path(args.out)
+    failed = 0
+    results = mmfs.stylize_iter([file for file, _ in files], seed=style["seed"], w_plus=w_plus, noise=args.noise,
+                                batch_size=args.batch_size, progress=True, skip_errors=True)
+    for index, result in results:
+        if isinstance(result, io.ImageError):
+            failed += 1
+            err(f"error: {result}")
+        else:
+            io.save_image(result, out_dir / f"{files[index][1]}.png")
     err(f"wrote {len(files) - failed} image(s) to {out_dir}" + (f"; {failed} failed" if failed else ""))
     return EXIT_SOME_FAILED if failed else EXIT_OK
-
 
 
 # -- info -------------------------------------------------------------------------

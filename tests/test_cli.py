@@ -1,5 +1,6 @@
 """The mmfs-fast command end to end, in subprocesses, on generated images."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -103,8 +104,6 @@ def test_stylize_reports_bad_inputs_and_writes_the_rest(ckpt, inputs, tmp_path):
 
 
 def test_stylize_all_good_exits_zero_and_env_pixel_limit(ckpt, inputs, tmp_path):
-    import os
-
     r = mmfs_fast("stylize", inputs / "good" / "rgb.png", "--out", tmp_path, "--ckpt", ckpt, "--noise", "zero")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "rgb.png").is_file() and "random seed" in r.stderr
