@@ -1,6 +1,7 @@
 """Training stages I-III on tiny models (128², ngf 4) and generated images, CPU, ref ops."""
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def chain(tmp_path_factory, image_dirs):
     root = tmp_path_factory.mktemp("chain")
     faces, art = image_dirs
     torch.manual_seed(3)
-    teacher = {"g_ema": Generator(SIZE, STYLE_DIM, 2, base=4).state_dict(), "d": Discriminator(SIZE, 8).state_dict()}
+    teacher = {"g_ema": Generator(SIZE, STYLE_DIM, 2, base=4).state_dict(), "d": Discriminator(SIZE, 8).state_dict(),
+               "args": argparse.Namespace(size=SIZE)}  # as rosinality's train.py saves them
     torch.save(teacher, root / "stylegan2.pt")
     cfgs = {1: config(stage=1, init=str(root / "stylegan2.pt"), out_dir=str(root / "s1"), steps=2),
             2: config(stage=2, init=str(root / "s1" / "latest.pt"), face_dir=str(faces), art_dir=str(art),

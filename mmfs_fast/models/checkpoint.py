@@ -6,6 +6,7 @@ and our safetensors files (official keys, config as JSON metadata).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -45,7 +46,9 @@ def read_checkpoint(src) -> tuple[dict, dict | None]:
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
     try:
-        contents = torch.load(path, map_location="cpu", weights_only=True)
+        # rosinality's train.py also saves its argparse.Namespace ("args"): safe to unpickle
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for foreign or truncated files
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(contents, dict):
