@@ -58,7 +58,7 @@ if [ "$DRY_RUN" = 1 ]; then
     PYTEST=("$PY" -m pytest)  # the source tree stands in for the installed package
     TEST_ARGS=(tests --co -q)
     E2E_ARGS=(-k "eager-fp32-ref and image_to_wplus")
-    OPS_ARGS=(-k "bias_act and ref and fwd-")
+    OPS_ARGS=(-k "bias_act and ref and not fwdbwd")
 else
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         log "no CUDA device visible to torch: this script is for a GPU machine (DRY_RUN=1 runs it at CPU scale)"
@@ -80,7 +80,8 @@ fi
 } > "$OUT/env.txt"
 missing=$("$PY" -c "
 import importlib.util as u
-print(' '.join(m for m in ('open_clip', 'timm', 'ftfy', 'safetensors', 'tqdm', 'pytest_benchmark', 'cpuinfo')
+print(' '.join(m for m in ('open_clip', 'timm', 'torchvision', 'ftfy', 'regex', 'huggingface_hub', 'yaml',
+                         'safetensors', 'tqdm', 'pytest_benchmark', 'cpuinfo')
                if u.find_spec(m) is None))")
 [ -n "$missing" ] && log "missing modules: $missing (bring wheels in .whl: see bench/README.md)"
 
