@@ -187,7 +187,7 @@ def build_report() -> dict:
     from mmfs_fast.ops import _backend
 
     extension = _backend.cuda_extension()
-    build_info = getattr(extension, "build_info", None)
+    build_info = extension.build_info() if hasattr(extension, "build_info") else None
     try:
         import triton
         triton_version = triton.__version__
@@ -200,8 +200,10 @@ def build_report() -> dict:
         "cuda_built": extension is not None,
         "cuda_available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "cuda_arch_list": torch.cuda.get_arch_list() if torch.version.cuda else [],
-        "build_info": build_info() if callable(build_info) else None,
+        # architectures the extension was compiled for (null when it is not built), then torch's own
+        "cuda_arch_list": build_info["arch_list"].split(";") if build_info else None,
+        "torch_cuda_arch_list": torch.cuda.get_arch_list() if torch.version.cuda else [],
+        "build_info": build_info,
         "triton": triton_version,
         "backends": ops.backends(),
     }

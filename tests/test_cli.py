@@ -133,7 +133,11 @@ def test_info_prints_the_build_as_json():
     info = json.loads(r.stdout)
     assert info["version"] == __import__("mmfs_fast").__version__ and info["torch"] == torch.__version__
     assert isinstance(info["cuda_built"], bool) and isinstance(info["cuda_available"], bool)
-    assert isinstance(info["cuda_arch_list"], list)
+    assert isinstance(info["torch_cuda_arch_list"], list)
+    if info["cuda_built"]:
+        assert info["cuda_arch_list"] and {"arch_list", "nvcc_flags"} <= set(info["build_info"])
+    else:
+        assert info["cuda_arch_list"] is None and info["build_info"] is None
     assert info["triton"] is None or isinstance(info["triton"], str)
     assert set(info["backends"]) == {"upfirdn2d", "bias_act", "modulated_conv2d"}
     for impls in info["backends"].values():
