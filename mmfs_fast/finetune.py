@@ -132,7 +132,7 @@ def _check_settings(steps, batch_size, lr, ema, checkpoint_every) -> None:
 class _Run:
     """Everything one fine-tuning run updates, and how it is saved and restored."""
 
-    def __init__(self, stylizer, faces, prompt, settings, lr, betas, seed):
+    def __init__(self, stylizer, device, prompt, settings, lr, betas, seed):
         self.model = copy.deepcopy(stylizer).eval()
         self.model.requires_grad_(False)
         self.params = decoder_parameters(self.model)
@@ -142,7 +142,6 @@ class _Run:
         self.ema_model.requires_grad_(False)
         self.ema_params = list(decoder_parameters(self.ema_model).values())
         self.optimizer = torch.optim.Adam(self.params.values(), lr=lr, betas=betas)
-        device = faces.device
         self.noise_rng = torch.Generator(device).manual_seed(seed)
         self.batch_rng = torch.Generator().manual_seed(seed)
         self.settings = settings
@@ -196,13 +195,16 @@ def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=Non
     if stylizer.clip_mapper is None:
         raise ValueError("this Stylizer has no clip_mapper (phase 1/2 checkpoint); fine-tuning starts from the "
                          "prompt's style, which needs a phase 3/4 checkpoint")
+    if stylizer.decoder0.conv.weight.dtype != torch.float32:
+        raise TypeError("fine-tune a float32 Stylizer (Adam needs full-precision weights); "
+                        "mixed_precision=True runs it in bf16 where that is safe")
     prompt = encode_prompt(clip, text, ref_image, source_text)
     faces = load_faces(faces, stylizer, batch_size)
     device = faces.device
     settings = {"batch_size": batch_size, "lr": lr, "betas": list(betas), "ema": ema, "lambda_st": lambda_st,
                 "lambda_clip": lambda_clip, "lambda_proj": lambda_proj, "seed": seed, "n_faces": len(faces),
                 "source_text": source_text if text is not None else None}
-    run = _Run(stylizer, faces, prompt, settings, lr, betas, seed)
+    run = _Run(stylizer, device, prompt, settings, lr, betas, seed)
     with torch.no_grad():
         w_plus = run.model.map_clip(prompt.embedding.to(device=device, dtype=faces.dtype))
         feats, face_emb, face_sim = _face_features(run.model, clip, dino, faces, batch_size)
@@ -217,24 +219,23 @@ def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=Non
     if mixed_precision is None:
         mixed_precision = device.type == "cuda"
     weights = {"structure": lambda_st, "clip": lambda_clip, "projection": lambda_proj}
-    bar = _progress_bar(run.step, steps, progress)
-    while run.step < steps:
-        idx = batch_indices(len(faces), batch_size, run.batch_rng).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
-            fake = run.model.decode(feats[idx], w_plus.expand(batch_size, -1, -1), generator=run.noise_rng)
-        terms = _loss_terms(fake.float(), clip, dino, prompt, face_emb[idx], face_sim[idx])
-        total = sum(weights[name] * value for name, value in terms.items())
-        run.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        run.optimizer.step()
-        run.update_ema(ema)
-        run.step += 1
-        run.history.append({"total": total.item(), **{name: value.item() for name, value in terms.items()}})
-        bar.set_postfix({k: f"{v:.4f}" for k, v in run.history[-1].items()}, refresh=False)
-        bar.update()
-        if state_path is not None and (run.step % checkpoint_every == 0 or run.step == steps):
-            atomic_save(run.state(), state_path)
-    bar.close()
+    with _progress_bar(run.step, steps, progress) as bar:
+        while run.step < steps:
+            idx = batch_indices(len(faces), batch_size, run.batch_rng).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
+                fake = run.model.decode(feats[idx], w_plus.expand(batch_size, -1, -1), generator=run.noise_rng)
+            terms = _loss_terms(fake.float(), clip, dino, prompt, face_emb[idx], face_sim[idx])
+            total = sum(weights[name] * value for name, value in terms.items())
+            run.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            run.optimizer.step()
+            run.update_ema(ema)
+            run.step += 1
+            run.history.append({"total": total.item(), **{name: value.item() for name, value in terms.items()}})
+            bar.set_postfix({k: f"{v:.4f}" for k, v in run.history[-1].items()}, refresh=False)
+            bar.update()
+            if state_path is not None and (run.step % checkpoint_every == 0 or run.step == steps):
+                atomic_save(run.state(), state_path)
 
     result = FinetuneResult(run.ema_model.eval(), run.history, w_plus)
     if preview is not None:

@@ -1,4 +1,5 @@
 """CLIP and DINO wrappers (random-initialised ViT-B models; SPEC §5)."""
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,11 +46,10 @@ def test_clip_preprocess_and_embedding(clip):
     torch.testing.assert_close(emb, raw / raw.norm(dim=-1, keepdim=True), rtol=1e-5, atol=1e-6)
 
 
-def test_clip_layer4_tokens_match_blocks_run_by_hand(clip):
-    x = images(1, 64, 64, seed=1).requires_grad_(True)
-    v = clip.model.visual
-    h = v.conv1(manual_preprocess(x, (224, 224), CLIP_MEAN, CLIP_STD)).flatten(2).transpose(1, 2)  # (B, 49, 768)
-    h = torch.cat([v.class_embedding.expand(1, 1, -1), h], dim=1) + v.positional_embedding
+def tokens_by_hand(v, pixels):
+    """Output of visual blocks 0..3 without CLS, from open_clip's VisionTransformer parts."""
+    h = v.conv1(pixels).flatten(2).transpose(1, 2)  # (B, 49, 768)
+    h = torch.cat([v.class_embedding.expand(len(h), 1, -1), h], dim=1) + v.positional_embedding
     h = v.ln_pre(h)
     if not v.transformer.batch_first:
         h = h.transpose(0, 1)
@@ -57,9 +57,15 @@ def test_clip_layer4_tokens_match_blocks_run_by_hand(clip):
         h = block(h)
     if not v.transformer.batch_first:
         h = h.transpose(0, 1)
+    return h[:, 1:]
+
+
+def test_clip_layer4_tokens_match_blocks_run_by_hand(clip):
+    x = images(1, 64, 64, seed=1).requires_grad_(True)
+    expected = tokens_by_hand(clip.model.visual, manual_preprocess(x, (224, 224), CLIP_MEAN, CLIP_STD))
     tokens = clip.layer4_tokens(x)
     assert tokens.shape == (1, 49, 768)
-    torch.testing.assert_close(tokens, h[:, 1:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tokens, expected, rtol=1e-4, atol=1e-4)
     emb, tokens_too = clip.encode_image_and_tokens(x)
     torch.testing.assert_close(tokens_too, tokens)
     torch.testing.assert_close(emb, clip.encode_image(x), rtol=1e-5, atol=1e-6)
@@ -82,6 +88,10 @@ def test_clip_text_and_pil(clip, tmp_path):
     Image.new("RGB", (40, 30), (200, 10, 30)).save(path)
     pil_emb = clip.encode_pil([path, Image.open(path).convert("L")])
     assert pil_emb.shape == (2, 512)
+    same_emb, tokens = clip.encode_pil_and_tokens([path])
+    torch.testing.assert_close(same_emb[0], pil_emb[0])
+    pixels = open_clip.image_transform(224, is_train=False, mean=CLIP_MEAN, std=CLIP_STD)(Image.open(path))
+    torch.testing.assert_close(tokens, tokens_by_hand(clip.model.visual, pixels[None]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pil_emb.norm(dim=-1), torch.ones(2))
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="junk.png"):
@@ -146,5 +156,11 @@ def test_dino_weights_round_trip_from_dino_training_checkpoint(dino, tmp_path):
     path = tmp_path / "dino_full.pth"
     torch.save({"teacher": {"backbone." + k: v for k, v in dino.model.state_dict().items()}}, path)
     loaded = DINOEncoder(path)
-    x = images(1, 32, 48, seed=4)
-    torch.testing.assert_close(loaded.keys(x), dino.keys(x), rtol=0, atol=0)
+    x = images(1, 32, 48, seed=4).requires_grad_(True)
+    keys = loaded.keys(x)
+    assert keys.shape == (1, 28 * 42 + 1, 768)
+    torch.testing.assert_close(keys, dino.keys(x), rtol=0, atol=0)
+    # frozen weights, gradients still reach the image
+    keys.square().mean().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in loaded.model.parameters())
