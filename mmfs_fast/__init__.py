@@ -3,8 +3,9 @@ __version__ = "0.1.0"
 
 from mmfs_fast import ops  # noqa: E402
 from mmfs_fast.api import MMFS  # noqa: E402
+from mmfs_fast.engine import Engine  # noqa: E402
 from mmfs_fast.io import ImageError, load_image, save_image, to_pil  # noqa: E402
 from mmfs_fast.models import CheckpointError, Stylizer, StylizerConfig  # noqa: E402
 
-__all__ = ["MMFS", "Stylizer", "StylizerConfig", "CheckpointError", "ImageError", "load_image", "save_image",
-           "to_pil", "ops", "__version__"]
+__all__ = ["MMFS", "Engine", "Stylizer", "StylizerConfig", "CheckpointError", "ImageError", "load_image",
+           "save_image", "to_pil", "ops", "__version__"]
