@@ -292,32 +292,44 @@ def add_cli_parser(subparsers) -> None:
     p.set_defaults(func=run_cli)
 
 
+def _usage_error(message: str) -> int:
+    print(f"mmfs-fast bench: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run_cli(args) -> int:
     from tqdm import tqdm
 
+    from mmfs_fast.encoders import EncoderWeightsError
+    from mmfs_fast.models import CheckpointError
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"mmfs-fast bench: --device {args.device} but CUDA is not available", file=sys.stderr)
-        return 2
+        return _usage_error(f"--device {args.device}, but CUDA is not available here")
     gpu = device.type == "cuda"
-    profile = FULL if gpu or args.full or args.ckpt else REDUCED
     precision = args.precision or ("fp16" if gpu else "fp32")
-    batches = args.batch_sizes or profile.batches
+    if precision == "fp16" and not gpu:
+        return _usage_error("fp16 needs a CUDA device; use --precision bf16 or fp32 on the CPU")
     rounds = args.rounds or (20 if gpu else 3)
     if rounds < 1:
-        print("mmfs-fast bench: --rounds must be >= 1", file=sys.stderr)
-        return 2
+        return _usage_error("--rounds must be >= 1")
+    profile = FULL if gpu or args.full or args.ckpt else REDUCED
+    batches = args.batch_sizes or profile.batches
     warmup = 3 if gpu else 1
     if args.ckpt is None or args.clip_weights is None:
         print("mmfs-fast bench: NOTICE: random-initialised weights where none were given "
               "(outputs are meaningless, timings are representative)", file=sys.stderr)
-    # the engine casts its own copy of the fp32 Stylizer; CLIP runs in the dtype it is given
-    stylizer, clip = build_models(profile, device, torch.float32, args.impl, args.ckpt, args.clip_weights,
-                                  clip_dtype=DTYPES[precision])
-    pipeline = fastest_pipeline(stylizer, clip, precision, args.impl)
+    try:
+        # the engine casts its own copy of the fp32 Stylizer; CLIP runs in the dtype it is given
+        stylizer, clip = build_models(profile, device, torch.float32, args.impl, args.ckpt, args.clip_weights,
+                                      clip_dtype=DTYPES[precision])
+        pipeline = fastest_pipeline(stylizer, clip, precision, args.impl)
+    except (CheckpointError, EncoderWeightsError, ValueError, RuntimeError) as e:
+        return _usage_error(str(e))
     env = environment()
-    print(f"# mmfs-fast bench: {env['device']}, {profile.name}, {precision}, impl={args.impl}, "
-          f"torch {env['torch']}, backends {env['backends']}")
+    print(f"# mmfs-fast bench: {env['device']}, {profile.name}, Engine {precision} "
+          f"({pipeline.engine.memory_stats()['mode']}), impl={args.impl}, torch {env['torch']}, "
+          f"backends {env['backends']}")
     results = []
     with tqdm(total=len(SCENARIOS) * len(batches) * (warmup + rounds), desc="bench", file=sys.stderr) as bar:
         for scenario in SCENARIOS:

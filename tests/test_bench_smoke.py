@@ -106,3 +106,26 @@ def test_bench_suite_runs_on_cpu(tmp_path):
     assert summarize.main([str(out), "-o", str(md)]) == 0
     text = md.read_text()
     assert "| guided_stylization | 1 |" in text and "| bias_act | 1 | fp32 | fwd |" in text
+
+
+def test_mmfs_fast_bench_cli_reports_every_workload(capsys):
+    from mmfs_fast.cli import main
+
+    assert main(["bench", "--device", "cpu", "--batch-sizes", "1", "--rounds", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "NOTICE: random-initialised" in err and "cpu-reduced-64" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "| 1 |" in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == ["image_to_wplus", "text_to_wplus", "random_sampling",
+                                                         "guided_stylization"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "cpu", "--precision", "fp16"], "fp16 needs a CUDA device"),
+    (["--device", "cpu", "--rounds", "-1"], "--rounds must be >= 1"),
+    (["--device", "cpu", "--ckpt", "/nonexistent/model.pt"], "model.pt"),
+])
+def test_mmfs_fast_bench_cli_rejects_bad_options(argv, message, capsys):
+    from mmfs_fast.cli import main
+
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
