@@ -201,6 +201,9 @@ class MMFS:
         10 → all w_a). Coarse slots set the shape, fine ones the colours."""
         if not 0 <= crossover <= N_LATENT:
             raise ValueError(f"crossover must be in [0, {N_LATENT}], got {crossover}")
+        if w_a.ndim != 3 or w_b.ndim != 3:
+            raise ValueError(f"styles must be batch-first (B, {N_LATENT}, style_dim), "
+                             f"got {tuple(w_a.shape)} and {tuple(w_b.shape)}")
         w_a, w_b = torch.broadcast_tensors(w_a, w_b)
         return torch.cat([w_a[:, :crossover], w_b[:, crossover:]], dim=1)
 
@@ -212,14 +215,14 @@ class MMFS:
     # -- rendering ----------------------------------------------------------------
     def load_faces(self, images) -> torch.Tensor:
         """Paths, PIL images, numpy arrays or (3, size, size) tensors in [-1, 1] → (B, 3, size, size)."""
-        return torch.stack([self._load_face(img) for img in images]).to(device=self.device, dtype=self.dtype)
+        return torch.stack([self._load_face(img).to(self.device) for img in images]).to(dtype=self.dtype)
 
     def _load_face(self, image) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
-            if image.shape != (3, self.size, self.size):
-                raise ValueError(f"face tensors must be (3, {self.size}, {self.size}) in [-1, 1], "
-                                 f"got {tuple(image.shape)}")
-            return image
+            if image.shape != (3, self.size, self.size) or not image.is_floating_point():
+                raise ValueError(f"face tensors must be floating point (3, {self.size}, {self.size}) in [-1, 1], "
+                                 f"got {image.dtype} {tuple(image.shape)}")
+            return image.float()
         return io.load_image(image, self.size, self.max_pixels)
 
     def random_noise(self, count: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -254,6 +257,8 @@ class MMFS:
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             images = list(images)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("no images to stylize")
         style = self.style(seed, text, ref, w_plus)
         if style.shape[0] not in (1, len(images)):
             raise ValueError(f"{style.shape[0]} styles for {len(images)} images: give one style or one per image")
@@ -272,7 +277,7 @@ class MMFS:
                     indices = list(faces)
                     w = style if style.shape[0] == 1 else style[indices]
                     noise_maps = self.random_noise(len(faces), generator) if noise == "random" else noise
-                    out = self.render(torch.stack(list(faces.values())), w, noise_maps)
+                    out = self.render(torch.stack([f.to(self.device) for f in faces.values()]), w, noise_maps)
                     results.update(zip(indices, out.cpu()))
                 yield from sorted(results.items())
                 bar.update(min(batch_size, len(images) - start))
@@ -281,9 +286,9 @@ class MMFS:
                 w_plus: Style | None = None, noise: str = "random", batch_size: int = 8,
                 progress: bool = False, output: str = "tensor"):
         """Stylize faces (paths, PIL images, numpy arrays or (3, size, size) tensors in [-1, 1],
-        or a (N, 3, size, size) tensor)
-        with one style: ``seed``, ``text``, ``ref`` (reference image) or ``w_plus``; with none
-        of them a random seed. ``seed`` also seeds the noise maps of any style.
+        or one (N, 3, size, size) tensor) with one style: ``seed``, ``text``, ``ref`` (reference
+        image) or ``w_plus``; with none of them a random seed. ``seed`` also seeds the noise
+        maps of any style.
 
         Returns a (N, 3, size, size) CPU tensor in [-1, 1], or a list of PIL images with
         ``output="pil"``. Unreadable inputs raise :class:`mmfs_fast.io.ImageError`.
