@@ -168,8 +168,16 @@ def _resize(image: np.ndarray, scale: float) -> np.ndarray:
 
 
 # -- warping ----------------------------------------------------------------------------
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.tensor(image).permute(2, 0, 1)[None].float()
+def _window(quad: np.ndarray, margin: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """The quad's bounding box grown by ``margin`` pixels, clipped to the image: x0, y0, x1, y1."""
+    x0, y0 = (np.floor(quad.min(0)) - margin).clip(0, [width, height]).astype(int)
+    x1, y1 = (np.ceil(quad.max(0)) + margin).clip(0, [width, height]).astype(int)
+    return x0, y0, x1, y1
+
+
+def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(h, w, 3) uint8 → (1, 3, h, w) float in [0, 255]."""
+    return torch.tensor(pixels).permute(2, 0, 1)[None].float()
 
 
 def align(image: np.ndarray, quads, size: int = 512) -> torch.Tensor:
@@ -177,22 +185,26 @@ def align(image: np.ndarray, quads, size: int = 512) -> torch.Tensor:
     (N, 3, size, size) float in [-1, 1]. Parts of a quad outside the photo are mirrored
     (FFHQ also blurs them; the paste-back mask hides them anyway)."""
     image = as_rgb_array(image)
-    src = _to_tensor(image) / 127.5 - 1
+    height, width = image.shape[:2]
     crops = []
     for quad in np.asarray(quads, dtype=np.float64).reshape(-1, 4, 2):
         # average-pool by an integer factor first (FFHQ's "shrink") so that bicubic
         # sampling never minifies by 2× or more and does not alias
         shrink = max(1, int(quad_side(quad) / size))
+        # only the quad's window is converted; the margin covers the bicubic taps, so the
+        # window's edges matter only where they are the photo's (and mirror there)
+        x0, y0, x1, y1 = _window(quad, 3 * shrink, width, height)
+        src = _to_tensor(image[y0:y1, x0:x1]) / 127.5 - 1
         pooled = F.avg_pool2d(src, shrink) if shrink > 1 else src
         t = (torch.arange(size, dtype=torch.float64) + 0.5) / size
-        q = torch.from_numpy(quad / shrink)
+        q = torch.from_numpy((quad - [x0, y0]) / shrink)
         points = q[0] + t[None, :, None] * (q[3] - q[0]) + t[:, None, None] * (q[1] - q[0])  # (size, size, 2)
-        height, width = pooled.shape[-2:]
-        grid = points / torch.tensor([width, height], dtype=torch.float64) * 2 - 1
+        pooled_height, pooled_width = pooled.shape[-2:]
+        grid = points / torch.tensor([pooled_width, pooled_height], dtype=torch.float64) * 2 - 1
         crops.append(F.grid_sample(pooled, grid[None].float(), mode="bicubic", padding_mode="reflection",
                                    align_corners=False))
     if not crops:
-        return src.new_zeros(0, 3, size, size)
+        return torch.zeros(0, 3, size, size)
     return torch.cat(crops).clamp(-1, 1)
 
 
@@ -209,11 +221,10 @@ def paste_back(image: np.ndarray, crops: torch.Tensor, quads, feather: float = 0
         raise ValueError(f"{len(crops)} crops for {len(quads)} quads")
     if not 0 < feather <= 0.5:
         raise ValueError(f"feather must be in (0, 0.5], got {feather}")
-    out = _to_tensor(image)[0]
+    out = image.copy()
     height, width = image.shape[:2]
     for crop, quad in zip(crops, quads):
-        x0, y0 = np.floor(quad.min(0)).clip(0, [width, height]).astype(int)
-        x1, y1 = np.ceil(quad.max(0)).clip(0, [width, height]).astype(int)
+        x0, y0, x1, y1 = _window(quad, 0, width, height)
         if x0 >= x1 or y0 >= y1:
             continue
         crop = crop.detach().float().cpu()[None]
@@ -229,9 +240,10 @@ def paste_back(image: np.ndarray, crops: torch.Tensor, quads, feather: float = 0
         edge = torch.minimum(uv, 1 - uv).amin(-1)  # distance to the square's border, in crop sides
         ramp = (edge / feather).clamp(0, 1)
         mask = ramp * ramp * (3 - 2 * ramp)  # smoothstep: no kink where the ramp starts
-        region = out[:, y0:y1, x0:x1]
+        region = _to_tensor(out[y0:y1, x0:x1])[0]
         region += mask * ((warped * 127.5 + 127.5) - region)
-    return out.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        out[y0:y1, x0:x1] = region.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return out
 
 
 # -- stylizing ---------------------------------------------------------------------------------
