@@ -25,14 +25,16 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 
 # Run order for a time-boxed run (bench/gpu_check.sh): whole groups of cases in order of
-# interest, torch.compile cases last because compiling costs more than measuring.
+# interest (fp16 before bf16 before fp32, forward first, batch 1 first), torch.compile
+# cases last because compiling costs more than measuring.
 DTYPE_ORDER = {"fp16": 0, "bf16": 1, "fp32": 2}
 
 
 def pytest_collection_modifyitems(config, items):
     def priority(item):
         params = item.callspec.params if hasattr(item, "callspec") else {}
-        return ("compile" in item.name, DTYPE_ORDER.get(params.get("dtype"), 0), params.get("direction") == "fwdbwd")
+        return ("compile" in item.name, DTYPE_ORDER.get(params.get("dtype"), 0), params.get("direction") == "fwdbwd",
+                params.get("batch", float("inf")))
 
     items.sort(key=priority)
 
@@ -49,20 +51,23 @@ def measure(benchmark):
 
     The first call (compilation, autotuning, CUDA graph capture) is timed separately
     and reported as ``first_call_s``; a second call, also a warm-up, sets how many
-    calls make one timed round. extra_info carries the environment, profile, peak GPU memory
-    and ``info``.
+    calls make one timed round. extra_info carries the environment, profile, ``info``
+    and GPU memory: ``peak_memory_mib`` of the whole process (models of earlier cases
+    included) and ``case_memory_mib``, the peak above what was allocated before the case
+    (its inputs, activations, workspaces, CUDA graph pools).
     """
     def run(fn, *, group: str, rounds: int = ROUNDS, **info) -> float:
         benchmark._timer = mb.synced_timer  # synchronises CUDA before each reading
         benchmark.group = group
-        mb.reset_peak_memory(DEVICE)
+        allocated_before = mb.reset_peak_memory(DEVICE)
         first_call = _run_once(fn)
         per_call = _run_once(fn)
         iterations = max(1, min(MAX_ITERATIONS, int(ROUND_SECONDS / max(per_call, 1e-9))))
         benchmark.pedantic(fn, rounds=rounds, iterations=iterations)
         benchmark.extra_info.update(mb.environment())
-        benchmark.extra_info.update(profile=PROFILE.name, first_call_s=first_call,
-                                    peak_memory_mib=mb.peak_memory_mib(DEVICE), **info)
+        peak = mb.peak_memory_mib(DEVICE)
+        benchmark.extra_info.update(profile=PROFILE.name, first_call_s=first_call, peak_memory_mib=peak,
+                                    case_memory_mib=None if peak is None else peak - allocated_before, **info)
         return benchmark.stats.stats.median
 
     return run

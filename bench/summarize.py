@@ -92,7 +92,7 @@ def targets_table(e2e: dict, judge: bool) -> list[str]:
 
 def e2e_table(e2e: dict) -> list[str]:
     lines = ["| workload | batch | eager fp32 ms | torch.compile ms | mmfs-fast ms | mmfs-fast img/s | "
-             "× eager | × compile | peak MiB | paper V100 ms |",
+             "× eager | × compile | case MiB | paper V100 ms |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     batches = sorted({batch for (_, scenario, batch) in e2e if scenario in SCENARIOS})
     for scenario in SCENARIOS:
@@ -102,7 +102,7 @@ def e2e_table(e2e: dict) -> list[str]:
             if not any(times.values()):
                 continue
             fast = e2e.get((FASTEST, scenario, batch))
-            mem = fast["extra_info"].get("peak_memory_mib") if fast else None
+            mem = fast["extra_info"].get("case_memory_mib") if fast else None
             paper = PAPER_V100_MS[scenario] if batch == 1 else None
             fast_time = times[FASTEST]
             images_per_s = f"{batch / fast_time:.1f}" if fast_time else "–"
@@ -114,11 +114,11 @@ def e2e_table(e2e: dict) -> list[str]:
 
 def finetune_table(e2e: dict) -> list[str]:
     rows = [b for (_, scenario, _), b in e2e.items() if scenario == "finetune"]
-    lines = ["| config | batch | steps timed | s per step | projected 200 steps s | peak MiB |",
+    lines = ["| config | batch | steps timed | s per step | projected 200 steps s | case MiB |",
              "|---|---:|---:|---:|---:|---:|"]
     for b in sorted(rows, key=lambda b: b["extra_info"]["config"]):
         info = b["extra_info"]
-        mem = info.get("peak_memory_mib")
+        mem = info.get("case_memory_mib")
         lines.append(f"| {info['config']} | {info['batch']} | {info['steps']} | {info['seconds_per_step']:.3f} | "
                      f"{info['projected_200_steps_s']:.1f} | {'–' if mem is None else f'{mem:.0f}'} |")
     return lines if rows else []
@@ -176,7 +176,9 @@ def summarize(benchmarks: list[dict], env: dict) -> str:
             f"CUDA {env.get('cuda')} · triton {env.get('triton')} · python {env.get('python')} · "
             f"op backends {env.get('backends')}", "",
             "Times are medians. mmfs-fast: the Engine (fp16, CUDA graphs on a GPU); eager fp32: the plain "
-            "Stylizer + CLIP on the pure-PyTorch ops (the stand-in for the official code).", ""]
+            "Stylizer + CLIP on the pure-PyTorch ops (the stand-in for the official code). case MiB: peak GPU "
+            "memory of the case above what was allocated before it (activations, workspaces, CUDA graph pools; "
+            "weights loaded earlier excluded).", ""]
     if e2e:
         out += ["## Targets", ""] + targets_table(e2e, judge=env.get("profile") == "gpu-512") + ["", "## End to end", ""] + e2e_table(e2e) + [""]
         fine = finetune_table(e2e)

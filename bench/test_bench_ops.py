@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from harness import DEVICE, DTYPE_NAMES, ON_GPU, PROFILE, record_rate
+from harness import DEVICE, DTYPE_NAMES, OP_ROUNDS, ON_GPU, PROFILE, record_rate
 from mmfs_fast import benchmark as mb
 from mmfs_fast import ops
 from op_shapes import PUBLIC_OPS, OpCall, op_calls
@@ -95,7 +95,7 @@ def test_op(call: OpCall, uses: dict, impl: str, dtype: str, direction: str, mea
             torch.autograd.grad(op(**args), inputs, grad_out)
     else:
         fn = torch.no_grad()(lambda: op(**args))
-    seconds = measure(fn, group=f"{call.op} {call.label} {dtype} {direction}", op=call.op, impl=impl, dtype=dtype,
+    seconds = measure(fn, group=f"{call.op} {call.label} {dtype} {direction}", rounds=OP_ROUNDS, op=call.op, impl=impl, dtype=dtype,
                       direction=direction, batch=call.batch, shape=call.label, uses=uses)
     if call.op == "modulated_conv2d":
         record_rate(benchmark, seconds, dtype, flops=conv_flops(call, out) * (3 if backward else 1))

@@ -59,9 +59,12 @@ def synced_timer() -> float:
     return time.perf_counter()
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def reset_peak_memory(device: torch.device) -> float | None:
+    """Restart peak tracking; returns the MiB allocated now (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2 ** 20
 
 
 def peak_memory_mib(device: torch.device) -> float | None:

@@ -71,7 +71,7 @@ def test_peak_lookup_prefers_the_specific_name():
 
 def _e2e(config, scenario, batch, seconds, **extra):
     return {"stats": {"median": seconds}, "extra_info": {"config": config, "scenario": scenario, "batch": batch,
-                                                        "peak_memory_mib": 100.0, **extra}}
+                                                        "case_memory_mib": 100.0, **extra}}
 
 
 def test_summary_speedups_and_targets():
