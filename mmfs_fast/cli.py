@@ -157,7 +157,7 @@ def run_stylize(args) -> int:
     style = style_args(args)
     try:
         w_plus = mmfs.style(**style)
-    except (io.ImageError, RuntimeError) as e:  # the --ref image; a checkpoint without clip_mapper
+    except (ValueError, RuntimeError) as e:  # the --ref image (ImageError); a checkpoint without clip_mapper
         raise UsageError(str(e)) from e
     out_dir = Path(args.out)
     failed = 0
