@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -280,17 +279,19 @@ def run_video(args) -> int:
     from mmfs_fast import cli
     from mmfs_fast.faces import FacesUnavailable, cli_setup
 
-    if args.batch_size < 1:
-        raise cli.UsageError("--batch-size must be >= 1")
-    if not Path(args.input).is_file():
-        raise cli.UsageError(f"{args.input}: no such file")
+    if args.batch_size < 1 or args.detect_every < 1:
+        raise cli.UsageError("--batch-size and --detect-every must be >= 1")
     try:
-        require("av")
+        av = require("av")
     except FacesUnavailable as e:
         raise cli.UsageError(str(e)) from e
+    try:  # before the (slow) model loads
+        with av.open(args.input) as source:
+            if not source.streams.video:
+                raise cli.UsageError(f"{args.input}: no video stream")
+    except av.FFmpegError as e:
+        raise cli.UsageError(f"{args.input}: not a readable video ({e})") from e
     detector, mmfs, stylize_batch = cli_setup(args, args.noise)
-    if args.detect_every < 1:
-        raise cli.UsageError("--detect-every must be >= 1")
     report = stylize_video(args.input, args.output, stylize_batch, mmfs.size, args.batch_size, detector,
                            QuadTracker(min_cutoff=args.smoothing), args.detect_every)
     cli.err(f"wrote {report.frames} frames at {float(report.fps):.3g} fps to {args.output}"

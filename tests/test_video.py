@@ -183,9 +183,11 @@ def test_cli_video_subcommand(tmp_path, clip, monkeypatch):
     frames, facts, audio = read_clip(out)
     assert len(frames) == FRAMES and facts["rate"] == FPS and len(audio) > 0
 
-    args = parser.parse_args(["video", str(tmp_path / "missing.mp4"), str(out), "--random-init"])
-    with pytest.raises(cli.UsageError, match="no such file"):
-        args.func(args)
+    (tmp_path / "notes.mp4").write_text("not a video")
+    for name, problem in [("missing.mp4", "No such file"), ("notes.mp4", "Invalid data")]:
+        args = parser.parse_args(["video", str(tmp_path / name), str(out), "--random-init"])
+        with pytest.raises(cli.UsageError, match=f"not a readable video .*{problem}"):
+            args.func(args)
 
 
 def test_follower_detects_every_nth_frame_and_tracks_landmarks_in_between(detector):
