@@ -77,7 +77,7 @@ setup(
     description="Fast PyTorch engine for MMFS face stylization (CUDA + Triton kernels, fp16, CUDA graphs)",
     python_requires=">=3.10",
     packages=["mmfs_fast", "mmfs_fast.ops", "mmfs_fast.models", "mmfs_fast.encoders", "mmfs_fast.train",
-              "mmfs_fast.kernels"],
+              "mmfs_fast.serve", "mmfs_fast.kernels"],
     package_dir={"mmfs_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
@@ -85,6 +85,9 @@ setup(
         "triton": ["triton"],
         # face detection/landmarks (dlib + its offline 68-point model) and video I/O
         "faces": ["dlib-bin", "face-recognition-models", "av"],
+        # the HTTP service (mmfs-fast serve) and its tests; ray: the Ray Serve deployment
+        "serve": ["fastapi", "uvicorn", "python-multipart", "httpx"],
+        "ray": ["fastapi", "uvicorn", "python-multipart", "ray[serve]"],
         "dev": ["pytest", "pytest-benchmark", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["mmfs-fast=mmfs_fast.cli:main"]},

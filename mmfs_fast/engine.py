@@ -25,7 +25,7 @@ import hashlib
 import threading
 import time
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -349,6 +349,7 @@ class Engine:
             raise ValueError(f"need max_batch >= 1 and max_wait_ms >= 0, got {self.max_batch} and {max_wait_ms}")
         self.max_wait_ms = max_wait_ms
         self._queue: list[_Request] = []
+        self._batch_sizes: Counter = Counter()  # micro-batches run, by size
         self._queue_cond = threading.Condition()
         self._worker: threading.Thread | None = None
         self._closed = False
@@ -522,6 +523,11 @@ class Engine:
             self._queue_cond.notify()
         return future
 
+    def queue_stats(self) -> dict:
+        """Requests waiting for a micro-batch, and how many micro-batches of each size ran."""
+        with self._queue_cond:
+            return {"queued": len(self._queue), "batch_sizes": dict(self._batch_sizes)}
+
     def close(self) -> None:
         """Finish every submitted request, then stop the batching thread."""
         with self._queue_cond:
@@ -551,6 +557,7 @@ class Engine:
                         break
                     self._queue_cond.wait(left)
                 batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+                self._batch_sizes[len(batch)] += 1
             self._process([r for r in batch if r.future.set_running_or_notify_cancel()])
 
     def _process(self, requests: list[_Request]) -> None:

@@ -1,0 +1,414 @@
+"""The FastAPI app over :class:`mmfs_fast.engine.Engine`.
+
+Requests go through the engine's micro-batcher (``Engine.submit``), so simultaneous
+requests share runs. At most ``max_queue`` stylizations are admitted at once; more get
+503 with Retry-After. Every refusal is a JSON ``{"error": message}`` with a 4xx status
+(5xx only for the server's own failures: 503 busy/not ready, 504 timeout, 500 bug).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import io as _bytes_io
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from mmfs_fast import io
+from mmfs_fast.encoders.clip import INPUT_SIZE as CLIP_INPUT_SIZE
+from mmfs_fast.engine import Engine, LRUCache
+from mmfs_fast.serve import metrics
+from mmfs_fast.serve.inputs import RequestError, decode_image, read_payload, validate
+
+log = logging.getLogger("mmfs_fast.serve")
+
+MAX_TEXT_CHARS = 1000
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and options of the service (see ``mmfs-fast serve --help``)."""
+    token: str | None = None  # bearer token; None: no authentication
+    max_queue: int = 256  # stylizations admitted at once (decoding, queued or running)
+    request_timeout: float = 30.0  # seconds a stylization may wait for its result
+    retry_after: int = 1  # seconds, sent with 503
+    max_upload_bytes: int = 16 * 2 ** 20  # per request body
+    max_pixels: int = 25_000_000  # per uploaded image
+    max_styles: int = 4096  # registered styles kept (least recently used dropped first)
+    jpeg_quality: int = 95
+    warmup: bool = True  # capture/compile the engine before /readyz says ready
+
+    def __post_init__(self):
+        for name in ("max_queue", "request_timeout", "max_upload_bytes", "max_pixels", "max_styles"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("the API token is empty")
+
+
+# -- request bodies (validated here; documented in OpenAPI through _body_docs) --------------
+
+class _Fields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StylizeFields(_Fields):
+    """Plain fields of POST /v1/stylize; the files are ``image`` (required) and ``reference``."""
+    seed: int | None = Field(None, ge=0, lt=2 ** 63, description="random style from this seed")
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="text prompt style (needs CLIP)")
+    style_id: str | None = Field(None, max_length=64, description="a style registered with POST /v1/styles")
+    noise: Literal["zero", "random"] = Field("zero", description="zero: deterministic output")
+    format: Literal["png", "jpeg", "json"] = Field("png", description="json: {image: base64 PNG, ...}")
+
+
+class StyleFields(_Fields):
+    """Plain fields of POST /v1/styles; the file is ``reference``."""
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="text prompt (needs CLIP)")
+
+
+def _body_docs(fields: type[BaseModel], files: dict[str, str], required: list[str]) -> dict:
+    """OpenAPI requestBody: the same fields as multipart (files binary) or JSON (files base64)."""
+    def schema(file_schema: dict) -> dict:
+        s = fields.model_json_schema()
+        s["properties"].update({name: {**file_schema, "description": doc} for name, doc in files.items()})
+        return {**s, "required": required}
+
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": schema({"type": "string", "format": "binary"})},
+        "application/json": {"schema": schema({"type": "string", "contentEncoding": "base64"})}}}}
+
+
+def _text(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise RequestError(422, "text: must not be empty")
+    return value
+
+
+# -- the service ----------------------------------------------------------------------------
+
+class Service:
+    """The engine plus registered styles, admission control and metrics."""
+
+    def __init__(self, engine: Engine, settings: ServeSettings):
+        self.engine, self.settings = engine, settings
+        self.styles = LRUCache(settings.max_styles)
+        self.ready = threading.Event()
+        self.warmup_error: str | None = None
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self.requests = metrics.Counter("mmfs_fast_requests_total", "HTTP requests by route and status",
+                                        ("route", "status"))
+        self.latency = metrics.Histogram("mmfs_fast_request_duration_seconds", "HTTP request latency by route",
+                                         LATENCY_BUCKETS, ("route",))
+
+    # admission: a bounded number of stylizations at once
+    def admit(self) -> None:
+        with self._lock:
+            if self._in_flight >= self.settings.max_queue:
+                raise RequestError(503, "the server is busy (request queue full); retry later",
+                                   {"Retry-After": str(self.settings.retry_after)})
+            self._in_flight += 1
+
+    def release(self, _future: Future | None = None) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    def check_clip(self) -> None:
+        if self.engine.clip is None or self.engine.model.clip_mapper is None:
+            raise RequestError(400, "text and reference styles are not available: the server runs without "
+                                    "CLIP (start it with --clip-weights) or its checkpoint has no clip_mapper")
+
+    def load_reference(self, data: bytes) -> torch.Tensor:
+        return io.pil_to_tensor(decode_image(data, "reference", self.settings.max_pixels), CLIP_INPUT_SIZE)
+
+    def load_face(self, data: bytes) -> torch.Tensor:
+        return io.pil_to_tensor(decode_image(data, "image", self.settings.max_pixels), self.engine.config.size)
+
+    def registered(self, style_id: str) -> torch.Tensor:
+        w_plus = self.styles.get(style_id)
+        if w_plus is None:
+            raise RequestError(404, f"style_id: unknown style {style_id!r} (register it with POST /v1/styles)")
+        return w_plus
+
+    async def result(self, future: Future) -> torch.Tensor:
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.settings.request_timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"no result within {self.settings.request_timeout} s") from None
+        except (ValueError, TypeError) as e:  # the engine's input checks
+            raise RequestError(400, str(e)) from None
+
+    def encode(self, image: torch.Tensor, fmt: str) -> Response:
+        pil = io.to_pil(image)
+        buffer = _bytes_io.BytesIO()
+        if fmt == "jpeg":
+            pil.save(buffer, format="JPEG", quality=self.settings.jpeg_quality)
+        else:
+            pil.save(buffer, format="PNG")
+        if fmt == "json":
+            return JSONResponse({"image": base64.b64encode(buffer.getvalue()).decode("ascii"),
+                                 "media_type": "image/png", "width": pil.width, "height": pil.height})
+        return Response(buffer.getvalue(), media_type=MEDIA_TYPES[fmt])
+
+    def render_metrics(self) -> str:
+        queue = self.engine.queue_stats()
+        batches = metrics.Histogram("mmfs_fast_batch_size", "requests per engine micro-batch", BATCH_BUCKETS)
+        for size, count in queue["batch_sizes"].items():
+            batches.observe(size, times=count)
+        lines = self.requests.render() + self.latency.render() + batches.render()
+        lines += metrics.gauge("mmfs_fast_queue_depth", "requests waiting for an engine micro-batch",
+                               queue["queued"])
+        lines += metrics.gauge("mmfs_fast_requests_in_flight", "stylizations admitted and not finished",
+                               self.in_flight)
+        lines += metrics.gauge("mmfs_fast_registered_styles", "styles registered with POST /v1/styles",
+                               len(self.styles))
+        lines += metrics.gauge("mmfs_fast_ready", "1 once the engine is warmed up", int(self.ready.is_set()))
+        memory = self.engine.memory_stats()
+        for key in ("cuda_allocated_bytes", "cuda_reserved_bytes", "cuda_max_allocated_bytes"):
+            if key in memory:
+                lines += metrics.gauge(f"mmfs_fast_{key}", f"torch.cuda {key.removeprefix('cuda_')} on the "
+                                       "engine's device", memory[key])
+        return "\n".join(lines) + "\n"
+
+
+def style_id_of(kind: str, content: bytes) -> str:
+    """Registering the same style twice gives the same id."""
+    return f"{kind}-" + hashlib.blake2b(content, digest_size=12, person=b"mmfs-style").hexdigest()
+
+
+# -- the app --------------------------------------------------------------------------------
+
+class BodyLimit:
+    """ASGI middleware: request bodies above ``max_bytes`` get 413, checked on the declared
+    Content-Length and again on the bytes actually received (chunked uploads)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._too_large(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise RequestError(413, self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _message(self) -> str:
+        return f"the request body exceeds the limit of {self.max_bytes} bytes"
+
+    async def _too_large(self, scope, receive, send):
+        await JSONResponse({"error": self._message()}, status_code=413)(scope, receive, send)
+
+
+def create_app(make_engine: Callable[[], Engine], settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """The app; ``make_engine`` runs at startup (in a worker thread) and the engine is
+    warmed up in the background, /readyz answering 503 until it is done. The engine is
+    closed at shutdown, after it has finished every submitted request."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine = await run_in_threadpool(make_engine)
+        service = app.state.service = Service(engine, settings)
+        warmup = asyncio.create_task(run_in_threadpool(_warm_up, service))
+        try:
+            yield
+        finally:
+            await warmup
+            await run_in_threadpool(engine.close)
+
+    app = FastAPI(title="mmfs_fast", version="1", lifespan=lifespan,
+                  description="Face stylization (MMFS) over HTTP. Send faces as multipart uploads or base64 JSON.")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    _install_error_handlers(app)
+    _install_metrics(app)
+    auth = _auth_dependency(settings.token)
+    _add_routes(app, auth)
+    return app
+
+
+def _warm_up(service: Service) -> None:
+    try:
+        if service.settings.warmup:
+            service.engine.warmup()
+    except Exception as e:  # e.g. a CLIP whose width the checkpoint's clip_mapper does not take
+        log.exception("warm-up failed; the server stays not ready")
+        service.warmup_error = f"warm-up failed: {e}"
+        return
+    service.ready.set()
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError):
+        return _error(e.status, e.message, e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return _error(e.status_code, str(e.detail), e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return _error(422, "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "internal server error")
+
+
+def _install_metrics(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = route.path if route is not None else "unmatched"  # bounded label values
+        service: Service | None = getattr(request.app.state, "service", None)
+        if service is not None:
+            service.requests.inc(path, str(response.status_code))
+            service.latency.observe(time.perf_counter() - start, path)
+        return response
+
+
+def _auth_dependency(token: str | None):
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <token>")
+    expected = token.encode() if token is not None else None
+
+    def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if expected is None:
+            return
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not hmac.compare_digest(given, expected):
+            raise RequestError(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+
+    return Depends(check)
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _add_routes(app: FastAPI, auth) -> None:
+    image_responses = {200: {"content": {"image/png": {}, "image/jpeg": {}, "application/json": {}},
+                             "description": "the stylized face at the model's resolution"}}
+
+    @app.get("/healthz", tags=["ops"], summary="liveness: the process serves requests")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], summary="readiness: the engine is loaded and warmed up")
+    async def readyz(request: Request):
+        service = getattr(request.app.state, "service", None)
+        if service is None or not service.ready.is_set():
+            return _error(503, (service and service.warmup_error) or "warming up", {"Retry-After": "1"})
+        return {"status": "ready"}
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", dependencies=[auth],
+             response_class=Response)
+    async def prometheus(request: Request):
+        text = await run_in_threadpool(_service(request).render_metrics)
+        return Response(text, media_type=metrics.CONTENT_TYPE)
+
+    @app.post("/v1/stylize", tags=["stylize"], dependencies=[auth], responses=image_responses,
+              summary="stylize a face with a seed, text, reference image or registered style",
+              openapi_extra=_body_docs(StylizeFields, {"image": "the face (aligned crop)",
+                                                       "reference": "reference image style (needs CLIP)"},
+                                       ["image"]))
+    async def stylize(request: Request):
+        service = _service(request)
+        fields, files = await read_payload(request, ("image", "reference"))
+        options = validate(StylizeFields, fields)
+        if "image" not in files:
+            raise RequestError(422, "image: required (the face to stylize)")
+        sources = [name for name, value in (("seed", options.seed), ("text", options.text),
+                                            ("style_id", options.style_id), ("reference", files.get("reference")))
+                   if value is not None]
+        if len(sources) != 1:
+            raise RequestError(422, "give exactly one style: seed, text, style_id or reference"
+                               + (f" (got {', '.join(sources)})" if sources else ""))
+        service.admit()
+        try:
+            face = await run_in_threadpool(service.load_face, files["image"])
+            style = await _style(service, options, files)
+            future = service.engine.submit(face, style, options.noise)
+        except BaseException:
+            service.release()
+            raise
+        future.add_done_callback(service.release)
+        image = await service.result(future)
+        return await run_in_threadpool(service.encode, image, options.format)
+
+    @app.post("/v1/styles", tags=["stylize"], dependencies=[auth], status_code=201,
+              summary="register a text or reference-image style; its w+ is computed once and cached",
+              openapi_extra=_body_docs(StyleFields, {"reference": "reference image (needs CLIP)"}, []))
+    async def register_style(request: Request):
+        service = _service(request)
+        fields, files = await read_payload(request, ("reference",))
+        text = _text(validate(StyleFields, fields).text)
+        if (text is None) == ("reference" not in files):
+            raise RequestError(422, "give exactly one of text or reference")
+        service.check_clip()
+        if text is not None:
+            style_id = style_id_of("text", text.encode())
+            compute = lambda: service.engine.style_from_text(text)  # noqa: E731
+        else:
+            reference = await run_in_threadpool(service.load_reference, files["reference"])
+            style_id = style_id_of("ref", reference.numpy().tobytes())
+            compute = lambda: service.engine.style_from_image(reference[None])  # noqa: E731
+        if service.styles.get(style_id) is None:
+            service.admit()
+            try:
+                service.styles.put(style_id, (await run_in_threadpool(compute))[0])
+            finally:
+                service.release()
+        return JSONResponse({"style_id": style_id, "kind": "text" if text is not None else "reference"},
+                            status_code=201)
+
+
+async def _style(service: Service, options: StylizeFields, files: dict[str, bytes]):
+    """The engine's style argument: a seed, a prompt, a reference tensor or a registered w+."""
+    if options.seed is not None:
+        return options.seed
+    if options.style_id is not None:
+        return service.registered(options.style_id)
+    service.check_clip()
+    if options.text is not None:
+        return _text(options.text)
+    return await run_in_threadpool(service.load_reference, files["reference"])

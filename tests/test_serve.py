@@ -1,0 +1,344 @@
+"""The HTTP service: real server processes (python -m mmfs_fast.serve) on free localhost
+ports, driven with httpx. Expected images come from the plain Stylizer (the ref path)
+with the style computed independently through mmfs_fast.api.MMFS."""
+import asyncio
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+
+from PIL import Image  # noqa: E402
+
+from mmfs_fast import io as mio  # noqa: E402
+from mmfs_fast.api import MMFS  # noqa: E402
+from mmfs_fast.models import Stylizer, StylizerConfig  # noqa: E402
+
+TOKEN = "s3cret-token"
+SIZE = 32
+TEXT = "a watercolor portrait"
+
+
+def png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def random_image(seed: int, size: int = SIZE) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("serve") / "tiny.safetensors"
+    # style_dim 512: the clip_mapper takes CLIP's 512-wide embeddings
+    Stylizer(StylizerConfig(size=SIZE, ngf=4, style_dim=512, n_mlp=2)).save(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, ckpt, *options, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mmfs_fast.serve", "--ckpt", str(ckpt), "--port", str(self.port),
+             "--log-level", "warning", *options],
+            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited:\n{self.proc.stdout.read()}"
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise AssertionError("server not ready in time")
+
+    def client(self, token=None) -> "httpx.Client":
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    """The same weights in this process: the Stylizer and the random CLIP (seeded as in MMFS)."""
+    mmfs = MMFS.load(ckpt, random_init=True, engine=False, device="cpu")
+    mmfs.clip  # built now, outside the timed requests
+    return mmfs
+
+
+def expected(mmfs: MMFS, face: bytes, w_plus: torch.Tensor) -> np.ndarray:
+    x = mio.load_image(Image.open(io.BytesIO(face)), SIZE)[None]
+    with torch.no_grad():
+        out = mmfs.stylizer(x, w_plus=w_plus, noise="zero")
+    return np.asarray(mio.to_pil(out[0]), dtype=np.int16)
+
+
+def assert_same_image(got: np.ndarray, want: np.ndarray):
+    # fp32 engine vs the Stylizer: equal up to one 8-bit rounding step
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def main_server(ckpt, tmp_path_factory):
+    token_file = tmp_path_factory.mktemp("auth") / "token"
+    token_file.write_text(TOKEN + "\n")
+    server = Server(ckpt, "--random-init", "--token-file", str(token_file), "--max-upload-mb", "0.25",
+                    "--max-pixels", "40000")
+    yield server
+    server.stop()
+
+
+# -- the main server: auth on, random CLIP ----------------------------------------------------
+
+def test_ops_endpoints_and_auth(main_server):
+    anonymous, wrong, authed = main_server.client(), main_server.client("nope"), main_server.client(TOKEN)
+    assert anonymous.get("/healthz").json() == {"status": "ok"}
+    assert anonymous.get("/readyz").json() == {"status": "ready"}
+    assert "/v1/stylize" in anonymous.get("/openapi.json").json()["paths"]
+    assert anonymous.get("/docs").status_code == 200
+    face = png(random_image(0))
+    for client in (anonymous, wrong):
+        r = client.post("/v1/stylize", files={"image": ("f.png", face)}, data={"seed": "1"})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer" and "token" in r.json()["error"]
+        assert client.get("/metrics").status_code == 401
+    r = authed.post("/v1/stylize", files={"image": ("f.png", face)}, data={"seed": "1"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    text = authed.get("/metrics").text
+    assert 'mmfs_fast_requests_total{route="/v1/stylize",status="401"} 2' in text
+    assert 'mmfs_fast_requests_total{route="/v1/stylize",status="200"}' in text
+    for name in ("mmfs_fast_request_duration_seconds_bucket", "mmfs_fast_batch_size_count", "mmfs_fast_queue_depth",
+                 "mmfs_fast_requests_in_flight", "mmfs_fast_ready 1"):
+        assert name in text
+
+
+def test_formats_and_styles(main_server, reference):
+    client = main_server.client(TOKEN)
+    face = png(random_image(1, 80))  # resized to the model's 32² like any upload
+    want = expected(reference, face, reference.style_from_seed(5))
+    r = client.post("/v1/stylize", json={"image": base64.b64encode(face).decode(), "seed": 5, "format": "json"})
+    body = r.json()
+    assert r.status_code == 200 and body["media_type"] == "image/png" and body["width"] == SIZE
+    assert_same_image(decode(base64.b64decode(body["image"])), want)
+    r = client.post("/v1/stylize", files={"image": ("f.png", face)}, data={"seed": "5", "format": "jpeg"})
+    assert r.headers["content-type"] == "image/jpeg"
+    assert np.abs(decode(r.content) - want).mean() < 8  # lossy, but the same image
+
+    first = client.post("/v1/styles", json={"text": TEXT})
+    again = client.post("/v1/styles", files={"text": (None, TEXT)})  # multipart
+    assert first.status_code == again.status_code == 201
+    assert first.json()["style_id"] == again.json()["style_id"] and first.json()["kind"] == "text"
+    ref = png(random_image(2, 100))
+    registered = client.post("/v1/styles", files={"reference": ("r.png", ref)}).json()
+    assert registered["kind"] == "reference"
+    for style in ({"style_id": first.json()["style_id"]}, {"text": TEXT}):
+        got = client.post("/v1/stylize", files={"image": ("f.png", face)}, data=style)
+        assert_same_image(decode(got.content), expected(reference, face, reference.style_from_text(TEXT)))
+    ref_w = reference.style_from_image(mio.pil_to_tensor(Image.open(io.BytesIO(ref)), 224)[None])
+    for files, data in (({"reference": ("r.png", ref)}, {}), ({}, {"style_id": registered["style_id"]})):
+        got = client.post("/v1/stylize", files={"image": ("f.png", face), **files}, data=data)
+        assert_same_image(decode(got.content), expected(reference, face, ref_w))
+
+
+def tiff() -> bytes:
+    return png(random_image(3), "TIFF")
+
+
+BAD_REQUESTS = [
+    # (multipart files, form fields, or a JSON body; status; words of the message)
+    ({"image": ("f.png", b"not an image")}, {"seed": "1"}, None, 415, "not an image"),
+    ({"image": ("f.tif", tiff())}, {"seed": "1"}, None, 415, "supported format"),
+    ({"image": ("f.png", png(random_image(0))[:200])}, {"seed": "1"}, None, 400, "truncated"),
+    ({"image": ("f.png", b"")}, {"seed": "1"}, None, 400, "empty"),
+    ({"image": ("f.png", png(Image.new("RGB", (300, 300))))}, {"seed": "1"}, None, 413, "exceeds"),
+    ({}, {"seed": "1"}, None, 422, "image: required"),
+    ({"image": ("f.png", png(random_image(0)))}, {}, None, 422, "exactly one style"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "text": "x"}, None, 422, "seed, text"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "-1"}, None, 422, "seed"),
+    ({"image": ("f.png", png(random_image(0)))}, {"text": "   "}, None, 422, "empty"),
+    ({"image": ("f.png", png(random_image(0)))}, {"style_id": "text-0"}, None, 404, "unknown style"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "colour": "red"}, None, 422, "colour"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "format": "gif"}, None, 422, "format"),
+    ({"image": ("f.png", png(random_image(0))), "mask": ("m.png", b"")}, {"seed": "1"}, None, 422, "mask"),
+    (None, None, {"image": "@@@", "seed": 1}, 400, "base64"),
+    (None, None, {"image": base64.b64encode(png(random_image(0))).decode(), "seed": 1, "path": "/etc/passwd"},
+     422, "path"),
+    (None, None, [1, 2], 422, "object"),
+]
+
+
+@pytest.mark.parametrize("files,data,body,status,words", BAD_REQUESTS)
+def test_bad_requests_get_clear_4xx(main_server, files, data, body, status, words):
+    client = main_server.client(TOKEN)
+    if body is not None:
+        r = client.post("/v1/stylize", json=body)
+    else:
+        r = client.post("/v1/stylize", files={**files, **{name: (None, v) for name, v in data.items()}})
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+
+
+def test_bad_bodies(main_server):
+    client = main_server.client(TOKEN)
+    r = client.post("/v1/stylize", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    r = client.post("/v1/stylize", content=b"raw", headers={"content-type": "image/png"})
+    assert r.status_code == 415 and "multipart" in r.json()["error"]
+    big = os.urandom(300_000)  # above --max-upload-mb 0.25
+    r = client.post("/v1/stylize", files={"image": ("f.png", big)}, data={"seed": "1"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+    def chunks():  # no Content-Length: the limit holds on the bytes received
+        for _ in range(10):
+            yield big[:40_000]
+    r = client.post("/v1/stylize", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = client.post("/v1/styles", json={"text": ""})
+    assert r.status_code == 422 and "empty" in r.json()["error"]
+    r = client.post("/v1/styles", json={"text": "a", "reference": base64.b64encode(b"x").decode()})
+    assert r.status_code == 422 and "exactly one" in r.json()["error"]
+    # the server still serves after all of that
+    assert client.post("/v1/stylize", files={"image": ("f.png", png(random_image(0)))},
+                       data={"seed": "2"}).status_code == 200
+
+
+def test_64_concurrent_mixed_styles(main_server, reference):
+    client = main_server.client(TOKEN)
+    style_id = client.post("/v1/styles", json={"text": TEXT}).json()["style_id"]
+    ref = png(random_image(9, 90))
+    faces = [png(random_image(10 + i)) for i in range(4)]
+    styles = [({"seed": str(s)}, {}, reference.style_from_seed(s)) for s in (0, 1, 2)]
+    styles += [({"style_id": style_id}, {}, reference.style_from_text(TEXT)),
+               ({"text": "pencil sketch"}, {}, reference.style_from_text("pencil sketch")),
+               ({}, {"reference": ("r.png", ref)},
+                reference.style_from_image(mio.pil_to_tensor(Image.open(io.BytesIO(ref)), 224)[None]))]
+    want = {(f, s): expected(reference, faces[f], styles[s][2]) for f in range(4) for s in range(len(styles))}
+    # the styles really differ, so a mix-up could not pass as a rounding difference
+    assert min(np.abs(want[0, a] - want[0, b]).mean() for a in range(6) for b in range(a)) > 3
+    jobs = [(i % 4, (i // 4) % len(styles)) for i in range(64)]
+
+    async def run_all():
+        async with httpx.AsyncClient(base_url=main_server.url, timeout=120,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as aclient:
+            return await asyncio.gather(*(aclient.post(
+                "/v1/stylize", files={"image": ("f.png", faces[f]), **styles[s][1]}, data=styles[s][0])
+                for f, s in jobs))
+
+    responses = asyncio.run(run_all())
+    for (f, s), r in zip(jobs, responses):
+        assert r.status_code == 200, r.text
+        assert_same_image(decode(r.content), want[f, s])
+    batches = [line for line in client.get("/metrics").text.splitlines()
+               if line.startswith("mmfs_fast_batch_size_count")]
+    assert batches  # micro-batches ran and were counted
+
+
+# -- limits: queue, timeout, shutdown (auth off / from the environment) -----------------------
+
+def in_flight(client) -> int:
+    line = next(l for l in client.get("/metrics").text.splitlines() if l.startswith("mmfs_fast_requests_in_flight"))
+    return int(line.split()[1])
+
+
+def test_queue_full_503_and_graceful_shutdown(ckpt, reference):
+    # each micro-batch waits 3 s for company: requests stay queued long enough to observe
+    server = Server(ckpt, "--no-warmup", "--max-queue", "3", "--max-wait-ms", "3000")
+    try:
+        client = server.client()  # no auth configured: no token needed
+        face = png(random_image(20))
+        results = [None] * 3
+
+        def send(i):
+            results[i] = client.post("/v1/stylize", files={"image": ("f.png", face)}, data={"seed": str(i)})
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while in_flight(client) < 3:
+            assert time.monotonic() < deadline, "requests never got in flight"
+            time.sleep(0.05)
+        r = client.post("/v1/stylize", files={"image": ("f.png", face)}, data={"seed": "0"})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "busy" in r.json()["error"]
+        server.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        for i, r in enumerate(results):
+            assert r.status_code == 200, r.text
+            assert_same_image(decode(r.content), expected(reference, face, reference.style_from_seed(i)))
+        # uvicorn re-raises the signal once it has shut down cleanly
+        assert server.proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        server.stop()
+
+
+def test_timeout_504_with_env_token(ckpt):
+    server = Server(ckpt, "--no-warmup", "--request-timeout", "0.5", "--max-wait-ms", "5000",
+                    env={"MMFS_FAST_API_TOKEN": TOKEN})
+    try:
+        face = png(random_image(21))
+        r = server.client().post("/v1/stylize", files={"image": ("f.png", face)}, data={"seed": "1"})
+        assert r.status_code == 401
+        r = server.client(TOKEN).post("/v1/stylize", files={"image": ("f.png", face)}, data={"seed": "1"})
+        assert r.status_code == 504 and "within 0.5 s" in r.json()["error"]
+    finally:
+        server.stop()
+
+
+def test_ray_serve_deployment(ckpt):
+    pytest.importorskip("ray.serve")
+    from ray import serve
+
+    from mmfs_fast.serve.ray import build_app
+
+    app = build_app(str(ckpt), num_gpus=0, autoscaling_config={"max_replicas": 1}, clip=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        r = httpx.post(f"{url}/v1/stylize", files={"image": ("f.png", png(random_image(0)))}, data={"seed": "1"})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    finally:
+        serve.shutdown()
