@@ -314,6 +314,14 @@ def stylize_photo_files(files: list[tuple[Path, str]], stylize_batch: StylizeBat
         yield path, result
 
 
+def add_detector_options(parser) -> None:
+    """Face detector options, shared by ``stylize --align`` and ``video``."""
+    parser.add_argument("--upsample", type=int, default=1,
+                        help="face detector upsampling: 1 finds faces down to ~40 px, 0 is faster (default 1)")
+    parser.add_argument("--min-face-score", type=float, default=0.5,
+                        help="drop detections below this detector score (default 0.5)")
+
+
 def add_align_options(parser) -> None:
     """``stylize --align [--paste-back]`` options, for the CLI's stylize parser."""
     group = parser.add_argument_group("faces in photos (needs the 'faces' extra)")
@@ -321,10 +329,7 @@ def add_align_options(parser) -> None:
                        help="find every face (dlib), FFHQ-align it and stylize the crops: <name>_face<i>.png")
     group.add_argument("--paste-back", action="store_true",
                        help="with --align, also write <name>.png: the photo with the stylized faces pasted in")
-    group.add_argument("--upsample", type=int, default=1,
-                       help="face detector upsampling: 1 finds faces down to ~40 px, 0 is faster (default 1)")
-    group.add_argument("--min-face-score", type=float, default=0.5,
-                       help="drop detections below this detector score (default 0.5)")
+    add_detector_options(group)
 
 
 def cli_setup(args, noise: str) -> tuple[FaceDetector, object, StylizeBatch]:

@@ -251,7 +251,7 @@ class _BatchedStylizer:
 def add_cli_parser(sub) -> None:
     """The ``video`` subcommand (registered by mmfs_fast.cli)."""
     from mmfs_fast import cli
-    from mmfs_fast.faces import add_align_options
+    from mmfs_fast.faces import add_detector_options
 
     p = sub.add_parser("video", help="stylize the faces of a video (needs the 'faces' extra)",
                        description="Stylize every face of a video with one style (--seed, --text or --ref); "
@@ -271,8 +271,8 @@ def add_cli_parser(sub) -> None:
                    help="run the face detector every N frames, follow the landmarks in between (default 5)")
     p.add_argument("--smoothing", type=float, default=0.5,
                    help="one-euro minimum cutoff in Hz: lower is steadier, higher follows faster (default 0.5)")
-    add_align_options(p)
-    p.set_defaults(func=run_video, align=True)
+    add_detector_options(p)
+    p.set_defaults(func=run_video)
 
 
 def run_video(args) -> int:
