@@ -1,5 +1,5 @@
 """The ``mmfs-fast`` command: stylize, info, convert, demo, and the subcommands of optional
-modules (finetune, video, bench).
+modules (finetune, video, bench, serve).
 
 Exit codes: 0 everything worked, 1 some inputs failed (each reported on stderr, the
 rest were written), 2 usage errors (bad options, unusable weights: nothing ran).
@@ -24,6 +24,8 @@ OPTIONAL_SUBCOMMANDS = {
     "finetune": ("mmfs_fast.finetune", "adapt a checkpoint's decoder to a text prompt or a reference image", "clip"),
     "video": ("mmfs_fast.video", "stylize the faces of a video (needs the 'faces' extra)", "faces"),
     "bench": ("mmfs_fast.benchmark", "quick end-to-end latency/throughput report on this machine", "clip"),
+    "serve": ("mmfs_fast.serve", "HTTP stylization service (FastAPI on uvicorn; needs the 'serve' extra)",
+              "serve"),
 }
 
 RANDOM_INIT_BANNER = """\
@@ -334,8 +336,8 @@ def run_demo(args) -> int:
 # -- main -------------------------------------------------------------------------
 def add_optional_parser(sub, name: str, module_name: str, command: str | None) -> None:
     """A subcommand from an optional module. Only the module of the command being run is
-    imported (they pull in heavy dependencies); if its dependencies are missing, the
-    subcommand still exists and says what to install."""
+    imported (they pull in heavy dependencies); running one whose dependencies are
+    missing is a usage error that says what to install."""
     if importlib.util.find_spec(module_name) is None:
         return  # not part of this installation
     if name != command:
@@ -344,18 +346,9 @@ def add_optional_parser(sub, name: str, module_name: str, command: str | None) -
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        p = sub.add_parser(name, help=f"(unavailable: {e})", add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_unavailable(name, e))
-    else:
-        module.add_cli_parser(sub)
-
-
-def _unavailable(name: str, error: ImportError):
-    def run(args) -> int:
-        raise UsageError(f"the {name} subcommand needs a missing dependency ({error}); install it, e.g. "
-                         f"pip install 'mmfs_fast[{OPTIONAL_SUBCOMMANDS[name][2]}]'")
-    return run
+        raise UsageError(f"this subcommand needs a missing dependency ({e}); install it, e.g. "
+                         f"pip install 'mmfs_fast[{OPTIONAL_SUBCOMMANDS[name][2]}]'") from e
+    module.add_cli_parser(sub)
 
 
 def make_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -373,11 +366,11 @@ def make_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = make_parser(command).parse_args(argv)
     try:
+        args = make_parser(command).parse_args(argv)
         return args.func(args)
     except UsageError as e:
-        print(f"mmfs-fast {args.command}: error: {e}", file=sys.stderr)
+        print(f"mmfs-fast {command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

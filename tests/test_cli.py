@@ -171,3 +171,23 @@ def test_demo_runs_without_weights(tmp_path):
     assert Image.open(tmp_path / "grid.png").size == (3 * 32, 2 * 32)  # columns: input + 2 seeds; rows: faces
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "seed0" / "face0.png")),
                               np.asarray(Image.open(tmp_path / "seed1" / "face0.png")))
+
+
+def test_optional_subcommands_register_or_explain(tmp_path, monkeypatch, capsys):
+    (tmp_path / "optional_ok.py").write_text(
+        "def add_cli_parser(sub):\n"
+        "    p = sub.add_parser('hello')\n"
+        "    p.add_argument('--code', type=int, default=0)\n"
+        "    p.set_defaults(func=lambda args: args.code)\n")
+    (tmp_path / "optional_broken.py").write_text("import a_dependency_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "OPTIONAL_SUBCOMMANDS", {"hello": ("optional_ok", "says hello", "x"),
+                                                      "broken": ("optional_broken", "needs more", "extra"),
+                                                      "absent": ("optional_absent", "not installed", "x")})
+    assert run_main("hello", "--code", 3) == 3
+    assert run_main("broken", "--anything") == 2
+    assert "a_dependency_that_is_not_installed" in capsys.readouterr().err
+    assert run_main("absent") == 2  # argparse: no such command
+    assert run_main("--help") == 0
+    listing = capsys.readouterr().out
+    assert "says hello" in listing and "needs more" in listing and "absent" not in listing
