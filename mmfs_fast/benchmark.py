@@ -37,14 +37,14 @@ class Profile:
     name: str
     stylizer: StylizerConfig
     batches: tuple[int, ...]
-    tiny_clip: bool = False  # small CLIP and DINO of the same interfaces instead of ViT-B/32, ViT-B/8
+    small_encoders: bool = False  # small CLIP and DINO of the same interfaces instead of ViT-B/32, ViT-B/8
 
 
 # The real thing: 512² Stylizer and CLIP ViT-B/32, as the targets are stated.
 FULL = Profile("gpu-512", StylizerConfig(), batches=(1, 8, 32))
 # For machines without a GPU: same code paths at a size a 2-core CPU runs in seconds.
 # style_dim stays 512 because the CLIP mapper consumes CLIP's 512-d embeddings.
-REDUCED = Profile("cpu-reduced-64", StylizerConfig(size=64, ngf=8, style_dim=512), batches=(1, 2), tiny_clip=True)
+REDUCED = Profile("cpu-reduced-64", StylizerConfig(size=64, ngf=8, style_dim=512), batches=(1, 2), small_encoders=True)
 
 
 def default_profile(device: torch.device) -> Profile:
@@ -225,7 +225,7 @@ def build_models(profile: Profile, device, dtype: torch.dtype = torch.float32, i
         stylizer = Stylizer(profile.stylizer, impl=impl).to(device=device, dtype=dtype).eval()
     stylizer.requires_grad_(False)
     clip = CLIPEncoder(clip_weights, random_init=clip_weights is None, device=device, dtype=clip_dtype)
-    if profile.tiny_clip and clip_weights is None:
+    if profile.small_encoders and clip_weights is None:
         clip.model = _tiny_clip().to(device=device, dtype=clip_dtype).eval().requires_grad_(False)
     return stylizer, clip
 
@@ -236,7 +236,7 @@ def build_dino(profile: Profile, device, dtype: torch.dtype = torch.float32):
     from mmfs_fast.encoders import DINOEncoder
 
     dino = DINOEncoder(random_init=True, device=device, dtype=dtype)
-    if profile.tiny_clip:
+    if profile.small_encoders:
         import timm
 
         tiny = timm.models.vision_transformer.VisionTransformer(
