@@ -52,6 +52,14 @@ def ffhq_eye_targets(landmarks, size):
     return [size / 2 + unrotate @ (eye - centre) * size / side for eye in (left, right)]
 
 
+def distance_inside_square(quad, shape):
+    """Per pixel of an image of ``shape``: how far inside the quad's square its centre is,
+    in square sides (negative outside)."""
+    ys, xs = np.mgrid[:shape[0], :shape[1]] + 0.5
+    uv = faces.crop_coordinates(quad, np.stack([xs.ravel(), ys.ravel()], 1), 1).reshape(*xs.shape, 2)
+    return np.minimum(uv, 1 - uv).min(-1)
+
+
 def canonical_landmarks(eye_distance, mouth_distance, mouth_width=30.0):
     """68 landmarks whose eyes are at (∓d/2, 0) and mouth corners at (∓w/2, m)."""
     lm = np.zeros((68, 2))
@@ -130,9 +138,7 @@ def test_identity_round_trip_restores_the_photo(detector, astronaut):
     out = faces.paste_back(astronaut, crops, [face.quad])
     assert out.shape == astronaut.shape and out.dtype == np.uint8
 
-    ys, xs = np.mgrid[:astronaut.shape[0], :astronaut.shape[1]] + 0.5
-    uv = faces.crop_coordinates(face.quad, np.stack([xs.ravel(), ys.ravel()], 1), 1).reshape(*xs.shape, 2)
-    edge = np.minimum(uv, 1 - uv).min(-1)
+    edge = distance_inside_square(face.quad, astronaut.shape)
     outside, inner = edge <= 0, edge >= 0.1
     np.testing.assert_array_equal(out[outside], astronaut[outside])
     error = np.abs(out[inner].astype(float) - astronaut[inner])
@@ -242,3 +248,19 @@ def test_cli_stylize_align(tmp_path, astronaut, small_random_mmfs):
     assert faces.run_stylize_align(args, files) == cli.EXIT_OK
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["astronaut.png", "astronaut_face0.png"]
     assert Image.open(tmp_path / "out" / "astronaut.png").size == (512, 512)
+
+
+def test_face_at_the_photo_edge_is_mirrored_and_pasted_back(detector, astronaut):
+    photo = np.ascontiguousarray(astronaut[60:, 165:])
+    face = detector(photo)[0]
+    assert face.quad.min() < -10  # the crop square sticks out of the photo
+    crop = faces.align(photo, [face.quad], 256)
+    # outside the photo, align mirrors it about its edge: the same as cropping from a padded copy
+    pad = 64
+    padded = np.pad(photo, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric")
+    torch.testing.assert_close(crop, faces.align(padded, [face.quad + pad], 256), atol=1e-4, rtol=0)
+
+    out = faces.paste_back(photo, crop, [face.quad])
+    edge = distance_inside_square(face.quad, photo.shape)
+    np.testing.assert_array_equal(out[edge <= 0], photo[edge <= 0])
+    assert np.abs(out[edge >= 0.1].astype(float) - photo[edge >= 0.1]).mean() < 3.0
