@@ -81,10 +81,15 @@ def _open_file(path: Path, max_pixels: int) -> Image.Image:
         raise ImageError(f"{path}: exceeds PIL's decompression-bomb limit ({e})") from None
     except OSError as e:
         raise ImageError(f"{path}: cannot be read ({e})") from None
-    _check_pixels(img.width, img.height, str(path), max_pixels)
+    try:
+        _check_pixels(img.width, img.height, str(path), max_pixels)
+    except ImageError:
+        img.close()
+        raise
     try:
         img.load()
     except (OSError, SyntaxError, ValueError) as e:
+        img.close()
         raise ImageError(f"{path}: corrupt or truncated image ({e})") from None
     return img
 

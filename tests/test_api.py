@@ -211,15 +211,16 @@ def test_image_modes(tmp_path):
 
     gray16 = np.array([[0, 65535], [32896, 257]], np.uint16)  # 16-bit scaled, not clipped
     Image.fromarray(gray16).save(tmp_path / "g16.png")
-    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    with Image.open(tmp_path / "g16.png") as png:
+        assert png.mode.startswith("I")
     want = torch.tensor([[0, 255], [128, 1]]) / 127.5 - 1
     torch.testing.assert_close(io.load_image(tmp_path / "g16.png", 2), want.expand(3, 2, 2))
     torch.testing.assert_close(io.load_image(gray16, 2), want.expand(3, 2, 2))
 
     cmyk = random_photo(2, 16, 16).convert("CMYK")
     cmyk.save(tmp_path / "c.jpg")
-    torch.testing.assert_close(io.load_image(tmp_path / "c.jpg", 16),
-                               lanczos_tensor(Image.open(tmp_path / "c.jpg").convert("RGB"), 16))
+    with Image.open(tmp_path / "c.jpg") as jpg:
+        torch.testing.assert_close(io.load_image(tmp_path / "c.jpg", 16), lanczos_tensor(jpg.convert("RGB"), 16))
     gray = random_photo(3, 16, 16).convert("L")
     x = io.load_image(gray, 16)
     assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
