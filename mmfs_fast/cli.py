@@ -221,7 +221,7 @@ def add_convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert an official MMFS / StyleGAN2 checkpoint to safetensors, or back",
                        description="official .pt/.pth (G_ema_model), bare Stylizer state dict or StyleGAN2 "
                                    "checkpoint → mmfs_fast safetensors; --to official writes a .pt with "
-                                   "G_ema_model instead.")
+                                   "G_ema_model instead. Only the generator (G_ema) is converted.")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", choices=["safetensors", "official"], default="safetensors")
@@ -287,7 +287,8 @@ def synthetic_face(size: int, rng: random.Random):
         draw.ellipse(box(cx, eye_y, 0.05, 0.025), fill=(245, 245, 245))
         draw.ellipse(box(cx, eye_y, 0.022, 0.022), fill=iris)
         draw.ellipse(box(cx, eye_y, 0.009, 0.009), fill=(15, 15, 15))
-        draw.line(box(cx, eye_y - 0.055, 0.05, rng.uniform(-0.01, 0.01)), fill=(60, 40, 30), width=max(1, size // 80))
+        brow = box(cx, eye_y - 0.055, 0.05, rng.uniform(-0.01, 0.01))
+        draw.line(brow, fill=(60, 40, 30), width=max(1, size // 80))
     shade = tuple(int(c * 0.85) for c in skin)
     draw.polygon([(size * 0.5, size * 0.50), (size * 0.47, size * 0.60), (size * 0.53, size * 0.60)], fill=shade)
     mouth_open = rng.uniform(0.01, 0.05)
@@ -296,14 +297,12 @@ def synthetic_face(size: int, rng: random.Random):
 
 
 def run_demo(args) -> int:
-    import torch
-
     from mmfs_fast import io
     from mmfs_fast.models import StylizerConfig
 
     if args.faces < 1 or args.batch_size < 1:
         raise UsageError("--faces and --batch-size must be >= 1")
-    args.random_init = args.ckpt is None or args.clip_weights is None and args.with_clip
+    args.random_init = args.ckpt is None or (args.with_clip and args.clip_weights is None)
     try:
         config = StylizerConfig(size=args.size) if args.ckpt is None else None
     except ValueError as e:
