@@ -1,10 +1,34 @@
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+
+
+def _import_triton_for_the_interpreter() -> bool:
+    """Without a GPU the triton tests run through the Triton interpreter, which must be
+    on when triton is first imported (triton.language decorates its own helpers then).
+    Import it here, before any test module can, with TRITON_INTERPRET=1 set for the
+    import only: test_triton_ops.py sets it again while its own tests run. Returns
+    whether triton is ready for the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    if torch.cuda.is_available() or "triton" in sys.modules:
+        return False
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRITON_INTERPRET", "1")
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+    return True
+
+
+TRITON_INTERPRETABLE = _import_triton_for_the_interpreter()
 
 
 @pytest.fixture(scope="session")

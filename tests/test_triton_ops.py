@@ -3,33 +3,23 @@
 Small shapes run on the GPU when there is one, else on the CPU through the Triton
 interpreter (TRITON_INTERPRET=1). Triton reads that variable when it decorates a
 kernel, and triton.language decorates its own helpers (tl.zeros, ...) on import, so
-triton is imported here under the variable, before anything else imports it. The
+conftest.py imports triton under the variable before any test module can. The
 variable itself is set only while this module's tests run: left set, it would let
 impl="triton" run on CPU tensors in every other test module.
 
 Low-precision results follow the flash-attention rule: the triton error in fp16/bf16
 is at most twice the error of ref run in the same precision, both against fp32 ref.
 """
-import os
-import sys
-
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-TRITON_IMPORTED_WITHOUT_INTERPRETER = (
-    not HAS_CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1")
-if not HAS_CUDA and not TRITON_IMPORTED_WITHOUT_INTERPRETER:
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TRITON_INTERPRET", "1")
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            pass
+from conftest import TRITON_INTERPRETABLE
+from mmfs_fast.models import Stylizer
+from mmfs_fast.ops import _backend, bias_act, modulated_conv2d, upfirdn2d
+from mmfs_fast.ops.modulated_conv2d import blur_pads, default_fir
 
-from mmfs_fast.models import Stylizer  # noqa: E402
-from mmfs_fast.ops import _backend, bias_act, modulated_conv2d, upfirdn2d  # noqa: E402
-from mmfs_fast.ops.modulated_conv2d import blur_pads, default_fir  # noqa: E402
+HAS_CUDA = torch.cuda.is_available()
+TRITON_IMPORTED_WITHOUT_INTERPRETER = not HAS_CUDA and not TRITON_INTERPRETABLE
 
 pytestmark = pytest.mark.skipif(not _backend.triton_installed(), reason="triton is not installed")
 
