@@ -82,6 +82,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
         "clip": ["open_clip_torch", "timm"],
+        "train": ["open_clip_torch", "timm", "pyyaml"],
         "triton": ["triton"],
         # face detection/landmarks (dlib + its offline 68-point model) and video I/O
         "faces": ["dlib-bin", "face-recognition-models", "av"],

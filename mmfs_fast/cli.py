@@ -24,6 +24,7 @@ OPTIONAL_SUBCOMMANDS = {
     "finetune": ("mmfs_fast.finetune", "adapt a checkpoint's decoder to a text prompt or a reference image", "clip"),
     "video": ("mmfs_fast.video", "stylize the faces of a video (needs the 'faces' extra)", "faces"),
     "bench": ("mmfs_fast.benchmark", "quick end-to-end latency/throughput report on this machine", "clip"),
+    "train": ("mmfs_fast.train.cli", "train MMFS stage I, II or III (torchrun for several GPUs)", "train"),
     "serve": ("mmfs_fast.serve", "HTTP stylization service (FastAPI on uvicorn; needs the 'serve' extra)",
               "serve"),
 }
