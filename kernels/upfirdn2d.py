@@ -5,7 +5,7 @@ Each program computes a tile of output pixels of one (n, c) plane. The tap loops
 unrolled at compile time (KH, KW, UP, DOWN are constexpr), so the 4×4 FIR of every
 MMFS resampling gets its own specialised kernel with 16 fixed taps; taps that land on
 an inserted zero or outside the image are masked loads that touch no memory.
-The backward pass is this same kernel on the flipped filter (see ``grad_pads``).
+The backward pass is this same kernel on the flipped filter (see ``mmfs_fast.ops.upfirdn2d.adjoint_pads``).
 """
 import triton
 import triton.language as tl
@@ -60,10 +60,3 @@ def upfirdn2d(x, kernel, up, down, pad):
     wrap_triton(upfirdn2d_kernel)[grid](x, kernel, out, h, w, out_h, out_w, pad[0], pad[2],
                                         KH=kh, KW=kw, UP=up, DOWN=down)
     return out
-
-
-def grad_pads(in_shape, out_shape, kernel_shape, up, down, pad):
-    """Pads that make ``upfirdn2d(dy, flipped kernel, up=down, down=up)`` the input gradient."""
-    (h, w), (out_h, out_w), (kh, kw) = in_shape[2:], out_shape[2:], kernel_shape
-    return (kw - pad[0] - 1, w * up - out_w * down + pad[0] - up + 1,
-            kh - pad[2] - 1, h * up - out_h * down + pad[2] - up + 1)

@@ -8,6 +8,7 @@ import torch
 
 import naive
 from mmfs_fast.ops import backends, bias_act, default_fir, modulated_conv2d, upfirdn2d
+from mmfs_fast.ops.upfirdn2d import adjoint_pads
 
 
 def rand(*shape, seed=0):
@@ -62,6 +63,20 @@ def test_upfirdn2d_rejects_bad_tensors():
         upfirdn2d(rand(1, 1, 4, 4), rand(2, 2, 2))
     with pytest.raises(TypeError, match="floating point"):
         upfirdn2d(torch.ones(1, 1, 4, 4, dtype=torch.int64), default_fir())
+
+
+@pytest.mark.parametrize("up,down,pad", [(1, 1, (1, 2, 2, 1)), (2, 1, (2, 1, 2, 1)), (1, 2, (1, 1, 1, 1)),
+                                         (2, 2, (1, 0, -1, 2)), (3, 1, (0, 1, 2, 0)), (1, 3, (2, 2, 0, 1))])
+def test_upfirdn2d_adjoint_pads_give_the_transpose(up, down, pad):
+    # the cuda and triton backwards run upfirdn2d(dy, flipped kernel, down, up, adjoint_pads):
+    # it must be the exact transpose, <f(x), dy> = <x, f*(dy)>, and land on x's shape
+    x, kernel = rand(1, 2, 7, 6), rand(3, 4, seed=1)
+    y = upfirdn2d(x, kernel, up=up, down=down, pad=pad)
+    dy = rand(*y.shape, seed=2)
+    pads = adjoint_pads(tuple(x.shape[2:]), tuple(y.shape[2:]), tuple(kernel.shape), up, down, pad)
+    dx = upfirdn2d(dy, kernel.flip((0, 1)), up=down, down=up, pad=pads)
+    assert dx.shape == x.shape
+    torch.testing.assert_close((y * dy).sum(), (x * dx).sum())
 
 
 @pytest.mark.parametrize("up,down,pad", [(1, 1, (1, 2, 2, 1)), (2, 1, (2, 1)), (1, 2, (1, 1)), (2, 2, (1, 0, -1, 2))])

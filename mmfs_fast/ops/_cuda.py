@@ -46,18 +46,12 @@ def _upfirdn2d_setup(ctx, inputs, output):
     ctx.in_size, ctx.out_size = x.shape[2:], output.shape[2:]
 
 
-def _adjoint_pads(in_size: int, out_size: int, k: int, up: int, down: int, pad0: int) -> tuple[int, int]:
-    """Pads of the upfirdn2d (up and down swapped, kernel flipped) that is the adjoint of one axis."""
-    return k - pad0 - 1, in_size * up - out_size * down + pad0 - up + 1
-
-
 def _upfirdn2d_backward(ctx, grad):
     """The FIR taps are constants (registered buffers): only x gets a gradient."""
+    from mmfs_fast.ops.upfirdn2d import adjoint_pads
+
     kernel, = ctx.saved_tensors
-    (in_h, in_w), (out_h, out_w) = ctx.in_size, ctx.out_size
-    x0, _, y0, _ = ctx.pad
-    pad = (*_adjoint_pads(in_w, out_w, kernel.shape[1], ctx.up, ctx.down, x0),
-           *_adjoint_pads(in_h, out_h, kernel.shape[0], ctx.up, ctx.down, y0))
+    pad = adjoint_pads(ctx.in_size, ctx.out_size, kernel.shape, ctx.up, ctx.down, ctx.pad)
     return _ops.upfirdn2d(grad, kernel.flip((0, 1)), ctx.down, ctx.up, pad), None, None, None, None
 
 

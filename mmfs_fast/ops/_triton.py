@@ -34,10 +34,10 @@ def _upfirdn2d_setup(ctx, inputs, output):
 
 def _upfirdn2d_backward(ctx, dy):
     """The FIR taps are constants (registered buffers): only x gets a gradient."""
-    from mmfs_fast.kernels.upfirdn2d import grad_pads
+    from mmfs_fast.ops.upfirdn2d import adjoint_pads
 
     kernel, = ctx.saved_tensors
-    pad = grad_pads(ctx.in_shape, ctx.out_shape, kernel.shape, ctx.up, ctx.down, ctx.pad)
+    pad = adjoint_pads(ctx.in_shape[2:], ctx.out_shape[2:], kernel.shape, ctx.up, ctx.down, ctx.pad)
     dx = _upfirdn2d(dy.contiguous(), kernel.flip((0, 1)).contiguous(), ctx.down, ctx.up, list(pad))
     return dx, None, None, None, None
 

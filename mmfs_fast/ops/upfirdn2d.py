@@ -37,6 +37,15 @@ def output_size(in_size: int, k: int, up: int, down: int, pad0: int, pad1: int) 
     return (in_size * up + pad0 + pad1 - k) // down + 1
 
 
+def adjoint_pads(in_size: tuple[int, int], out_size: tuple[int, int], kernel_size: tuple[int, int], up: int,
+                 down: int, pad: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """Pads (x0, x1, y0, y1) that make ``upfirdn2d(dy, flipped kernel, up=down, down=up)``
+    the input gradient of ``upfirdn2d(x, kernel, up, down, pad)``; sizes are (H, W)."""
+    (h, w), (out_h, out_w), (kh, kw) = in_size, out_size, kernel_size
+    return (kw - pad[0] - 1, w * up - out_w * down + pad[0] - up + 1,
+            kh - pad[2] - 1, h * up - out_h * down + pad[2] - up + 1)
+
+
 def _check(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int, pad: tuple[int, int, int, int]) -> None:
     if x.ndim != 4:
         raise ValueError(f"upfirdn2d: x must be (N, C, H, W), got shape {tuple(x.shape)}")
