@@ -7,6 +7,7 @@ Each op module keeps a dict ``impl name -> function``; the public op calls
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import warnings
 from typing import Collection
@@ -27,23 +28,33 @@ _HOW_TO_GET = {
 }
 
 
-@functools.cache
-def cuda_extension():
-    """The compiled extension module, or None when it was not built."""
+def _load_cuda_extension():
+    if importlib.util.find_spec("mmfs_fast._C") is None:
+        return None
     try:
         from mmfs_fast import _C
-    except ImportError:
+    except ImportError as e:  # built, but against another torch or CUDA: say so instead of hiding it
+        warnings.warn(f"mmfs_fast: the CUDA extension is installed but does not load ({e}); the cuda backend "
+                      "is off. Rebuild it against this torch: pip install --no-build-isolation .", RuntimeWarning)
         return None
     return _C
 
 
-@functools.cache
+# Settled once at import: the checks below then read constants, which torch.compile
+# (fullgraph=True) traces through without a graph break. Finding triton's spec does
+# not import it (slow); kernels/ import it on first use.
+_CUDA_EXTENSION = _load_cuda_extension()
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def cuda_extension():
+    """The compiled extension module (importing it registers torch.ops.mmfs_fast.*), or None
+    when it was not built."""
+    return _CUDA_EXTENSION
+
+
 def triton_installed() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def triton_interpreting() -> bool:
@@ -52,7 +63,7 @@ def triton_interpreting() -> bool:
 
 def installed(impl: str) -> bool:
     """Whether the machinery behind ``impl`` is present (built extension, triton package)."""
-    return {"ref": True, "cuda": cuda_extension() is not None, "triton": triton_installed()}[impl]
+    return {"ref": True, "cuda": _CUDA_EXTENSION is not None, "triton": _TRITON_INSTALLED}[impl]
 
 
 def can_run(impl: str, x: torch.Tensor) -> bool:
