@@ -151,6 +151,8 @@ def run_stylize(args) -> int:
         raise UsageError("--batch-size must be >= 1")
     if (args.text or args.ref) and not (args.clip_weights or args.random_init):
         raise UsageError("--text and --ref need CLIP: pass --clip-weights ViT-B-32.pt")
+    if args.paste_back and not args.align:
+        raise UsageError("--paste-back pastes aligned faces back: it needs --align")
     files = expand_inputs(args.inputs)
     if not files:
         raise UsageError("no input images found")

@@ -119,6 +119,7 @@ def test_stylize_all_good_exits_zero_and_env_pixel_limit(ckpt, inputs, tmp_path)
     (["--ckpt", "{ckpt}", "--text", "a", "--ref", "b"], "not allowed with"),
     (["--ckpt", "{ckpt}", "--text", "a sketch"], "--clip-weights"),
     (["--ckpt", "{ckpt}", "--batch-size", "0"], "--batch-size"),
+    (["--ckpt", "{ckpt}", "--paste-back"], "needs --align"),
 ])
 def test_stylize_usage_errors_exit_2(ckpt, inputs, tmp_path, capsys, args, message):
     args = [a.format(ckpt=ckpt, text=inputs / "bad" / "text.png") for a in args]
