@@ -48,8 +48,11 @@ def cuda_extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
 
     force = os.environ.get("MMFS_FAST_FORCE_CUDA") == "1"
-    if not force and (torch.version.cuda is None or CUDA_HOME is None):
-        why = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)"
+    # CUDA_HOME can name a folder without a compiler (an env var left over, a runtime-only install)
+    has_nvcc = CUDA_HOME is not None and os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if not force and (torch.version.cuda is None or not has_nvcc):
+        why = ("torch is a CPU-only build" if torch.version.cuda is None
+               else f"nvcc was not found (CUDA_HOME={CUDA_HOME}; set it to the CUDA toolkit)")
         print(f"mmfs_fast: building without the CUDA extension because {why}; "
               "the triton and ref backends remain.", file=sys.stderr)
         return [], {}
