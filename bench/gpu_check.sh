@@ -5,7 +5,8 @@
 #   DRY_RUN=1 bash bench/gpu_check.sh OUTDIR  # anywhere: same phases at CPU scale, no install
 #
 # Writes into OUTDIR: env.txt, install.log, pytest.log + junit.xml (tests/), bench-e2e.json +
-# bench-e2e.log, bench-ops.json + bench-ops.log, summary.md, status.txt. Every phase is
+# bench-e2e.log, bench-apps.json + bench-apps.log (training, HTTP service, faces), bench-ops.json +
+# bench-ops.log, summary.md, status.txt. Every phase is
 # time-boxed so the whole run ends within TOTAL_SECONDS (default 530: 9 minutes on an H100
 # minus margin); a benchmark phase cut short still writes the results it has (SIGINT
 # makes pytest-benchmark save its JSON). Wheels in ./.whl (see bench/README.md) are
@@ -58,6 +59,7 @@ if [ "$DRY_RUN" = 1 ]; then
     PYTEST=("$PY" -m pytest)  # the source tree stands in for the installed package
     TEST_ARGS=(tests --co -q)
     E2E_ARGS=(-k "eager-fp32-ref and image_to_wplus")
+    APPS_ARGS=(-k "test_train_iteration[1] or test_serve[1] or test_detect_align[1]")
     OPS_ARGS=(-k "bias_act and ref and not fwdbwd")
 else
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -70,6 +72,7 @@ else
         || log "install failed: the tests and benchmarks below run on whatever is importable"
     TEST_ARGS=(tests -q -ra)
     E2E_ARGS=()
+    APPS_ARGS=()
     OPS_ARGS=()
 fi
 
@@ -81,7 +84,8 @@ fi
 missing=$("$PY" -c "
 import importlib.util as u
 print(' '.join(m for m in ('open_clip', 'timm', 'torchvision', 'ftfy', 'regex', 'huggingface_hub', 'yaml',
-                         'safetensors', 'tqdm', 'pytest_benchmark', 'cpuinfo')
+                         'safetensors', 'tqdm', 'pytest_benchmark', 'cpuinfo',
+                         'fastapi', 'uvicorn', 'multipart', 'httpx', 'av', 'dlib', 'skimage')
                if u.find_spec(m) is None))")
 [ -n "$missing" ] && log "missing modules: $missing (bring wheels in .whl: see bench/README.md)"
 
@@ -89,13 +93,17 @@ phase tests "$OUT/pytest.log" 200 200 "${PYTEST[@]}" "${TEST_ARGS[@]}" --junitxm
 tests_rc=$?
 tail -n 3 "$OUT/pytest.log" | tee -a "$OUT/status.txt"
 
-phase bench-e2e "$OUT/bench-e2e.log" 170 100 "${PYTEST[@]}" bench/test_bench_e2e.py -q \
+phase bench-e2e "$OUT/bench-e2e.log" 170 150 "${PYTEST[@]}" bench/test_bench_e2e.py -q \
     --benchmark-json="$OUT/bench-e2e.json" --benchmark-columns=median,iqr,rounds,iterations "${E2E_ARGS[@]}"
+# training s/iter, HTTP service, faces: few rounds each, in that order (a cut keeps training)
+phase bench-apps "$OUT/bench-apps.log" 100 50 "${PYTEST[@]}" bench/test_bench_train.py bench/test_bench_serve.py \
+    bench/test_bench_faces.py -q -ra --benchmark-json="$OUT/bench-apps.json" \
+    --benchmark-columns=median,iqr,rounds,iterations "${APPS_ARGS[@]}"
 phase bench-ops "$OUT/bench-ops.log" 170 10 "${PYTEST[@]}" bench/test_bench_ops.py -q \
     --benchmark-json="$OUT/bench-ops.json" --benchmark-columns=median,iqr,rounds,iterations "${OPS_ARGS[@]}"
 
 jsons=()
-for f in "$OUT/bench-e2e.json" "$OUT/bench-ops.json"; do [ -s "$f" ] && jsons+=("$f"); done
+for f in "$OUT/bench-e2e.json" "$OUT/bench-apps.json" "$OUT/bench-ops.json"; do [ -s "$f" ] && jsons+=("$f"); done
 if [ ${#jsons[@]} -gt 0 ]; then
     "$PY" bench/summarize.py "${jsons[@]}" -o "$OUT/summary.md" && log "summary: $OUT/summary.md"
 else

@@ -3,7 +3,8 @@
     python bench/summarize.py RESULT.json [MORE.json ...] [-o summary.md]
 
 Tables: the targets (as tracked in README), end to end (ms, img/s, speed-up against
-eager fp32 and torch.compile, peak memory), fine-tuning, and per op (time per model
+eager fp32 and torch.compile, peak memory), fine-tuning, the HTTP service (req/s,
+p50/p99), faces (faces/s, video fps), training (s/iter per stage), and per op (time per model
 forward, speed-up against ref, fraction of the GPU's peak), then every op case.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ BASELINE, COMPILED, FASTEST = "eager-fp32-ref", "compile-fp32-ref", "mmfs-fast"
 SCENARIOS = ("image_to_wplus", "text_to_wplus", "random_sampling", "guided_stylization")
 PAPER_V100_MS = {"image_to_wplus": 6.54, "text_to_wplus": 6.59, "random_sampling": 15.59,
                  "guided_stylization": 15.85}
+PAPER_V100_S_PER_ITER = 1.8  # training, SPEC §6 / issue 9
 OP_IMPLS = ("ref", "compile", "cuda", "triton")
 
 
@@ -165,6 +167,54 @@ def op_tables(benchmarks: list[dict]) -> tuple[list[str], list[str]]:
     return (summary, detail) if ops else ([], [])
 
 
+def by_task(benchmarks: list[dict], *tasks: str) -> list[dict]:
+    return [b for b in benchmarks if b["extra_info"].get("task") in tasks]
+
+
+def serve_table(benchmarks: list[dict]) -> list[str]:
+    rows = sorted(by_task(benchmarks, "serve"), key=lambda b: b["extra_info"]["concurrency"])
+    lines = ["| concurrent clients | requests per round | req/s | p50 ms | p99 ms | face size |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for b in rows:
+        info = b["extra_info"]
+        lines.append(f"| {info['concurrency']} | {info['requests']} | {info['requests_per_s']:.1f} | "
+                     f"{info['p50_ms']:.1f} | {info['p99_ms']:.1f} | {info['size']}² |")
+    return lines if rows else []
+
+
+def faces_table(benchmarks: list[dict]) -> list[str]:
+    rows = by_task(benchmarks, "detect_align", "video")
+    lines = ["| task | input | ms per photo or clip | rate |", "|---|---|---:|---:|"]
+    for b in sorted(rows, key=lambda b: (b["extra_info"]["task"], b["extra_info"].get("faces", 0))):
+        info = b["extra_info"]
+        if info["task"] == "detect_align":
+            what = f"{info['photo']} photo, {info['faces']} face(s) → {info['crop']}² crops"
+            rate = f"{info['faces_per_s']:.1f} faces/s"
+        else:
+            what = f"{info['frames']} frames of {info['frame']}, {info['size']}² model, {info['precision']}"
+            rate = f"{info['fps']:.1f} fps"
+        lines.append(f"| {info['task']} | {what} | {ms(median(b))} | {rate} |")
+    return lines if rows else []
+
+
+def train_table(benchmarks: list[dict]) -> list[str]:
+    """s/iter per stage; Stage II with its lazy R1 amortised (one R1 step in every r1_every)."""
+    rows = {b["extra_info"]["case"]: b for b in by_task(benchmarks, "train")}
+    lines = ["| stage | size | batch | precision | s/iter | iter/s |", "|---|---:|---:|---|---:|---:|"]
+    for _, b in sorted(rows.items()):
+        info = b["extra_info"]
+        label = f"{info['stage']}" + (" (an R1 step)" if info["r1"] else "")
+        lines.append(f"| {label} | {info['size']}² | {info['batch']} | {info['precision']} | "
+                     f"{info['seconds_per_iter']:.3f} | {info['iters_per_s']:.2f} |")
+    if "2" in rows and "2+r1" in rows:
+        info, every = rows["2"]["extra_info"], rows["2"]["extra_info"]["r1_every"]
+        plain, r1 = info["seconds_per_iter"], rows["2+r1"]["extra_info"]["seconds_per_iter"]
+        amortised = plain + (r1 - plain) / every
+        lines.append(f"| 2 (R1 every {every}, amortised) | {info['size']}² | {info['batch']} | {info['precision']} | "
+                     f"{amortised:.3f} | {1 / amortised:.2f} |")
+    return lines if rows else []
+
+
 def summarize(benchmarks: list[dict], env: dict) -> str:
     e2e = e2e_index(benchmarks)
     cpu = env.get("device_type") == "cpu"
@@ -183,6 +233,14 @@ def summarize(benchmarks: list[dict], env: dict) -> str:
         out += ["## Targets", ""] + targets_table(e2e, judge=env.get("profile") == "gpu-512") + ["", "## End to end", ""] + e2e_table(e2e) + [""]
         fine = finetune_table(e2e)
         out += ["## Fine-tuning", ""] + fine + [""] if fine else []
+    serve, faces, train = serve_table(benchmarks), faces_table(benchmarks), train_table(benchmarks)
+    if serve:
+        out += ["## HTTP service: POST /v1/stylize (seed styles)", ""] + serve + [""]
+    if faces:
+        out += ["## Faces: detection + alignment, video", ""] + faces + [""]
+    if train:
+        out += ["## Training: one iteration (train_step + EMA)", "",
+                f"Paper: ≈ {PAPER_V100_S_PER_ITER} s/iter on a V100 at 512², batch 8.", ""] + train + [""]
     summary, detail = op_tables(benchmarks)
     if summary:
         out += ["## Ops: time of all calls in one Stylizer + Discriminator forward", "",
