@@ -146,11 +146,15 @@ MODCONV_CASES = {  # (batch, in, out, h, w, k, demodulate, up, down)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", MODCONV_CASES.values(), ids=MODCONV_CASES.keys())
 def test_modulated_conv2d_matches_ref(case, dtype):
+    check_modulated_conv2d(case, dtype)
+
+
+def check_modulated_conv2d(case, dtype, **tolerance):
     b, i, o, h, w, k, demodulate, up, down = case
     inputs = [randn(b, i, h, w), randn(o, i, k, k, seed=1) / (i * k * k) ** 0.5, randn(b, i, seed=2) + 1]
     results = run_both(lambda x, wt, s, impl: modulated_conv2d(x, wt, s, demodulate, up, down, impl=impl),
                        inputs, dtype)
-    assert_matches_ref(results, dtype)
+    assert_matches_ref(results, dtype, **tolerance)
 
 
 def test_modulated_conv2d_padding_and_second_order():
@@ -222,11 +226,7 @@ FULL_MODCONV = {  # the decoder at 512² and batch 4: first conv, an up conv, th
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("case", FULL_MODCONV.values(), ids=FULL_MODCONV.keys())
 def test_full_size_modulated_conv2d(case, dtype):
-    b, i, o, h, w, k, demodulate, up, down = case
-    inputs = [randn(b, i, h, w), randn(o, i, k, k, seed=1) / (i * k * k) ** 0.5, randn(b, i, seed=2) + 1]
-    results = run_both(lambda x, wt, s, impl: modulated_conv2d(x, wt, s, demodulate, up, down, impl=impl),
-                       inputs, dtype)
-    assert_matches_ref(results, dtype, floor=1e-3)
+    check_modulated_conv2d(case, dtype, floor=1e-3)
 
 
 @pytest.mark.gpu
