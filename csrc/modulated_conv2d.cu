@@ -18,8 +18,9 @@ constexpr int kWarp = 32;
 __global__ void __launch_bounds__(kThreads)
     demod_kernel(const float* __restrict__ weight, const float* __restrict__ styles, float* __restrict__ demod,
                  int batch, int out_channels, int in_channels, int taps) {
-  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarp, lane = threadIdx.x % kWarp;
-  if (warp >= batch * out_channels) return;  // whole warps leave together: the shuffles below stay full
+  const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (warp >= int64_t(batch) * out_channels) return;  // whole warps leave together: the shuffles below stay full
   const int b = warp / out_channels, o = warp % out_channels, reduction = in_channels * taps;
   float sum = 0.f;
   for (int r = lane; r < reduction; r += kWarp) {
@@ -140,8 +141,8 @@ at::Tensor modulated_conv2d(const at::Tensor& x, const at::Tensor& weight, const
               " must be (O, ", in_channels, ", k, k)");
   TORCH_CHECK(styles.size(0) == batch && styles.size(1) == in_channels, op, ": styles must be (", batch, ", ",
               in_channels, "), got ", styles.sizes());
-  TORCH_CHECK(stride >= 1 && padding >= 0, op, ": stride must be >= 1 and padding >= 0, got ", stride, " and ",
-              padding);
+  TORCH_CHECK(stride >= 1 && padding >= 0 && stride < (1 << 15) && padding < (1 << 15), op,
+              ": stride must be in [1, 32767] and padding in [0, 32767], got ", stride, " and ", padding);
   TORCH_CHECK(batch <= 65535 && out_channels * in_channels * k * k < (int64_t(1) << 31) &&
                   x.size(2) < (int64_t(1) << 15) && x.size(3) < (int64_t(1) << 15),
               op, ": sizes out of range: x ", x.sizes(), ", weight ", weight.sizes());
@@ -153,6 +154,7 @@ at::Tensor modulated_conv2d(const at::Tensor& x, const at::Tensor& weight, const
                   (transposed || x.size(3) + 2 * padding >= k),
               op, ": input ", x.sizes(), " with kernel ", k, ", stride ", stride, ", padding ", padding,
               " leaves an empty output");
+  TORCH_CHECK(out_h * out_w < (int64_t(1) << 31), op, ": output of ", out_h, "x", out_w, " is too large");
 
   at::Tensor out = empty_with_layout_of(x, {batch, out_channels, out_h, out_w});
   if (out.numel() == 0) return out;

@@ -113,7 +113,8 @@ void launch(const at::Tensor& x, const at::Tensor& taps, at::Tensor& out, const 
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   const float* taps_data = taps.const_data_ptr<float>();
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-  const bool tiled = p.kernel_h == kFirSize && p.kernel_w == kFirSize && p.up * p.down <= 2;
+  const bool tiled = p.kernel_h == kFirSize && p.kernel_w == kFirSize && p.up * p.down <= 2 &&
+                     ceil_div(p.out_h, kTile) <= 65535;  // gridDim.y's limit
   if (tiled) {
     const dim3 grid(ceil_div(p.out_w, kTile), ceil_div(p.out_h, kTile), std::min(p.planes, 65535));
     if (p.up == 2) {

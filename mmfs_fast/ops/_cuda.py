@@ -122,12 +122,13 @@ def _modulated_conv2d_backward(ctx, grad):
     from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS
 
     x, weight, styles, out = ctx.saved_tensors
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 sums for fp16/bf16 activations
     s = styles.to(x.dtype)[:, :, None, None]
     if ctx.demodulate:
-        weight_sq = weight.float().square().sum((2, 3))  # (O, I)
-        demod = torch.rsqrt(styles.float().square() @ weight_sq.T + DEMOD_EPS)  # (B, O)
+        weight_sq = weight.to(acc).square().sum((2, 3))  # (O, I)
+        demod = torch.rsqrt(styles.to(acc).square() @ weight_sq.T + DEMOD_EPS)  # (B, O)
         # out = demod · undemodulated, so d loss / d demod = sum(grad · out) / demod.
-        grad_demod = (grad.float() * out.float()).sum((2, 3)) / demod
+        grad_demod = (grad.to(acc) * out.to(acc)).sum((2, 3)) / demod
         grad = grad * demod.to(grad.dtype)[:, :, None, None]
     conv_weight = weight.to(x.dtype)
     if ctx.transposed:
@@ -137,14 +138,14 @@ def _modulated_conv2d_backward(ctx, grad):
         [True, True, False])
     if ctx.transposed:
         grad_weight = grad_weight.transpose(0, 1)
-    grad_weight = grad_weight.float()
-    grad_styles = (grad_xs.float() * x.float()).sum((2, 3))
+    grad_weight = grad_weight.to(acc)
+    grad_styles = (grad_xs.to(acc) * x.to(acc)).sum((2, 3))
     if ctx.demodulate:
         # d demod / d(sum of squares) = -demod³ / 2; the sum of squares is s² · W² summed over I and taps.
         # (the ½ of the rsqrt's derivative cancels the 2 of the squares' derivatives)
         grad_sum_sq = -grad_demod * demod.pow(3)  # (B, O)
-        grad_styles = grad_styles + styles.float() * (grad_sum_sq @ weight_sq)
-        grad_weight = grad_weight + weight.float() * (grad_sum_sq.T @ styles.float().square())[:, :, None, None]
+        grad_styles = grad_styles + styles.to(acc) * (grad_sum_sq @ weight_sq)
+        grad_weight = grad_weight + weight.to(acc) * (grad_sum_sq.T @ styles.to(acc).square())[:, :, None, None]
     return (grad_xs * s, grad_weight.to(weight.dtype), grad_styles.to(styles.dtype), None, None, None, None)
 
 

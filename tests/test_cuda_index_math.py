@@ -1,0 +1,477 @@
+"""The index math of csrc/ checked on the CPU, without a GPU.
+
+Each kernel of csrc/upfirdn2d.cu, csrc/modulated_conv2d.cu and csrc/bias_act.cu is
+transcribed here block by block and thread by thread (threads vectorised with numpy, C's
+truncating `/` and `%` kept), reading and writing flat buffers through the tensors' strides,
+and compared with the ref ops. Shared-memory tiles start as NaN and every read of them is
+bounds-checked, so a too-small halo or an unloaded entry shows; outputs start as NaN and
+count their writes, so a missed or doubled output shows. The backward formulas of
+mmfs_fast/ops/_cuda.py are checked with gradcheck/gradgradcheck around ref forwards of the
+raw ops' semantics.
+"""
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmfs_fast.ops import _cuda
+from mmfs_fast.ops.bias_act import bias_act_ref
+from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS, modulated_conv2d_ref
+from mmfs_fast.ops.upfirdn2d import upfirdn2d_ref
+
+THREADS = 256
+
+
+def c_div(a, b):
+    """C's integer division (truncation toward zero), b > 0."""
+    a = np.asarray(a)
+    return np.sign(a) * (np.abs(a) // b)
+
+
+def c_mod(a, b):
+    return np.asarray(a) - b * c_div(a, b)
+
+
+def ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def flat(t: torch.Tensor) -> np.ndarray:
+    """The storage of a dense tensor, as the kernel sees it through data_ptr."""
+    assert t.storage_offset() == 0
+    return t.detach().as_strided((t.numel(),), (1,)).numpy().copy()
+
+
+class Output:
+    """A kernel's output buffer, laid out like ``tensor``; NaN until written, and each offset
+    counts its writes."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.data = np.full(self.tensor.numel(), np.nan)
+        self.writes = np.zeros(self.tensor.numel(), dtype=np.int64)
+        self.strides = self.tensor.stride()
+
+    def write(self, offsets, values):
+        np.add.at(self.writes, offsets, 1)
+        self.data[offsets] = values
+
+    def result(self) -> torch.Tensor:
+        assert (self.writes == 1).all(), "some outputs were written never or twice"
+        return torch.as_strided(torch.from_numpy(self.data), self.tensor.shape, self.strides)
+
+
+def offset(strides, n, c, y, x):
+    return n * strides[0] + c * strides[1] + y * strides[2] + x * strides[3]
+
+
+# ---------------------------------------------------------------- upfirdn2d.cu
+
+TILE, FIR = 32, 4
+
+
+def kernel_floor_div(a, b):
+    a = np.asarray(a)
+    return c_div(np.where(a >= 0, a, a - b + 1), b)
+
+
+def upfirdn2d_host(x, kernel, up, down, pad):
+    """upfirdn2d() and launch(): output size, the kernel choice, the grid."""
+    n, c, h, w = x.shape
+    kh, kw = kernel.shape
+    out_h = c_div(h * up + pad[2] + pad[3] - kh, down) + 1
+    out_w = c_div(w * up + pad[0] + pad[1] - kw, down) + 1
+    out = Output(_cuda._empty_with_layout_of(x, (n, c, int(out_h), int(out_w))))
+    p = types.SimpleNamespace(x=flat(x), x_stride=x.stride(), taps=kernel.double().flatten().numpy(), out=out,
+                              channels=c, planes=n * c, in_h=h, in_w=w, out_h=int(out_h), out_w=int(out_w), up=up,
+                              down=down, pad_x0=pad[0], pad_y0=pad[2], kernel_h=kh, kernel_w=kw)
+    if kh == FIR and kw == FIR and up * down <= 2 and ceil_div(p.out_h, TILE) <= 65535:
+        grid = (ceil_div(p.out_w, TILE), ceil_div(p.out_h, TILE), min(p.planes, 65535))
+        upfirdn2d_tiled_kernel(p, grid, up, down)
+    else:
+        upfirdn2d_generic_kernel(p)
+    return out.result()
+
+
+def upfirdn2d_generic_kernel(p):
+    idx = np.arange(p.planes * p.out_h * p.out_w)  # the grid-stride loop covers each index once
+    ox = idx % p.out_w
+    oy = (idx // p.out_w) % p.out_h
+    plane = idx // (p.out_w * p.out_h)
+    n, c = plane // p.channels, plane % p.channels
+    uy, ux = oy * p.down - p.pad_y0, ox * p.down - p.pad_x0
+    acc = np.zeros(idx.shape)
+    # for (ty = first_tap(uy, up); ty < kernel_h; ty += up), and likewise tx, for each thread
+    ty_first = c_mod(c_mod(-uy, p.up) + p.up, p.up)
+    tx_first = c_mod(c_mod(-ux, p.up) + p.up, p.up)
+    for ty in range(p.kernel_h):
+        for tx in range(p.kernel_w):
+            active = (ty >= ty_first) & ((ty - ty_first) % p.up == 0)
+            active &= (tx >= tx_first) & ((tx - tx_first) % p.up == 0)
+            iy, ix = c_div(uy + ty, p.up), c_div(ux + tx, p.up)
+            active &= (iy >= 0) & (iy < p.in_h) & (ix >= 0) & (ix < p.in_w)
+            tap = p.taps[(p.kernel_h - 1 - ty) * p.kernel_w + (p.kernel_w - 1 - tx)]
+            acc[active] += p.x[offset(p.x_stride, n, c, iy, ix)[active]] * tap
+    p.out.write(offset(p.out.strides, n, c, oy, ox), acc)
+
+
+def upfirdn2d_tiled_kernel(p, grid, up, down):
+    in_tile = ((TILE - 1) * down + FIR - 1) // up + 2
+    flipped = np.array([p.taps[FIR * FIR - 1 - t] for t in range(FIR * FIR)]).reshape(FIR, FIR)
+    i_load = np.arange(in_tile * in_tile)  # for (i = threadIdx.x; i < in_tile²; i += kThreads), all threads
+    i_out = np.arange(TILE * TILE)
+    for bz in range(grid[2]):
+        for by in range(grid[1]):
+            for bx in range(grid[0]):
+                oy0, ox0 = by * TILE, bx * TILE
+                iy0 = kernel_floor_div(oy0 * down - p.pad_y0, up)
+                ix0 = kernel_floor_div(ox0 * down - p.pad_x0, up)
+                for plane in range(bz, p.planes, grid[2]):
+                    n, c = plane // p.channels, plane % p.channels
+                    tile = np.full((in_tile, in_tile + 1), np.nan)
+                    iy, ix = iy0 + i_load // in_tile, ix0 + i_load % in_tile
+                    inside = (iy >= 0) & (iy < p.in_h) & (ix >= 0) & (ix < p.in_w)
+                    values = np.zeros(i_load.shape)
+                    values[inside] = p.x[offset(p.x_stride, n, c, iy, ix)[inside]]
+                    tile[i_load // in_tile, i_load % in_tile] = values
+                    oy, ox = oy0 + i_out // TILE, ox0 + i_out % TILE
+                    live = (oy < p.out_h) & (ox < p.out_w)
+                    oy, ox = oy[live], ox[live]
+                    uy, ux = oy * down - p.pad_y0, ox * down - p.pad_x0
+                    acc = np.zeros(oy.shape)
+                    for ty in range(FIR):
+                        for tx in range(FIR):
+                            hit = (c_mod(uy + ty, up) == 0) & (c_mod(ux + tx, up) == 0)
+                            row = kernel_floor_div(uy + ty, up)[hit] - iy0
+                            col = kernel_floor_div(ux + tx, up)[hit] - ix0
+                            assert ((row >= 0) & (row < in_tile) & (col >= 0) & (col < in_tile)).all(), "halo"
+                            read = tile[row, col]
+                            assert not np.isnan(read).any(), "read an unloaded tile entry"
+                            acc[hit] += read * flipped[ty, tx]
+                    p.out.write(offset(p.out.strides, n, c, oy, ox), acc)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def layout(x, channels_last):
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+UPFIRDN2D_CASES = [
+    # (up, down, pad, kernel shape, input size): the tiled kernel's three variants with the pads
+    # MMFS uses, crops, odd sizes spanning several tiles; then the generic kernel.
+    (2, 1, (2, 1, 2, 1), (4, 4), (35, 33)),
+    (2, 1, (1, 2, 2, 1), (4, 4), (3, 5)),
+    (2, 1, (-3, 4, 5, -2), (4, 4), (17, 34)),
+    (1, 1, (1, 1, 1, 1), (4, 4), (40, 37)),
+    (1, 1, (2, 2, 2, 2), (4, 4), (1, 1)),
+    (1, 1, (-1, 2, 3, -2), (4, 4), (40, 37)),
+    (1, 2, (1, 1, 1, 1), (4, 4), (67, 66)),
+    (1, 2, (2, 1, -2, 3), (4, 4), (9, 70)),
+    (1, 2, (0, 0, 0, 0), (4, 4), (4, 4)),
+    (3, 2, (2, -1, 0, 3), (5, 3), (9, 7)),
+    (2, 2, (1, 2, 0, 3), (4, 4), (10, 11)),
+    (1, 3, (-1, 2, 3, -2), (4, 3), (13, 8)),
+    (1, 1, (0, 0, 0, 0), (1, 1), (5, 6)),
+    (4, 1, (3, 4, 5, 6), (32, 32), (9, 8)),
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("up,down,pad,kernel_shape,size", UPFIRDN2D_CASES)
+def test_upfirdn2d_kernels_match_ref(up, down, pad, kernel_shape, size, channels_last):
+    x = layout(rand(2, 3, *size), channels_last)
+    kernel = rand(*kernel_shape, seed=1)
+    got = upfirdn2d_host(x, kernel, up, down, pad)
+    torch.testing.assert_close(got, upfirdn2d_ref(x, kernel, up, down, pad), rtol=1e-12, atol=1e-12)
+    # a (1, 1) image is contiguous in both layouts, and then the output is plainly contiguous
+    expected_format = torch.channels_last if channels_last and size != (1, 1) else torch.contiguous_format
+    assert got.is_contiguous(memory_format=expected_format)
+
+
+def test_upfirdn2d_tiled_kernel_loops_over_more_planes_than_the_grid():
+    x = rand(1, 5, 6, 7)
+    kernel = rand(4, 4, seed=1)
+    n, c, h, w = x.shape
+    pad = (2, 1, 2, 1)
+    out = Output(_cuda._empty_with_layout_of(x, (n, c, 2 * h, 2 * w)))
+    p = types.SimpleNamespace(x=flat(x), x_stride=x.stride(), taps=kernel.flatten().numpy(), out=out, channels=c,
+                              planes=n * c, in_h=h, in_w=w, out_h=2 * h, out_w=2 * w, up=2, down=1, pad_x0=2, pad_y0=2,
+                              kernel_h=4, kernel_w=4)
+    upfirdn2d_tiled_kernel(p, (1, 1, 2), 2, 1)  # gridDim.z = 2 < 5 planes, as with more than 65535
+    torch.testing.assert_close(out.result(), upfirdn2d_ref(x, kernel, 2, 1, pad), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- modulated_conv2d.cu
+
+TILE_M, TILE_N, TILE_K, MICRO, LANES = 64, 64, 16, 4, 16
+
+
+def modconv_host(x, weight, styles, demodulate, transposed, stride, padding):
+    """modulated_conv2d(): output size, demod_kernel, the grid of modconv_kernel."""
+    batch, in_channels, h, w = x.shape
+    out_channels, k = weight.shape[0], weight.shape[2]
+
+    def out_size(size):
+        return (size - 1) * stride - 2 * padding + k if transposed else (size + 2 * padding - k) // stride + 1
+
+    out = Output(_cuda._empty_with_layout_of(x, (batch, out_channels, out_size(h), out_size(w))))
+    weight_f, styles_f = flat(weight.double().contiguous()), flat(styles.double().contiguous())
+    demod = demod_kernel(weight_f, styles_f, batch, out_channels, in_channels, k * k) if demodulate else None
+    p = types.SimpleNamespace(x=flat(x), x_stride=x.stride(), out=out, in_channels=in_channels, in_h=h, in_w=w,
+                              out_channels=out_channels, out_h=out_size(h), out_w=out_size(w), kernel_size=k,
+                              stride=stride, padding=padding)
+    grid = (ceil_div(p.out_h * p.out_w, TILE_N), ceil_div(out_channels, TILE_M), batch)
+    modconv_kernel(p, grid, weight_f, styles_f, demod, transposed)
+    return out.result()
+
+
+def demod_kernel(weight, styles, batch, out_channels, in_channels, taps):
+    blocks = ceil_div(batch * out_channels * 32, THREADS)
+    demod = np.full(batch * out_channels, np.nan)
+    reduction = in_channels * taps
+    for warp in range(blocks * THREADS // 32):
+        if warp >= batch * out_channels:
+            continue
+        b, o = warp // out_channels, warp % out_channels
+        lane_sums = np.zeros(32)
+        for lane in range(32):
+            r = np.arange(lane, reduction, 32)
+            w = weight[o * reduction + r] * styles[b * in_channels + r // taps]
+            lane_sums[lane] = (w * w).sum()
+        demod[warp] = 1 / math.sqrt(lane_sums.sum() + 1e-8)
+    return demod
+
+
+def modconv_kernel(p, grid, weight, styles, demod, transposed):
+    taps = p.kernel_size * p.kernel_size
+    reduction, pixels = p.in_channels * taps, p.out_h * p.out_w
+    thread = np.arange(THREADS)
+    lane_n, lane_m = thread % LANES, thread // LANES
+    micro = LANES * np.arange(MICRO)
+    e = np.arange(TILE_K * TILE_M)  # both staging loops: e = threadIdx.x + j * kThreads covers [0, 1024)
+    for b in range(grid[2]):
+        for by in range(grid[1]):
+            for bx in range(grid[0]):
+                m0, n0 = by * TILE_M, bx * TILE_N
+                acc = np.zeros((THREADS, MICRO, MICRO))
+                for k0 in range(0, reduction, TILE_K):
+                    weight_tile = np.full((TILE_K, TILE_M + 1), np.nan)
+                    k, m = e % TILE_K, e // TILE_K
+                    inside = (m0 + m < p.out_channels) & (k0 + k < reduction)
+                    values = np.zeros(e.shape)
+                    values[inside] = weight[((m0 + m) * reduction + k0 + k)[inside]]
+                    weight_tile[k, m] = values
+                    input_tile = np.full((TILE_K, TILE_N), np.nan)
+                    input_tile[e // TILE_N, e % TILE_N] = gather(p, b, n0 + e % TILE_N, k0 + e // TILE_N, styles,
+                                                                 transposed, reduction, pixels)
+                    a = weight_tile[:, lane_m[:, None] + micro]  # (k, thread, micro)
+                    c = input_tile[:, lane_n[:, None] + micro]
+                    assert not (np.isnan(a).any() or np.isnan(c).any()), "read an unstaged tile entry"
+                    acc += np.einsum("kti,ktj->tij", a, c)
+                for mi in range(MICRO):
+                    o = m0 + lane_m + LANES * mi
+                    for ni in range(MICRO):
+                        n = n0 + lane_n + LANES * ni
+                        live = (o < p.out_channels) & (n < pixels)
+                        scale = demod[b * p.out_channels + o[live]] if demod is not None else 1.0
+                        oy, ox = n[live] // p.out_w, n[live] % p.out_w
+                        p.out.write(offset(p.out.strides, b, o[live], oy, ox), acc[live, mi, ni] * scale)
+
+
+def gather(p, b, n, k, styles, transposed, reduction, pixels):
+    """The input tile's value for pixel n and reduction index k of sample b."""
+    value = np.zeros(n.shape)
+    live = (n < pixels) & (k < reduction)
+    i, tap = k // (p.kernel_size ** 2), k % (p.kernel_size ** 2)
+    ky, kx = tap // p.kernel_size, tap % p.kernel_size
+    oy, ox = n // p.out_w, n % p.out_w
+    if transposed:
+        sy, sx = oy + p.padding - ky, ox + p.padding - kx
+        iy, ix = c_div(sy, p.stride), c_div(sx, p.stride)
+        hit = (sy >= 0) & (sx >= 0) & (c_mod(sy, p.stride) == 0) & (c_mod(sx, p.stride) == 0)
+    else:
+        iy, ix = oy * p.stride - p.padding + ky, ox * p.stride - p.padding + kx
+        hit = np.ones(n.shape, dtype=bool)
+    live &= hit & (iy >= 0) & (iy < p.in_h) & (ix >= 0) & (ix < p.in_w)
+    value[live] = p.x[offset(p.x_stride, b, i, iy, ix)[live]] * styles[b * p.in_channels + i[live]]
+    return value
+
+
+def raw_modconv_ref(x, weight, styles, demodulate, transposed, stride, padding):
+    """The semantics of torch.ops.mmfs_fast.modulated_conv2d (ops.h) in plain torch."""
+    xs = x * styles[:, :, None, None]
+    if transposed:
+        out = F.conv_transpose2d(xs, weight.transpose(0, 1), stride=stride, padding=padding)
+    else:
+        out = F.conv2d(xs, weight, stride=stride, padding=padding)
+    if demodulate:
+        sum_sq = styles.square() @ weight.square().sum((2, 3)).T
+        out = out * torch.rsqrt(sum_sq + DEMOD_EPS)[:, :, None, None]
+    return out
+
+
+MODCONV_CASES = [
+    # (batch, in, out channels, k, size, transposed, stride, padding)
+    (2, 5, 6, 3, (7, 9), False, 1, 1),
+    (1, 67, 129, 3, (17, 13), False, 1, 1),
+    (3, 8, 4, 3, (5, 6), True, 2, 0),
+    (2, 70, 3, 1, (7, 9), False, 1, 0),
+    (2, 5, 6, 3, (8, 9), False, 2, 0),
+    (1, 3, 65, 3, (4, 5), True, 2, 0),
+    (2, 4, 3, 4, (5, 4), True, 3, 1),
+    (1, 3, 2, 5, (6, 7), False, 2, 2),
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("demodulate", [True, False], ids=["demod", "plain"])
+@pytest.mark.parametrize("batch,in_channels,out_channels,k,size,transposed,stride,padding", MODCONV_CASES)
+def test_modconv_kernel_matches_ref(batch, in_channels, out_channels, k, size, transposed, stride, padding,
+                                    demodulate, channels_last):
+    x = layout(rand(batch, in_channels, *size), channels_last)
+    weight = rand(out_channels, in_channels, k, k, seed=1)
+    styles = rand(batch, in_channels, seed=2)
+    args = (demodulate, transposed, stride, padding)
+    got = modconv_host(x, weight, styles, *args)
+    torch.testing.assert_close(got, raw_modconv_ref(x, weight, styles, *args), rtol=1e-10, atol=1e-10)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+# ---------------------------------------------------------------- bias_act.cu
+
+
+def bias_act_run(x, bias, slope, gain, clamp, dim, grad):
+    """run<kGrad>() and bias_act_kernel, kGrad = grad is not None: the bias entry of memory
+    offset i is (i / stride(dim)) % size(dim)."""
+    x = _cuda._walkable(x)
+    if grad is not None and grad.stride() != x.stride():
+        grad = torch.empty_like(x).copy_(grad)
+    out = Output(torch.empty_like(x))
+    i = np.arange(x.numel())
+    z = flat(x)
+    if bias is not None:
+        channel_stride = x.stride(dim) if x.shape[dim] > 1 else 1
+        z = z + bias.detach().numpy()[(i // channel_stride) % x.shape[dim]]
+    y = np.where(z > 0, z, z * slope) * gain
+    if grad is None:
+        out.write(i, y if clamp is None else np.where(y > clamp, clamp, np.where(y < -clamp, -clamp, y)))
+    else:
+        passes = np.ones(y.shape, dtype=bool) if clamp is None else (-clamp <= y) & (y <= clamp)
+        g = flat(grad) * gain
+        out.write(i, np.where(passes, np.where(z > 0, g, g * slope), 0.0))
+    return out.result()
+
+
+def bias_act_host(x, bias, slope, gain, clamp, dim):
+    return bias_act_run(x, bias, slope, gain, clamp, dim, None)
+
+
+def bias_act_grad_host(grad, x, bias, slope, gain, clamp, dim):
+    return bias_act_run(x, bias, slope, gain, clamp, dim, grad)
+
+
+@pytest.mark.parametrize("shape,dim,memory_format", [
+    ((3, 5, 6, 7), 1, torch.contiguous_format), ((3, 5, 6, 7), 1, torch.channels_last),
+    ((3, 5, 6, 7), 3, torch.channels_last), ((3, 5, 1, 1), 1, torch.channels_last), ((33, 7), 1, None),
+    ((4, 1, 5), 1, None), ((6, 5), 0, "transposed")])
+def test_bias_act_kernel_matches_ref(shape, dim, memory_format):
+    x = rand(*shape)
+    if memory_format == "transposed":  # dense but in neither layout: the kernel walks a copy
+        x = rand(*shape[::-1]).t()
+    elif memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    bias = rand(shape[dim], seed=1)
+    for slope, act, clamp in [(0.2, "lrelu", None), (0.0, "relu", 0.7), (1.0, "linear", 0.5)]:
+        want = bias_act_ref(x, bias, act, slope, math.sqrt(2), clamp, dim)
+        torch.testing.assert_close(bias_act_host(x.detach(), bias, slope, math.sqrt(2), clamp, dim), want.detach(),
+                                   rtol=1e-12, atol=1e-12)
+        upstream = rand(*shape, seed=2)
+        want_grad, = torch.autograd.grad(want, x, upstream)
+        got_grad = bias_act_grad_host(upstream, x.detach(), bias, slope, math.sqrt(2), clamp, dim)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the Python glue of _cuda.py
+
+
+@pytest.mark.parametrize("up,down", [(1, 1), (2, 1), (1, 2)])
+def test_cuda_backend_resampling_paths_match_ref(autograd_ops, up, down):
+    """_cuda.modulated_conv2d's composition (transposed conv + blur, blur + strided conv) on the
+    emulated kernels equals the official ref."""
+    x, weight, styles = rand(2, 4, 7, 6), rand(5, 4, 3, 3, seed=1), rand(2, 4, seed=2)
+    fir = torch.outer(*[torch.tensor([1.0, 2.0, 4.0, 1.0], dtype=torch.float64)] * 2)
+    fir = fir / fir.sum()  # asymmetric: a wrong flip shows
+    padding = 1 if up == down == 1 else 0
+    got = _cuda.modulated_conv2d(x, weight, styles, True, up, down, padding, fir)
+    want = modulated_conv2d_ref(x, weight, styles, True, up, down, padding, fir)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def autograd_op(forward, setup_context, backward):
+    """An op with the given forward and _cuda.py's setup_context and backward, as
+    torch.library.register_autograd wires them around the CUDA kernel."""
+    return type(forward.__name__, (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), setup_context=staticmethod(setup_context),
+        backward=staticmethod(backward))).apply
+
+
+@pytest.fixture
+def autograd_ops(monkeypatch):
+    """torch.ops.mmfs_fast as _cuda.py sees it, with the emulated kernels as forwards."""
+    ops = types.SimpleNamespace(
+        upfirdn2d=autograd_op(upfirdn2d_host, _cuda._upfirdn2d_setup, _cuda._upfirdn2d_backward),
+        bias_act=autograd_op(bias_act_host, _cuda._bias_act_setup, _cuda._bias_act_backward),
+        bias_act_grad=autograd_op(bias_act_grad_host, _cuda._bias_act_grad_setup, _cuda._bias_act_grad_backward),
+        modulated_conv2d=autograd_op(modconv_host, _cuda._modulated_conv2d_setup, _cuda._modulated_conv2d_backward))
+    monkeypatch.setattr(_cuda, "_ops", ops)
+    return ops
+
+
+@pytest.mark.parametrize("up,down,pad", [(2, 1, (2, 1, 2, 1)), (1, 2, (1, 1, 1, 1)), (3, 2, (2, -1, 0, 3))])
+def test_upfirdn2d_backward_formula(autograd_ops, up, down, pad):
+    x = rand(1, 2, 6, 5).requires_grad_()
+    kernel = rand(4, 3, seed=1)
+    op = lambda x: autograd_ops.upfirdn2d(x, kernel, up, down, pad)  # noqa: E731
+    assert torch.autograd.gradcheck(op, (x,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(op, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("slope,clamp", [(1.0, None), (0.0, 0.7), (0.2, None), (0.2, 0.7)])
+def test_bias_act_backward_formula(autograd_ops, slope, clamp):
+    x = rand(3, 4, 5).requires_grad_()
+    bias = rand(4, seed=1).requires_grad_()
+    op = lambda x, bias: autograd_ops.bias_act(x, bias, slope, math.sqrt(2), clamp, 1)  # noqa: E731
+    assert torch.autograd.gradcheck(op, (x, bias), fast_mode=True)
+    assert torch.autograd.gradgradcheck(op, (x, bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("demodulate", [True, False], ids=["demod", "plain"])
+@pytest.mark.parametrize("transposed,stride,padding", [(False, 1, 1), (True, 2, 0), (False, 2, 0)])
+def test_modconv_backward_formula(autograd_ops, demodulate, transposed, stride, padding):
+    x = rand(2, 3, 5, 4).requires_grad_()
+    weight = rand(2, 3, 3, 3, seed=1).requires_grad_()
+    styles = rand(2, 3, seed=2).requires_grad_()
+    op = lambda *t: autograd_ops.modulated_conv2d(*t, demodulate, transposed, stride, padding)  # noqa: E731
+    assert torch.autograd.gradcheck(op, (x, weight, styles), fast_mode=True)
+    assert torch.autograd.gradgradcheck(op, (x, weight, styles), fast_mode=True)
+
+
+def test_fake_kernels_agree_with_the_emulated_outputs():
+    x = rand(2, 3, 9, 7).contiguous(memory_format=torch.channels_last)
+    for pad, up, down in [((2, 1, 2, 1), 2, 1), ((-1, 2, 3, -2), 1, 2), ((2, -1, 0, 3), 3, 2)]:
+        kernel = rand(4, 3, seed=1)
+        fake = _cuda._upfirdn2d_fake(x, kernel, up, down, pad)
+        got = upfirdn2d_host(x, kernel, up, down, pad)
+        assert fake.shape == got.shape and fake.stride() == got.stride()
+    weight, styles = rand(4, 3, 3, 3), rand(2, 3)
+    for transposed, stride, padding in [(False, 1, 1), (True, 2, 0), (False, 2, 0)]:
+        fake = _cuda._modulated_conv2d_fake(x, weight, styles, True, transposed, stride, padding)
+        got = modconv_host(x, weight, styles, True, transposed, stride, padding)
+        assert fake.shape == got.shape and fake.stride() == got.stride()
