@@ -1,0 +1,118 @@
+// Runs the CUDA kernels of csrc/ on the CPU: tests/test_cuda_index_math.py cuts the kernels
+// out of the .cu files into kernels.inc, and this file gives them what they use of CUDA.
+// A block's threads are real threads that meet at __syncthreads (a std::barrier), so the
+// kernels' shared-memory phases run as on a GPU; blocks run one after another. Instantiated
+// for double data (the float weights and taps stay float, as in csrc/).
+#include <barrier>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(threads)
+#define __shared__ static  // one block at a time: static storage is that block's shared memory
+
+struct Dim {
+  unsigned x = 0, y = 0, z = 0;
+};
+thread_local Dim threadIdx, blockIdx;
+Dim gridDim, blockDim;
+std::barrier<>* block_barrier = nullptr;
+
+void __syncthreads() { block_barrier->arrive_and_wait(); }
+
+namespace at {
+template <class T>
+using opmath_type = T;
+}
+
+namespace mmfs_fast {
+constexpr int kThreads = 256;
+struct Strides4 {
+  int64_t n, c, y, x;
+};
+#include "kernels.inc"
+}  // namespace mmfs_fast
+
+using namespace mmfs_fast;
+
+namespace {
+
+// Every thread walks the blocks in the same order and waits for the whole block after the
+// kernel body, so no thread overwrites shared memory that another still reads.
+template <class Kernel>
+void launch(Dim grid, Kernel&& kernel) {
+  gridDim = grid;
+  blockDim = {kThreads, 1, 1};
+  std::barrier<> barrier(kThreads);
+  block_barrier = &barrier;
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      threadIdx = {t, 0, 0};
+      for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+          for (unsigned x = 0; x < grid.x; ++x) {
+            blockIdx = {x, y, z};
+            kernel();
+            barrier.arrive_and_wait();
+          }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+}
+
+Strides4 strides(const int64_t* s) { return {s[0], s[1], s[2], s[3]}; }
+
+}  // namespace
+
+extern "C" {
+
+// tiled: 0 for the generic kernel, else the tiled kernel for (up, down).
+void upfirdn2d(const double* x, const float* taps, double* out, const int64_t* in_stride,
+               const int64_t* out_stride, const int* sizes, int tiled, unsigned grid_x, unsigned grid_y,
+               unsigned grid_z) {
+  // sizes: channels, planes, in_h, in_w, out_h, out_w, up, down, pad_x0, pad_y0, kernel_h, kernel_w
+  const Upfirdn2dParams p{strides(in_stride), strides(out_stride), sizes[0], sizes[1], sizes[2], sizes[3],
+                          sizes[4], sizes[5], sizes[6], sizes[7], sizes[8], sizes[9], sizes[10], sizes[11]};
+  const Dim grid{grid_x, grid_y, grid_z};
+  if (!tiled) {
+    launch(grid, [&] { upfirdn2d_generic_kernel<double>(x, taps, out, p); });
+  } else if (p.up == 2) {
+    launch(grid, [&] { upfirdn2d_tiled_kernel<double, 2, 1>(x, taps, out, p); });
+  } else if (p.down == 2) {
+    launch(grid, [&] { upfirdn2d_tiled_kernel<double, 1, 2>(x, taps, out, p); });
+  } else {
+    launch(grid, [&] { upfirdn2d_tiled_kernel<double, 1, 1>(x, taps, out, p); });
+  }
+}
+
+void modconv(const double* x, const float* weight, const float* styles, const float* demod, double* out,
+             const int64_t* x_stride, const int64_t* out_stride, const int* sizes, bool transposed,
+             unsigned grid_x, unsigned grid_y, unsigned grid_z) {
+  // sizes: in_channels, in_h, in_w, out_channels, out_h, out_w, kernel_size, stride, padding
+  const ModConvParams p{strides(x_stride), strides(out_stride), sizes[0], sizes[1], sizes[2], sizes[3], sizes[4],
+                        sizes[5], sizes[6], sizes[7], sizes[8]};
+  const Dim grid{grid_x, grid_y, grid_z};
+  if (transposed) {
+    launch(grid, [&] { modconv_kernel<double, true>(x, weight, styles, demod, out, p); });
+  } else {
+    launch(grid, [&] { modconv_kernel<double, false>(x, weight, styles, demod, out, p); });
+  }
+}
+
+void bias_act(const double* x, const double* bias, const double* grad, double* out, int64_t numel,
+              int64_t channel_stride, int64_t channels, double slope, double gain, double clamp, bool has_clamp,
+              unsigned blocks) {
+  const BiasActParams p{numel, channel_stride, channels, slope, gain, clamp, bias != nullptr, has_clamp};
+  if (grad != nullptr) {
+    launch({blocks, 1, 1}, [&] { bias_act_kernel<double, true>(x, bias, grad, out, p); });
+  } else {
+    launch({blocks, 1, 1}, [&] { bias_act_kernel<double, false>(x, bias, grad, out, p); });
+  }
+}
+
+}  // extern "C"
