@@ -4,7 +4,9 @@
 // kernels' shared-memory phases run as on a GPU; blocks run one after another. Instantiated
 // for double data (the float weights and taps stay float, as in csrc/).
 #include <barrier>
+#include <cmath>
 #include <cstdint>
+#include <deque>
 #include <thread>
 #include <vector>
 
@@ -15,6 +17,8 @@
 #define __launch_bounds__(threads)
 #define __shared__ static  // one block at a time: static storage is that block's shared memory
 
+constexpr int kThreads = 256;  // csrc/common.h's block size
+
 struct Dim {
   unsigned x = 0, y = 0, z = 0;
 };
@@ -24,13 +28,29 @@ std::barrier<>* block_barrier = nullptr;
 
 void __syncthreads() { block_barrier->arrive_and_wait(); }
 
+// Warp shuffles through a per-warp exchange buffer, each warp's lanes meeting at their own
+// barrier (whole warps may leave a kernel early, as on a GPU).
+constexpr int kWarpSize = 32;
+std::deque<std::barrier<>>* warp_barriers = nullptr;  // a deque: barriers do not move
+float warp_exchange[kThreads / kWarpSize][kWarpSize];
+
+float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+  const unsigned warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  warp_exchange[warp][lane] = value;
+  (*warp_barriers)[warp].arrive_and_wait();
+  const float other = warp_exchange[warp][lane ^ lane_mask];
+  (*warp_barriers)[warp].arrive_and_wait();
+  return other;
+}
+
+float rsqrtf(float value) { return 1.f / std::sqrt(value); }
+
 namespace at {
 template <class T>
 using opmath_type = T;
 }
 
 namespace mmfs_fast {
-constexpr int kThreads = 256;
 struct Strides4 {
   int64_t n, c, y, x;
 };
@@ -49,6 +69,9 @@ void launch(Dim grid, Kernel&& kernel) {
   blockDim = {kThreads, 1, 1};
   std::barrier<> barrier(kThreads);
   block_barrier = &barrier;
+  std::deque<std::barrier<>> warps;
+  for (int w = 0; w < kThreads / kWarpSize; ++w) warps.emplace_back(kWarpSize);
+  warp_barriers = &warps;
   std::vector<std::thread> threads;
   for (unsigned t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
@@ -88,6 +111,12 @@ void upfirdn2d(const double* x, const float* taps, double* out, const int64_t* i
   } else {
     launch(grid, [&] { upfirdn2d_tiled_kernel<double, 1, 1>(x, taps, out, p); });
   }
+}
+
+void demod(const float* weight, const float* styles, float* out, int batch, int out_channels, int in_channels,
+           int taps) {
+  const unsigned blocks = (int64_t(batch) * out_channels * kWarpSize + kThreads - 1) / kThreads;
+  launch({blocks, 1, 1}, [&] { demod_kernel(weight, styles, out, batch, out_channels, in_channels, taps); });
 }
 
 void modconv(const double* x, const float* weight, const float* styles, const float* demod, double* out,

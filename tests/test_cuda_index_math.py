@@ -83,7 +83,7 @@ def offset(strides, n, c, y, x):
 # Where each file's kernels begin and end: the device code between them is compiled, the host code is not.
 KERNEL_SPANS = {
     "upfirdn2d.cu": ("namespace {\n", "template <typename scalar_t>\nvoid launch("),
-    "modulated_conv2d.cu": ("struct ModConvParams", "}  // namespace\n\nat::Tensor modulated_conv2d"),
+    "modulated_conv2d.cu": ("namespace {\n", "}  // namespace\n\nat::Tensor modulated_conv2d"),
     "bias_act.cu": ("namespace {\n", "// x itself when the kernel"),
 }
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -94,7 +94,7 @@ def build_host_kernels(workdir: Path) -> ctypes.CDLL:
     for name, (begin, end) in KERNEL_SPANS.items():
         source = (CSRC / name).read_text()
         assert begin in source and end in source, f"csrc/{name} changed: update KERNEL_SPANS"
-        start = source.index(begin) + len(begin) if begin.endswith("{\n") else source.index(begin)
+        start = source.index(begin) + len(begin)
         spans.append(f"namespace {{\n{source[start:source.index(end)]}\n}}  // namespace\n")
     (workdir / "kernels.inc").write_text("".join(spans))
     harness = Path(__file__).with_name("cuda_host_harness.cpp")
@@ -137,6 +137,11 @@ class CompiledKernels:
         self.library.upfirdn2d(pointer(p.x), pointer(p.taps), pointer(data), pointer(in_stride), pointer(out_stride),
                                pointer(sizes), ctypes.c_int(tiled), *map(ctypes.c_uint, grid))
         self._collect(p.out, data)
+
+    def demod(self, weight, styles, batch, out_channels, in_channels, taps):
+        demod = np.full(batch * out_channels, np.nan, dtype=np.float32)
+        self.library.demod(pointer(weight), pointer(styles), pointer(demod), batch, out_channels, in_channels, taps)
+        return demod
 
     def modconv(self, p, grid, weight, styles, demod, transposed):
         sizes = np.array([p.in_channels, p.in_h, p.in_w, p.out_channels, p.out_h, p.out_w, p.kernel_size, p.stride,
@@ -323,7 +328,7 @@ def modconv_host(x, weight, styles, demodulate, transposed, stride, padding, ker
 
     out = Output(_cuda._empty_with_layout_of(x, (batch, out_channels, out_size(h), out_size(w))))
     weight_f, styles_f = flat(weight.float().contiguous()), flat(styles.float().contiguous())
-    demod = demod_kernel(weight_f, styles_f, batch, out_channels, in_channels, k * k) if demodulate else None
+    demod = kernels.demod(weight_f, styles_f, batch, out_channels, in_channels, k * k) if demodulate else None
     p = types.SimpleNamespace(x=flat(x), x_stride=x.stride(), out=out, in_channels=in_channels, in_h=h, in_w=w,
                               out_channels=out_channels, out_h=out_size(h), out_w=out_size(w), kernel_size=k,
                               stride=stride, padding=padding)
@@ -476,7 +481,7 @@ def bias_act_kernel(x, bias, grad, out, channel_stride, channels, slope, gain, c
 
 
 TRANSCRIBED = types.SimpleNamespace(upfirdn2d_tiled=upfirdn2d_tiled_kernel, upfirdn2d_generic=upfirdn2d_generic_kernel,
-                                    modconv=modconv_kernel, bias_act=bias_act_kernel)
+                                    demod=demod_kernel, modconv=modconv_kernel, bias_act=bias_act_kernel)
 
 
 def bias_act_host(x, bias, slope, gain, clamp, dim):
