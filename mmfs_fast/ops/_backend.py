@@ -15,6 +15,8 @@ from typing import Collection
 import torch
 
 IMPLS = ("ref", "cuda", "triton")
+# what the kernels are built for; float64 (gradient checks) goes to ref under "auto"
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _HOW_TO_GET = {
     "cuda": (
@@ -91,12 +93,12 @@ def _warn_slow_fallback(op: str) -> None:
 def resolve(op: str, impl: str, implemented: Collection[str], x: torch.Tensor) -> str:
     """The impl that runs ``op`` on ``x``.
 
-    ``auto`` takes the fastest one available for CUDA tensors (warning once per
-    op when that is ``ref``) and ``ref`` for CPU tensors. An explicit impl that
+    ``auto`` takes the fastest one available for CUDA tensors of a kernel dtype
+    (warning once per op when that is ``ref``) and ``ref`` otherwise. An explicit impl that
     cannot run raises, naming how to get it.
     """
     if impl == "auto":
-        if not x.is_cuda:
+        if not x.is_cuda or x.dtype not in KERNEL_DTYPES:
             return "ref"
         best = available(implemented, x)[0]
         if best == "ref":
