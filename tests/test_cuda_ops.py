@@ -105,6 +105,7 @@ def test_auto_picks_cuda_only_for_cuda_tensors():
     if torch.cuda.is_available():
         x = torch.zeros(1, device="cuda")
         assert _backend.resolve("upfirdn2d", "auto", module.IMPLEMENTATIONS, x) == "cuda"
+        assert _backend.resolve("upfirdn2d", "auto", module.IMPLEMENTATIONS, x.double()) == "ref"
 
 
 def op_samples(device="meta"):
