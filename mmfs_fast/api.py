@@ -57,14 +57,21 @@ class MMFS:
 
     ``clip`` is anything with ``encode_text(list[str])``, ``encode_pil(list of PIL)``
     and ``encode_image(x in [-1, 1])`` returning (B, 512) embeddings, normally a
-    :class:`mmfs_fast.encoders.CLIPEncoder`; :meth:`load` builds it.
+    :class:`mmfs_fast.encoders.CLIPEncoder`; :meth:`load` builds it. With an ``engine``
+    it must be a CLIPEncoder: the engine computes the text and tensor-image styles with it.
+
+    With an engine, MMFS keeps no Stylizer of its own (only ``stylizer``'s config): the
+    engine's prepared copy computes every style (in fp32) and renders.
     """
 
     def __init__(self, stylizer: Stylizer, clip=None, *, engine: Engine | None = None, random_clip: bool = False,
                  max_pixels: int | None = None):
-        self.stylizer = stylizer.eval()
-        self.engine = engine  # renders when given; the Stylizer still computes the styles
-        self._clip = clip
+        self.config = stylizer.config
+        self.engine = engine
+        self._stylizer = stylizer.eval() if engine is None else None
+        self._clip = None
+        if clip is not None:
+            self._set_clip(clip)
         self.max_pixels = max_pixels  # input images above it are rejected (None: see mmfs_fast.io)
         # a random CLIP is only for demos/tests, and large: build it on first use
         self._random_clip = random_clip and clip is None
@@ -107,27 +114,33 @@ class MMFS:
 
             clip = CLIPEncoder(clip_weights, device=device, dtype=model_dtype)
         if engine:
-            engine = Engine(stylizer, precision=ENGINE_PRECISIONS[render_dtype], device=device, impl=impl)
+            engine = Engine(stylizer, clip, precision=ENGINE_PRECISIONS[render_dtype], device=device, impl=impl)
         return cls(stylizer, clip, engine=engine or None, random_clip=random_init)
 
     # -- properties -------------------------------------------------------------
     @property
+    def stylizer(self) -> Stylizer:
+        """The model; with an engine, the engine's prepared copy (mapping network and
+        clip_mapper in fp32, the rest in the engine's precision)."""
+        return self.engine.model if self.engine is not None else self._stylizer
+
+    @property
     def size(self) -> int:
         """Face resolution the model works at; inputs are resized to it."""
-        return self.stylizer.config.size
+        return self.config.size
 
     @property
     def style_dim(self) -> int:
-        return self.stylizer.config.style_dim
+        return self.config.style_dim
 
     @property
     def device(self) -> torch.device:
-        return self.stylizer.decoder0.conv.weight.device
+        return self.engine.device if self.engine is not None else self._stylizer.decoder0.conv.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """Of the Stylizer, which computes the styles (the Engine renders in its own precision)."""
-        return self.stylizer.decoder0.conv.weight.dtype
+        """Of the styles: float32 with an engine (which renders in its own precision), else the Stylizer's."""
+        return torch.float32 if self.engine is not None else self._stylizer.decoder0.conv.weight.dtype
 
     @property
     def clip(self):
@@ -141,21 +154,32 @@ class MMFS:
                           stacklevel=3)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)
-                self._clip = CLIPEncoder(random_init=True, device=self.device, dtype=self.dtype)
+                self._set_clip(CLIPEncoder(random_init=True, device=self.device, dtype=self.dtype))
         return self._clip
+
+    def _set_clip(self, clip) -> None:
+        self._clip = clip
+        if self.engine is not None:
+            self.engine.clip = clip
 
     # -- styles -----------------------------------------------------------------
     def style_from_seed(self, seed: int | Sequence[int]) -> Style:
         """w+ (B, 10, style_dim) of z ~ N(0, I) drawn on the CPU from each seed."""
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
         z = torch.stack([torch.randn(self.style_dim, generator=_seeded_generator(s)) for s in seeds])
+        if self.engine is not None:
+            return self.engine.style_from_z(z)
         with torch.no_grad():
-            return self.stylizer.style_from_z(z.to(device=self.device, dtype=self.dtype)).contiguous()
+            return self._stylizer.style_from_z(z.to(device=self.device, dtype=self.dtype)).contiguous()
 
     def style_from_text(self, text: str | Sequence[str]) -> Style:
         """w+ (B, 10, style_dim) of one prompt or a list of prompts, through CLIP and the clip_mapper."""
+        texts = [text] if isinstance(text, str) else list(text)
+        clip = self.clip  # built on first use (random_clip), also for the engine
+        if self.engine is not None:
+            return self.engine.style_from_text(texts)
         with torch.no_grad():
-            return self._map_clip(self.clip.encode_text([text] if isinstance(text, str) else list(text)))
+            return self._map_clip(clip.encode_text(texts))
 
     def style_from_image(self, image) -> Style:
         """w+ (B, 10, style_dim) of reference images: a path, PIL image or numpy array (CLIP's
@@ -163,12 +187,17 @@ class MMFS:
         with torch.no_grad():
             if isinstance(image, torch.Tensor):
                 x = image[None] if image.ndim == 3 else image
-                return self._map_clip(self.clip.encode_image(x.to(self.device)))
+                clip = self.clip  # built on first use (random_clip), also for the engine
+                if self.engine is not None:
+                    return self.engine.style_from_image(x)
+                return self._map_clip(clip.encode_image(x.to(self.device)))
             images = image if isinstance(image, (list, tuple)) else [image]
             return self._map_clip(self.clip.encode_pil([io.open_rgb(i, self.max_pixels) for i in images]))
 
     def _map_clip(self, feats: torch.Tensor) -> Style:
-        return self.stylizer.map_clip(feats.to(device=self.device, dtype=self.dtype))
+        if self.engine is not None:
+            return self.engine.style_from_clip(feats)
+        return self._stylizer.map_clip(feats.to(device=self.device, dtype=self.dtype))
 
     def style(self, seed: int | None = None, text: str | None = None, ref=None,
               w_plus: torch.Tensor | None = None) -> Style:
@@ -242,7 +271,7 @@ class MMFS:
         if self.engine is not None:
             return self.engine.stylize(faces, w_plus, noise)
         with torch.no_grad():
-            return self.stylizer(faces.to(device=self.device, dtype=self.dtype), w_plus=w_plus, noise=noise).float()
+            return self._stylizer(faces.to(device=self.device, dtype=self.dtype), w_plus=w_plus, noise=noise).float()
 
     def stylize_iter(self, images, seed: int | None = None, text: str | None = None, ref=None,
                      w_plus: Style | None = None, noise: str = "random", batch_size: int = 8,

@@ -431,10 +431,23 @@ class Engine:
         for s in seeds:
             if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63:
                 raise ValueError(f"seeds must be ints in [0, 2**63), got {s!r}")
-        z = torch.stack([torch.randn(self.config.style_dim, generator=torch.Generator().manual_seed(s))
-                         for s in seeds]).to(self.device)
-        w = self.model.mapping_z(z)
-        return w[:, None].repeat(1, N_LATENT, 1)
+        return self.style_from_z(torch.stack([torch.randn(self.config.style_dim,
+                                                          generator=torch.Generator().manual_seed(s))
+                                              for s in seeds]))
+
+    @torch.inference_mode()
+    def style_from_z(self, z: torch.Tensor) -> torch.Tensor:
+        """w+ (B, 10, D) of (B, D) latents z: mapped in fp32 and repeated over the 10 slots."""
+        _check_tensor("z", z, (None, self.config.style_dim))
+        return self.model.mapping_z(z.to(self.device, torch.float32))[:, None].repeat(1, N_LATENT, 1)
+
+    @torch.inference_mode()
+    def style_from_clip(self, feats: torch.Tensor) -> torch.Tensor:
+        """w+ (B, 10, D) of (B, D) CLIP embeddings (e.g. of reference images preprocessed on
+        the host) through the fp32 clip_mapper."""
+        self._check_clip_mapper()
+        _check_tensor("clip_feats", feats, (None, self.config.style_dim))
+        return self.model.clip_mapper(feats.to(self.device, torch.float32))
 
     @torch.inference_mode()
     def style_from_text(self, texts: str | Sequence[str]) -> torch.Tensor:
@@ -443,6 +456,8 @@ class Engine:
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"text prompts must be non-empty strings, got {t!r}")
+        if not texts:
+            raise ValueError("style_from_text needs at least one prompt")
         self._check_clip()
         return self._cached_styles(self.text_cache, texts, texts, lambda todo: self._run(
             "text_style", self._text_style_fn, self.clip.tokenizer(todo).to(self.device)))
@@ -461,6 +476,9 @@ class Engine:
         if self.clip is None:
             raise RuntimeError("text and reference-image styles need a CLIP encoder: "
                                "Engine(stylizer, clip=CLIPEncoder(...))")
+        self._check_clip_mapper()
+
+    def _check_clip_mapper(self) -> None:
         if self.model.clip_mapper is None:
             raise RuntimeError("this Stylizer has no clip_mapper (phase 1/2 checkpoint): text and reference "
                                "styles need a phase 3/4 checkpoint")

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmfs_fast import MMFS, Stylizer, io
-from mmfs_fast.models import N_LATENT
+from mmfs_fast.engine import Engine
+from mmfs_fast.models import N_LATENT, StylizerConfig
 
 SIZE, DIM = 64, 32
 
@@ -134,6 +135,32 @@ def test_random_init_with_the_real_clip():
     torch.testing.assert_close(mmfs.style_from_image(photo), stylizer.map_clip(clip.encode_pil([photo])))
     out = mmfs.stylize([photo], text="a sketch", seed=1)
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_engine_styles_are_the_reference_path_styles_without_a_second_stylizer(ckpt, mmfs):
+    assert mmfs.stylizer is mmfs.engine.model
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(mmfs).values())  # no Stylizer of its own
+    plain = MMFS.load(ckpt, device="cpu", engine=False)
+    torch.testing.assert_close(mmfs.style_from_seed([3, -4]), plain.style_from_seed([3, -4]))
+    clip, stylizer = StandInCLIP(DIM), Stylizer.from_checkpoint(ckpt)
+    ref = random_photo(6)
+    with_engine = MMFS(stylizer, clip, engine=Engine(stylizer, device="cpu"))
+    torch.testing.assert_close(with_engine.style_from_image(ref), stylizer.map_clip(clip.encode_pil([ref])))
+
+
+def test_random_clip_styles_on_the_engine():
+    config = StylizerConfig(size=32, ngf=4, style_dim=512, n_mlp=2)  # CLIP features are 512-wide
+    with pytest.warns(UserWarning, match="RANDOM-INITIALISED"):
+        fast = MMFS.load(random_init=True, config=config, device="cpu")
+        plain = MMFS.load(random_init=True, config=config, device="cpu", engine=False)
+        text_w = fast.style_from_text(["a sketch", "an oil painting"])
+        want = plain.style_from_text(["a sketch", "an oil painting"])
+    torch.testing.assert_close(text_w, want)
+    assert fast.engine.text_cache.stats()["misses"] == 2  # computed on the engine
+    photo = random_photo(3, 40, 40)
+    torch.testing.assert_close(fast.style_from_image(photo), plain.style_from_image(photo))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(fast.style_from_image(x), plain.style_from_image(x))
 
 
 def test_clip_styles_without_clip_say_what_to_do(mmfs):

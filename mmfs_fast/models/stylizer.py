@@ -103,8 +103,8 @@ class Stylizer(nn.Module):
     def decode(self, feat: torch.Tensor, w_plus: torch.Tensor, noise: NoiseSpec = "random",
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Encoder features + (B, 10, style_dim) w+ → image in [-1, 1]."""
-        c, r = self.decoder0.conv.weight.shape[2], self.feature_size
-        self._check_input("feat", feat, (None, c, r, r))
+        r = self.feature_size
+        self._check_input("feat", feat, (None, 8 * self.config.ngf, r, r))
         self._check_input("w_plus", w_plus, (feat.shape[0], N_LATENT, self.config.style_dim))
         noises = make_noises(noise, feat.shape[0], self.noise_resolutions, feat.device, feat.dtype, generator)
         blocks = [(getattr(self, f"decoder{i}a"), getattr(self, f"decoder{i}b"), getattr(self, f"to_rgb{i}"))
