@@ -129,3 +129,19 @@ def test_mmfs_fast_bench_cli_rejects_bad_options(argv, message, capsys):
 
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_and_serve_tables():
+    def train(case, stage, r1, seconds):
+        return {"stats": {"median": seconds}, "extra_info": {
+            "task": "train", "case": case, "stage": stage, "r1": r1, "r1_every": 16, "size": 512, "batch": 8,
+            "precision": "bf16", "seconds_per_iter": seconds, "iters_per_s": 1 / seconds}}
+
+    rows = summarize.train_table([train("2", "2", False, 0.5), train("2+r1", "2", True, 2.1)])
+    # lazy R1: one step in 16 pays the R1 cost, 0.5 + (2.1 - 0.5) / 16 = 0.6 s/iter
+    assert rows[-1] == "| 2 (R1 every 16, amortised) | 512² | 8 | bf16 | 0.600 | 1.67 |"
+    serve = summarize.serve_table([{"stats": {"median": 1.0}, "extra_info": {
+        "task": "serve", "concurrency": c, "requests": 64, "requests_per_s": 64.0 * c, "p50_ms": 10.0 / c,
+        "p99_ms": 20.0 / c, "size": 512}} for c in (8, 1)])
+    assert [line.split("|")[1].strip() for line in serve[2:]] == ["1", "8"]  # sorted by concurrency
+    assert summarize.serve_table([]) == [] and summarize.train_table([]) == []
