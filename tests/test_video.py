@@ -25,8 +25,10 @@ def pan_frames(n):
 
 
 def write_clip(path, frames, with_audio):
+    # lossless (crf 0): libx264's lossy output differs from run to run here, which made the
+    # jitter bounds flaky; lossless frames decode the same every time
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=FPS, options={"crf": "12"})
+        stream = out.add_stream("libx264", rate=FPS, options={"crf": "0"})
         stream.width, stream.height, stream.pix_fmt = SIDE, SIDE, "yuv420p"
         if with_audio:
             audio = out.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
