@@ -14,17 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmfs_fast.ops import bias_act, modulated_conv2d, upfirdn2d
+from mmfs_fast.ops import bias_act, default_fir, modulated_conv2d, upfirdn2d
 from mmfs_fast.ops.modulated_conv2d import blur_pads
 
-FIR_TAPS = (1, 3, 3, 1)
-
-
-def make_fir(taps=FIR_TAPS) -> torch.Tensor:
-    """outer(taps, taps) normalised to sum 1."""
-    t = torch.tensor(taps, dtype=torch.float32)
-    k = torch.outer(t, t)
-    return k / k.sum()
+FIR_SIZE = default_fir().shape[0]  # every resampling uses the [1, 3, 3, 1] FIR
 
 
 def set_impl(module: nn.Module, impl: str) -> None:
@@ -98,7 +91,7 @@ class Blur(nn.Module):
 
     def __init__(self, pad: tuple[int, int], up_factor: int = 1):
         super().__init__()
-        self.register_buffer("kernel", make_fir() * up_factor ** 2)
+        self.register_buffer("kernel", default_fir() * up_factor ** 2)
         self.pad = pad
         self.impl = "auto"
 
@@ -111,7 +104,7 @@ class Upsample(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("kernel", make_fir() * 4)
+        self.register_buffer("kernel", default_fir() * 4)
         self.impl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +118,7 @@ class ConvLayer(nn.Sequential):
                  bias: bool = True, activate: bool = True):
         layers: list[nn.Module] = []
         if downsample:
-            layers.append(Blur(blur_pads(len(FIR_TAPS), kernel_size, up=1, down=2)))
+            layers.append(Blur(blur_pads(FIR_SIZE, kernel_size, up=1, down=2)))
             stride, padding = 2, 0
         else:
             stride, padding = 1, kernel_size // 2
@@ -153,7 +146,7 @@ class ModulatedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.randn(1, out_ch, in_ch, kernel_size, kernel_size))
         self.modulation = EqualLinear(style_dim, in_ch, bias_init=1.0)
         if upsample:
-            self.blur = Blur(blur_pads(len(FIR_TAPS), kernel_size, up=2, down=1), up_factor=2)
+            self.blur = Blur(blur_pads(FIR_SIZE, kernel_size, up=2, down=1), up_factor=2)
         self.scale = 1 / math.sqrt(in_ch * kernel_size ** 2)
         self.demodulate = demodulate
         self.upsample = upsample
