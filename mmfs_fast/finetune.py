@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mmfs_fast.losses import directional_clip_loss, projection_loss, structure_loss, token_basis
+from mmfs_fast.models.checkpoint import atomic_save
 
 STATE_FILE = "finetune_state.pt"
 FROZEN_PARTS = ("encoder", "mapping_z", "clip_mapper")
@@ -50,13 +51,6 @@ class FinetuneResult:
         else:
             atomic_save({"G_ema_model": self.stylizer.official_state_dict()}, path)
         return path
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save that never leaves a half-written file behind (temp file, then os.replace)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # -- inputs ---------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Models against the official layout (SPEC §3, §4), checkpoint formats, and the
 Stylizer forward against an independent numpy re-computation from its state dict."""
 import math
-import warnings
 
 import numpy as np
 import pytest

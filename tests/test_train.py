@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmfs_fast.models import CheckpointError, Discriminator, Generator, Stylizer
+from mmfs_fast.models.checkpoint import atomic_save
 from mmfs_fast.train import cli
 from mmfs_fast.train.config import TrainConfig, make_config
 from mmfs_fast.train.data import ImageFolder, StepSampler
 from mmfs_fast.train.losses import augment, r1_penalty
-from mmfs_fast.train.state import atomic_save, read_stage_checkpoint
+from mmfs_fast.train.state import read_stage_checkpoint
 from mmfs_fast.train.trainer import build_stage, train
 
 SIZE, STYLE_DIM = 128, 32

@@ -11,6 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 from torch import nn
@@ -56,13 +57,32 @@ def read_checkpoint(src) -> tuple[dict, dict | None]:
     return contents, None
 
 
-def save_safetensors(state: dict[str, torch.Tensor], config: dict, path) -> None:
-    from safetensors.torch import save_file
+def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file beside it, flushed to
+    disk, then renamed over it: a crash mid-save leaves the previous file intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
-    tmp = Path(f"{path}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-              metadata={"format": SAFETENSORS_FORMAT, "config": json.dumps(config)})
-    os.replace(tmp, path)
+
+def atomic_save(obj, path) -> None:
+    """torch.save, atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_safetensors(state: dict[str, torch.Tensor], config: dict, path) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in state.items()},
+                metadata={"format": SAFETENSORS_FORMAT, "config": json.dumps(config)})
+    atomic_write(path, lambda f: f.write(data))
 
 
 # -- rosinality StyleGAN2 → Stylizer (SPEC §3) ---------------------------------

@@ -2,29 +2,12 @@
 exact resume needs, written atomically so that a crash mid-save keeps the previous file."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
 from mmfs_fast.models.checkpoint import CheckpointError, read_checkpoint
 
 LATEST = "latest.pt"
 RESUME_KEYS = ("G_ema_model", "D_model", "G_model", "optimizers", "step", "stage", "rng")
-
-
-def atomic_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:

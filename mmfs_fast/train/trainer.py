@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from mmfs_fast.models.checkpoint import CheckpointError, load_state
+from mmfs_fast.models.checkpoint import CheckpointError, atomic_save, load_state
 from mmfs_fast.train.config import TrainConfig
 from mmfs_fast.train.data import ImageFolder, batches
 from mmfs_fast.train.distributed import World, barrier, broadcast_state, gather_objects, init_world, shutdown
 from mmfs_fast.train.monitor import Monitor
 from mmfs_fast.train.stages import N_SAMPLES, STAGES, Stage
-from mmfs_fast.train.state import LATEST, RESUME_KEYS, atomic_save, read_stage_checkpoint, rng_state, set_rng_state
+from mmfs_fast.train.state import LATEST, RESUME_KEYS, read_stage_checkpoint, rng_state, set_rng_state
 
 EXPORT = "stylizer.safetensors"
 
