@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mmfs_fast import io
 from mmfs_fast.engine import Engine
 from mmfs_fast.models import N_LATENT, Stylizer, StylizerConfig
+from mmfs_fast.models.stylizer import z_from_seeds
 
 RANDOM_INIT_WARNING = ("mmfs_fast: RANDOM-INITIALISED weights (no checkpoint given): outputs are noise-like and "
                        "meaningless. Pass a checkpoint for real stylization.")
@@ -46,9 +47,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _seeded_generator(seed: int) -> torch.Generator:
+def _check_seed(seed) -> None:
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+
+
+def _seeded_generator(seed: int) -> torch.Generator:
+    _check_seed(seed)
     return torch.Generator().manual_seed(int(seed))
 
 
@@ -166,7 +171,9 @@ class MMFS:
     def style_from_seed(self, seed: int | Sequence[int]) -> Style:
         """w+ (B, 10, style_dim) of z ~ N(0, I) drawn on the CPU from each seed."""
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
-        z = torch.stack([torch.randn(self.style_dim, generator=_seeded_generator(s)) for s in seeds])
+        for s in seeds:
+            _check_seed(s)
+        z = z_from_seeds(seeds, self.style_dim)
         if self.engine is not None:
             return self.engine.style_from_z(z)
         with torch.no_grad():

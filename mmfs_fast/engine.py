@@ -36,7 +36,7 @@ from torch import nn
 
 from mmfs_fast.models.noise import NoiseSpec, make_noises
 from mmfs_fast.models.layers import EqualConv2d, EqualLinear, ModulatedConv2d, synthesize
-from mmfs_fast.models.stylizer import N_LATENT, N_UPSAMPLINGS, Stylizer
+from mmfs_fast.models.stylizer import N_LATENT, N_UPSAMPLINGS, Stylizer, z_from_seeds
 from mmfs_fast.ops import bias_act, default_fir, modulated_conv2d
 from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS
 
@@ -423,17 +423,15 @@ class Engine:
 
     @torch.inference_mode()
     def style_from_seed(self, seeds: int | Sequence[int]) -> torch.Tensor:
-        """w+ (B, 10, D) of seeds: z = torch.randn(D, generator=torch.Generator().manual_seed(seed))
-        (drawn on the CPU, so the same on every device), mapped and repeated over the 10 slots."""
+        """w+ (B, 10, D) of seeds: z from :func:`~mmfs_fast.models.stylizer.z_from_seeds`, mapped
+        and repeated over the 10 slots."""
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
         if not seeds:
             raise ValueError("style_from_seed needs at least one seed")
         for s in seeds:
             if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63:
                 raise ValueError(f"seeds must be ints in [0, 2**63), got {s!r}")
-        return self.style_from_z(torch.stack([torch.randn(self.config.style_dim,
-                                                          generator=torch.Generator().manual_seed(s))
-                                              for s in seeds]))
+        return self.style_from_z(z_from_seeds(seeds, self.config.style_dim))
 
     @torch.inference_mode()
     def style_from_z(self, z: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,12 @@ N_UPSAMPLINGS = 4  # decoder: size/16 → size
 N_CONVS = 1 + 2 * N_UPSAMPLINGS
 
 
+def z_from_seeds(seeds: list[int], style_dim: int) -> torch.Tensor:
+    """(B, style_dim) latents z ~ N(0, I), each drawn on the CPU from its own seed: the same
+    on every device and however the seeds are batched."""
+    return torch.stack([torch.randn(style_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
 @dataclasses.dataclass(frozen=True)
 class StylizerConfig:
     size: int = 512
