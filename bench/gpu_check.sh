@@ -4,7 +4,8 @@
 #   bash bench/gpu_check.sh OUTDIR            # on the GPU machine, from anywhere
 #   DRY_RUN=1 bash bench/gpu_check.sh OUTDIR  # anywhere: same phases at CPU scale, no install
 #
-# Writes into OUTDIR: env.txt, install.log, pytest.log + junit.xml (tests/), bench-e2e.json +
+# Writes into OUTDIR: env.txt, install.log, pytest-gpu.log + junit-gpu.xml (gpu-marked tests, run
+# first), pytest-rest.log + junit-rest.xml (the other tests, 8 processes), bench-e2e.json +
 # bench-e2e.log, bench-apps.json + bench-apps.log (training, HTTP service, faces), bench-ops.json +
 # bench-ops.log, summary.md, status.txt. Every phase is
 # time-boxed so the whole run ends within TOTAL_SECONDS (default 530: 9 minutes on an H100
@@ -57,7 +58,8 @@ fi
 if [ "$DRY_RUN" = 1 ]; then
     log "DRY_RUN: CPU scale, no install (would run: TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps .)"
     PYTEST=("$PY" -m pytest)  # the source tree stands in for the installed package
-    TEST_ARGS=(tests --co -q)
+    GPU_TEST_ARGS=(tests --co -q -m gpu)
+    REST_TEST_ARGS=(tests --co -q -m "not gpu")
     E2E_ARGS=(-k "eager-fp32-ref and image_to_wplus")
     APPS_ARGS=(-k "test_train_iteration[1] or test_serve[1] or test_detect_align[1]")
     OPS_ARGS=(-k "bias_act and ref and not fwdbwd")
@@ -68,12 +70,20 @@ else
     fi
     export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
     export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
-    phase install "$OUT/install.log" 180 330 "$PY" -m pip install -v --no-build-isolation --no-deps . \
+    phase install "$OUT/install.log" 150 390 "$PY" -m pip install -v --no-build-isolation --no-deps . \
         || log "install failed: the tests and benchmarks below run on whatever is importable"
-    TEST_ARGS=(tests -q -ra)
+    # -vv against pytest.ini's -q: one line per test, so a cut-short log still names each result
+    GPU_TEST_ARGS=(tests -vv -rfE -m gpu)
+    # the rest (Triton on the GPU, models, CLI, services) in parallel: CI runs them too, on the CPU
+    REST_TEST_ARGS=(tests -q -rfE -m "not gpu" -n 8 --dist loadfile)
+    # a test stuck past this fails with its stack instead of eating the phase (pytest-timeout)
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+        GPU_TEST_ARGS+=(--timeout 60); REST_TEST_ARGS+=(--timeout 60)
+    fi
     E2E_ARGS=()
     APPS_ARGS=()
-    OPS_ARGS=()
+    # fp16 only: every op case (3 dtypes, ~2000 cases) takes ~10 min; run the file alone for all
+    OPS_ARGS=(-k fp16)
 fi
 
 {
@@ -89,18 +99,23 @@ print(' '.join(m for m in ('open_clip', 'timm', 'torchvision', 'ftfy', 'regex', 
                if u.find_spec(m) is None))")
 [ -n "$missing" ] && log "missing modules: $missing (bring wheels in .whl: see bench/README.md)"
 
-phase tests "$OUT/pytest.log" 200 200 "${PYTEST[@]}" "${TEST_ARGS[@]}" --junitxml="$OUT/junit.xml"
+# the gpu-marked tests first: they are what only this machine can check
+phase tests-gpu "$OUT/pytest-gpu.log" 150 240 "${PYTEST[@]}" "${GPU_TEST_ARGS[@]}" --junitxml="$OUT/junit-gpu.xml"
 tests_rc=$?
-tail -n 3 "$OUT/pytest.log" | tee -a "$OUT/status.txt"
+tail -n 3 "$OUT/pytest-gpu.log" | tee -a "$OUT/status.txt"
 
-phase bench-e2e "$OUT/bench-e2e.log" 170 150 "${PYTEST[@]}" bench/test_bench_e2e.py -q \
+phase bench-e2e "$OUT/bench-e2e.log" 130 110 "${PYTEST[@]}" bench/test_bench_e2e.py -q \
     --benchmark-json="$OUT/bench-e2e.json" --benchmark-columns=median,iqr,rounds,iterations "${E2E_ARGS[@]}"
-# training s/iter, HTTP service, faces: few rounds each, in that order (a cut keeps training)
-phase bench-apps "$OUT/bench-apps.log" 100 50 "${PYTEST[@]}" bench/test_bench_train.py bench/test_bench_serve.py \
+phase bench-ops "$OUT/bench-ops.log" 60 50 "${PYTEST[@]}" bench/test_bench_ops.py -q \
+    --benchmark-json="$OUT/bench-ops.json" --benchmark-columns=median,iqr,rounds,iterations "${OPS_ARGS[@]}"
+phase tests-rest "$OUT/pytest-rest.log" 90 0 "${PYTEST[@]}" "${REST_TEST_ARGS[@]}" --junitxml="$OUT/junit-rest.xml"
+rest_rc=$?
+(( tests_rc == 0 )) && tests_rc=$rest_rc
+tail -n 3 "$OUT/pytest-rest.log" | tee -a "$OUT/status.txt"
+# training s/iter, HTTP service, faces, with what time is left: few rounds each, in that order
+phase bench-apps "$OUT/bench-apps.log" 100 0 "${PYTEST[@]}" bench/test_bench_train.py bench/test_bench_serve.py \
     bench/test_bench_faces.py -q -ra --benchmark-json="$OUT/bench-apps.json" \
     --benchmark-columns=median,iqr,rounds,iterations "${APPS_ARGS[@]}"
-phase bench-ops "$OUT/bench-ops.log" 170 10 "${PYTEST[@]}" bench/test_bench_ops.py -q \
-    --benchmark-json="$OUT/bench-ops.json" --benchmark-columns=median,iqr,rounds,iterations "${OPS_ARGS[@]}"
 
 jsons=()
 for f in "$OUT/bench-e2e.json" "$OUT/bench-apps.json" "$OUT/bench-ops.json"; do [ -s "$f" ] && jsons+=("$f"); done

@@ -114,6 +114,21 @@ def e2e_table(e2e: dict) -> list[str]:
     return lines
 
 
+def modconv_table(e2e: dict) -> list[str]:
+    """Guided stylization through the Engine's modulated-convolution paths (FASTEST: its default)."""
+    configs = sorted({c for (c, scenario, _) in e2e if scenario == "guided_stylization" and c.startswith(f"{FASTEST}-")})
+    if not configs:
+        return []
+    configs = [FASTEST, *configs]
+    batches = sorted({batch for (c, scenario, batch) in e2e if scenario == "guided_stylization" and c in configs})
+    lines = ["| batch | " + " | ".join(f"{c} ms" for c in configs) + " |", "|---:|" + "---:|" * len(configs)]
+    for batch in batches:
+        cells = [ms(median(e2e[c, "guided_stylization", batch])) if (c, "guided_stylization", batch) in e2e else "–"
+                 for c in configs]
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def finetune_table(e2e: dict) -> list[str]:
     rows = [b for (_, scenario, _), b in e2e.items() if scenario == "finetune"]
     lines = ["| config | batch | steps timed | s per step | projected 200 steps s | case MiB |",
@@ -231,6 +246,8 @@ def summarize(benchmarks: list[dict], env: dict) -> str:
             "weights loaded earlier excluded).", ""]
     if e2e:
         out += ["## Targets", ""] + targets_table(e2e, judge=env.get("profile") == "gpu-512") + ["", "## End to end", ""] + e2e_table(e2e) + [""]
+        modconv = modconv_table(e2e)
+        out += ["## Engine: modulated-convolution paths (guided stylization)", ""] + modconv + [""] if modconv else []
         fine = finetune_table(e2e)
         out += ["## Fine-tuning", ""] + fine + [""] if fine else []
     serve, faces, train = serve_table(benchmarks), faces_table(benchmarks), train_table(benchmarks)

@@ -17,42 +17,50 @@ from mmfs_fast import benchmark as mb
 
 BASELINE, COMPILED, FASTEST = "eager-fp32-ref", "compile-fp32-ref", "mmfs-fast"
 PRECISION = "fp16" if ON_GPU else "fp32"  # the Engine offers fp16 on CUDA only
+# the Engine with the modulated_conv2d op (per-sample weights) on each GPU backend instead of
+# its unfused cuDNN convolution: the measurement behind Engine's fused_modconv=False default
+FUSED_MODCONV = {f"{FASTEST}-fused-{impl}": impl for impl in ("cuda", "ref", "triton")} if ON_GPU else {}
+# fine-tuning with every op on one backend (FASTEST: impl="auto")
+FINETUNE_IMPLS = {f"{FASTEST}-impl-{impl}": impl for impl in ("ref", "triton")} if ON_GPU else {}
 FINETUNE_STEPS = 10 if ON_GPU else 2
 FINETUNE_BATCH = 8 if ON_GPU else 2  # the paper's batch on a GPU
 
 
 @functools.cache
 def pipeline(config: str) -> mb.Workloads:
-    if config == FASTEST:
-        stylizer, clip = mb.build_models(PROFILE, DEVICE, clip_dtype=mb.DTYPES[PRECISION])
-        return mb.fastest_pipeline(stylizer, clip, PRECISION)
+    if config == FASTEST or config in FUSED_MODCONV:
+        impl = FUSED_MODCONV.get(config, "auto")
+        stylizer, clip = mb.build_models(PROFILE, DEVICE, impl=impl, clip_dtype=mb.DTYPES[PRECISION])
+        return mb.fastest_pipeline(stylizer, clip, PRECISION, impl=impl, fused_modconv=config in FUSED_MODCONV)
     stylizer, clip = mb.build_models(PROFILE, DEVICE, impl="ref")
     return mb.ModelPipeline(stylizer, clip, compile=config == COMPILED)
 
 
-def _cases() -> list:
-    cases = [(config, scenario, batch) for config in (BASELINE, FASTEST, COMPILED)
-             for scenario in mb.SCENARIOS for batch in PROFILE.batches]
-    # compiling the whole model takes minutes on a CPU: one case there keeps the path alive
-    return [c for c in cases if ON_GPU or c[0] != COMPILED or c[1:] == ("guided_stylization", 1)]
+def _cases(configs) -> list:
+    return [(config, scenario, batch) for config in configs for scenario in mb.SCENARIOS for batch in PROFILE.batches]
 
 
-@pytest.mark.parametrize("config,scenario,batch", _cases())
-def test_e2e(config: str, scenario: str, batch: int, measure, benchmark):
-    precision = PRECISION if config == FASTEST else "fp32"
+def _measure_e2e(config: str, scenario: str, batch: int, measure, benchmark) -> None:
+    precision = PRECISION if config.startswith(FASTEST) else "fp32"
     seconds = measure(pipeline(config).workload(scenario, batch), group=f"e2e {scenario} b{batch}",
                       scenario=scenario, config=config, batch=batch, precision=precision)
     benchmark.extra_info["images_per_s"] = batch / seconds
 
 
-@pytest.mark.parametrize("config", [BASELINE, FASTEST])
+@pytest.mark.parametrize("config,scenario,batch", _cases((BASELINE, FASTEST)) + [
+    (config, "guided_stylization", batch) for config in FUSED_MODCONV for batch in PROFILE.batches])
+def test_e2e(config: str, scenario: str, batch: int, measure, benchmark):
+    _measure_e2e(config, scenario, batch, measure, benchmark)
+
+
+@pytest.mark.parametrize("config", [BASELINE, FASTEST, *FINETUNE_IMPLS])
 def test_finetune(config: str, measure, benchmark):
     """FINETUNE_STEPS steps of text-prompt fine-tuning (setup included, so the per-step
     time is an upper bound); extra_info has the projected 200-step time."""
     from mmfs_fast.finetune import finetune
 
-    fast = config == FASTEST
-    stylizer, clip = mb.build_models(PROFILE, DEVICE, impl="auto" if fast else "ref")
+    fast = config != BASELINE
+    stylizer, clip = mb.build_models(PROFILE, DEVICE, impl=FINETUNE_IMPLS.get(config, "auto" if fast else "ref"))
     dino = mb.build_dino(PROFILE, DEVICE)
     size = PROFILE.stylizer.size
     faces = torch.rand(FINETUNE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 2 - 1
@@ -65,3 +73,11 @@ def test_finetune(config: str, measure, benchmark):
                       batch=FINETUNE_BATCH, steps=FINETUNE_STEPS, precision="bf16-autocast" if fast and ON_GPU else "fp32")
     benchmark.extra_info.update(seconds_per_step=seconds / FINETUNE_STEPS,
                                 projected_200_steps_s=200 * seconds / FINETUNE_STEPS)
+
+
+# last, after fine-tuning: compiling costs tens of seconds per case, so a time-boxed run
+# (bench/gpu_check.sh) cuts here first; on a CPU (minutes per compile) one case keeps the path alive
+@pytest.mark.parametrize("config,scenario,batch", [
+    c for c in _cases((COMPILED,)) if ON_GPU or c[1:] == ("guided_stylization", 1)])
+def test_e2e_compiled(config: str, scenario: str, batch: int, measure, benchmark):
+    _measure_e2e(config, scenario, batch, measure, benchmark)

@@ -203,12 +203,13 @@ class EnginePipeline(Workloads):
         return self.engine.stylize(faces, w_plus)
 
 
-def fastest_pipeline(stylizer: Stylizer, clip, precision: str, impl: str = "auto") -> EnginePipeline:
+def fastest_pipeline(stylizer: Stylizer, clip, precision: str, impl: str = "auto",
+                     fused_modconv: bool = False) -> EnginePipeline:
     """The fastest mmfs_fast configuration: the Engine with CUDA graphs (where there is CUDA)."""
     from mmfs_fast.engine import Engine
 
     return EnginePipeline(Engine(stylizer, clip, precision=precision, device=clip.device, cuda_graphs=True,
-                                 style_cache_size=0, impl=impl))
+                                 style_cache_size=0, impl=impl, fused_modconv=fused_modconv))
 
 
 def build_models(profile: Profile, device, dtype: torch.dtype = torch.float32, impl: str = "auto",

