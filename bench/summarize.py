@@ -114,8 +114,8 @@ def e2e_table(e2e: dict) -> list[str]:
     return lines
 
 
-def modconv_table(e2e: dict) -> list[str]:
-    """Guided stylization through the Engine's modulated-convolution paths (FASTEST: its default)."""
+def variants_table(e2e: dict) -> list[str]:
+    """Guided stylization through the Engine's variants (FASTEST: its defaults)."""
     configs = sorted({c for (c, scenario, _) in e2e if scenario == "guided_stylization" and c.startswith(f"{FASTEST}-")})
     if not configs:
         return []
@@ -246,8 +246,8 @@ def summarize(benchmarks: list[dict], env: dict) -> str:
             "weights loaded earlier excluded).", ""]
     if e2e:
         out += ["## Targets", ""] + targets_table(e2e, judge=env.get("profile") == "gpu-512") + ["", "## End to end", ""] + e2e_table(e2e) + [""]
-        modconv = modconv_table(e2e)
-        out += ["## Engine: modulated-convolution paths (guided stylization)", ""] + modconv + [""] if modconv else []
+        variants = variants_table(e2e)
+        out += ["## Engine variants (guided stylization)", ""] + variants + [""] if variants else []
         fine = finetune_table(e2e)
         out += ["## Fine-tuning", ""] + fine + [""] if fine else []
     serve, faces, train = serve_table(benchmarks), faces_table(benchmarks), train_table(benchmarks)

@@ -20,6 +20,9 @@ PRECISION = "fp16" if ON_GPU else "fp32"  # the Engine offers fp16 on CUDA only
 # the Engine with the modulated_conv2d op (per-sample weights) on each GPU backend instead of
 # its unfused cuDNN convolution: the measurement behind Engine's fused_modconv=False default
 FUSED_MODCONV = {f"{FASTEST}-fused-{impl}": impl for impl in ("cuda", "ref", "triton")} if ON_GPU else {}
+# candidate defaults not yet measured: NHWC activations; torch.compile(max-autotune) instead of
+# hand-captured graphs (the Engine's compile=True)
+CHANNELS_LAST, ENGINE_COMPILED = f"{FASTEST}-channels-last", f"{FASTEST}-compiled"
 # fine-tuning with every op on one backend (FASTEST: impl="auto")
 FINETUNE_IMPLS = {f"{FASTEST}-impl-{impl}": impl for impl in ("ref", "triton")} if ON_GPU else {}
 FINETUNE_STEPS = 10 if ON_GPU else 2
@@ -28,10 +31,11 @@ FINETUNE_BATCH = 8 if ON_GPU else 2  # the paper's batch on a GPU
 
 @functools.cache
 def pipeline(config: str) -> mb.Workloads:
-    if config == FASTEST or config in FUSED_MODCONV:
+    if config.startswith(FASTEST):
         impl = FUSED_MODCONV.get(config, "auto")
         stylizer, clip = mb.build_models(PROFILE, DEVICE, impl=impl, clip_dtype=mb.DTYPES[PRECISION])
-        return mb.fastest_pipeline(stylizer, clip, PRECISION, impl=impl, fused_modconv=config in FUSED_MODCONV)
+        return mb.fastest_pipeline(stylizer, clip, PRECISION, impl=impl, fused_modconv=config in FUSED_MODCONV,
+                                   channels_last=config == CHANNELS_LAST, compile=config == ENGINE_COMPILED)
     stylizer, clip = mb.build_models(PROFILE, DEVICE, impl="ref")
     return mb.ModelPipeline(stylizer, clip, compile=config == COMPILED)
 
@@ -48,7 +52,7 @@ def _measure_e2e(config: str, scenario: str, batch: int, measure, benchmark) -> 
 
 
 @pytest.mark.parametrize("config,scenario,batch", _cases((BASELINE, FASTEST)) + [
-    (config, "guided_stylization", batch) for config in FUSED_MODCONV for batch in PROFILE.batches])
+    (config, "guided_stylization", batch) for config in (CHANNELS_LAST, *FUSED_MODCONV) for batch in PROFILE.batches])
 def test_e2e(config: str, scenario: str, batch: int, measure, benchmark):
     _measure_e2e(config, scenario, batch, measure, benchmark)
 
@@ -78,6 +82,7 @@ def test_finetune(config: str, measure, benchmark):
 # last, after fine-tuning: compiling costs tens of seconds per case, so a time-boxed run
 # (bench/gpu_check.sh) cuts here first; on a CPU (minutes per compile) one case keeps the path alive
 @pytest.mark.parametrize("config,scenario,batch", [
-    c for c in _cases((COMPILED,)) if ON_GPU or c[1:] == ("guided_stylization", 1)])
+    c for c in _cases((COMPILED,)) if ON_GPU or c[1:] == ("guided_stylization", 1)] + [
+    (ENGINE_COMPILED, "guided_stylization", batch) for batch in PROFILE.batches if ON_GPU])
 def test_e2e_compiled(config: str, scenario: str, batch: int, measure, benchmark):
     _measure_e2e(config, scenario, batch, measure, benchmark)

@@ -203,13 +203,13 @@ class EnginePipeline(Workloads):
         return self.engine.stylize(faces, w_plus)
 
 
-def fastest_pipeline(stylizer: Stylizer, clip, precision: str, impl: str = "auto",
-                     fused_modconv: bool = False) -> EnginePipeline:
-    """The fastest mmfs_fast configuration: the Engine with CUDA graphs (where there is CUDA)."""
+def fastest_pipeline(stylizer: Stylizer, clip, precision: str, impl: str = "auto", **engine_options) -> EnginePipeline:
+    """The fastest mmfs_fast configuration: the Engine with CUDA graphs (where there is CUDA);
+    engine_options (fused_modconv, channels_last, compile) select the variants bench/ compares."""
     from mmfs_fast.engine import Engine
 
     return EnginePipeline(Engine(stylizer, clip, precision=precision, device=clip.device, cuda_graphs=True,
-                                 style_cache_size=0, impl=impl, fused_modconv=fused_modconv))
+                                 style_cache_size=0, impl=impl, **engine_options))
 
 
 def build_models(profile: Profile, device, dtype: torch.dtype = torch.float32, impl: str = "auto",

@@ -326,6 +326,8 @@ class Engine:
         fused_modconv: run the modulated convolutions as the modulated_conv2d op (per-sample
             weights, backend ``impl``) instead of the default unfused form, conv(x·s, W)
             through cuDNN with one weight for the whole batch (see README "Performance").
+        channels_last: keep weights and activations in NHWC, the layout of cuDNN's
+            tensor-core convolutions (off until measured: bench config mmfs-fast-channels-last).
         compile: run through ``torch.compile(mode="max-autotune")`` instead of hand-captured graphs.
         max_batch, max_wait_ms: micro-batching of ``submit()``: a batch runs when it has
             max_batch requests or max_wait_ms after its first request arrived.
@@ -335,7 +337,8 @@ class Engine:
 
     def __init__(self, stylizer: Stylizer, clip=None, precision: str | None = None, device=None,
                  cuda_graphs: bool = True, buckets: Sequence[int] | str | None = "auto",
-                 style_cache_size: int = 256, impl: str = "auto", fused_modconv: bool = False, compile: bool = False,
+                 style_cache_size: int = 256, impl: str = "auto", fused_modconv: bool = False,
+                 channels_last: bool = False, compile: bool = False,
                  max_batch: int | None = None, max_wait_ms: float = 2.0, graph_memory_limit: int | None = None):
         if not isinstance(stylizer, Stylizer):
             raise TypeError(f"stylizer must be a mmfs_fast Stylizer, got {type(stylizer).__name__}")
@@ -352,6 +355,8 @@ class Engine:
         self.config = stylizer.config
         self.clip = clip
         self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv).to(self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
 
         mode = "compile" if compile else "graph" if cuda_graphs and on_cuda else "eager"
         if buckets == "auto":
@@ -411,7 +416,7 @@ class Engine:
     def _faces(self, faces: torch.Tensor) -> torch.Tensor:
         size = self.config.size
         _check_tensor("faces", faces, (None, 3, size, size))
-        return faces.to(self.device, self.dtype)
+        return faces.to(self.device, self.dtype, memory_format=self.memory_format)
 
     def _w_plus(self, w_plus: torch.Tensor, batch: int) -> torch.Tensor:
         _check_tensor("w_plus", w_plus, (batch, N_LATENT, self.config.style_dim))
@@ -433,7 +438,7 @@ class Engine:
         """Encoder features + (B, 10, D) w+ → float32 images in [-1, 1]."""
         r = self.model.feature_size
         _check_tensor("feats", feats, (None, self.model.decoder0.conv.weight.shape[1], r, r))
-        feats = feats.to(self.device, self.dtype)
+        feats = feats.to(self.device, self.dtype, memory_format=self.memory_format)
         w_plus = self._w_plus(w_plus, feats.shape[0])
         return self._run("decode", self._decode_fn, feats, w_plus, *self._noises(noise, feats.shape[0])).float()
 

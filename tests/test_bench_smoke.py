@@ -145,3 +145,14 @@ def test_train_and_serve_tables():
         "p99_ms": 20.0 / c, "size": 512}} for c in (8, 1)])
     assert [line.split("|")[1].strip() for line in serve[2:]] == ["1", "8"]  # sorted by concurrency
     assert summarize.serve_table([]) == [] and summarize.train_table([]) == []
+
+
+def test_engine_variants_table():
+    e2e = summarize.e2e_index([_e2e("mmfs-fast", "guided_stylization", 1, 3e-3),
+                               _e2e("mmfs-fast-fused-cuda", "guided_stylization", 1, 25e-3),
+                               _e2e("mmfs-fast-fused-cuda", "guided_stylization", 32, 0.7),
+                               _e2e("eager-fp32-ref", "guided_stylization", 1, 8e-3)])
+    rows = summarize.variants_table(e2e)
+    assert rows[0] == "| batch | mmfs-fast ms | mmfs-fast-fused-cuda ms |"
+    assert rows[2:] == ["| 1 | 3.000 | 25.00 |", "| 32 | – | 700.00 |"]
+    assert summarize.variants_table(summarize.e2e_index([_e2e("mmfs-fast", "guided_stylization", 1, 3e-3)])) == []

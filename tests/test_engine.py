@@ -79,6 +79,16 @@ def test_fused_modconv_matches_plain_stylizer(stylizer):
 
 
 @torch.no_grad()
+def test_channels_last_matches_plain_stylizer(stylizer):
+    x, w_plus = faces(2), torch.randn(2, 10, DIM)
+    nhwc = Engine(stylizer, device="cpu", channels_last=True)
+    assert nhwc.model.decoder1a.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_images_close(nhwc.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
+    feats = nhwc.encode(x)
+    assert_images_close(nhwc.decode(feats, w_plus), stylizer.decode(stylizer.encode(x), w_plus, noise="zero"))
+
+
+@torch.no_grad()
 def test_encode_decode_match_plain_stylizer(stylizer, engine):
     x, w_plus = faces(2), torch.randn(2, 10, DIM)
     feats = engine.encode(x)
@@ -276,17 +286,17 @@ def _gpu_stylizer():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused,channels_last", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @torch.no_grad()
-def test_gpu_low_precision_error_within_twice_the_plain_cast(precision, fused):
+def test_gpu_low_precision_error_within_twice_the_plain_cast(precision, fused, channels_last):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     stylizer = _gpu_stylizer()
     x, w_plus = faces(8).cuda(), torch.randn(8, 10, 512, device="cuda")
     ref = stylizer(x, w_plus=w_plus, noise="zero")
     plain = make_stylizer(style_dim=512).cuda().to(dtype)
     plain_err = (plain(x.to(dtype), w_plus=w_plus.to(dtype), noise="zero").float() - ref).abs().mean()
-    out = Engine(stylizer, precision=precision, fused_modconv=fused).stylize(x, w_plus)
+    out = Engine(stylizer, precision=precision, fused_modconv=fused, channels_last=channels_last).stylize(x, w_plus)
     assert torch.isfinite(out).all()
     assert (out - ref).abs().mean() <= 2 * plain_err
 
