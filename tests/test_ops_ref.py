@@ -37,6 +37,14 @@ def test_upfirdn2d_separable_kernel_is_outer_product():
     assert torch.equal(upfirdn2d(x, taps, up=2, pad=(2, 1)), upfirdn2d(x, torch.outer(taps, taps), up=2, pad=(2, 1)))
 
 
+def test_default_fir_values():
+    """outer([1, 3, 3, 1]) / 64 (built by device-side fills: see default_fir; the CUDA-graph
+    capture that needs this is tested on a GPU in test_cuda_ops.py)."""
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(default_fir(dtype=torch.float64), torch.outer(taps, taps) / 64, rtol=0, atol=0)
+    assert default_fir("meta").shape == (4, 4)
+
+
 def test_upfirdn2d_mmfs_upsample_preserves_constant_interior():
     # kernel·4 with up=2, pad (2, 1) is the MMFS Upsample: a constant image stays constant away from borders
     x = torch.full((1, 1, 8, 8), 3.0, dtype=torch.float64)

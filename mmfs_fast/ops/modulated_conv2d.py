@@ -11,12 +11,16 @@ from mmfs_fast.ops import _backend, _cuda, _triton
 from mmfs_fast.ops.upfirdn2d import as_2d_kernel, upfirdn2d_ref
 
 DEMOD_EPS = 1e-8
-_DEFAULT_FIR = (1.0, 3.0, 3.0, 1.0)
 
 
 def default_fir(device=None, dtype=torch.float32) -> torch.Tensor:
-    """outer([1, 3, 3, 1]) normalised to sum 1, the FIR of every MMFS resampling."""
-    taps = torch.tensor(_DEFAULT_FIR, device=device, dtype=dtype)
+    """outer([1, 3, 3, 1]) normalised to sum 1, the FIR of every MMFS resampling.
+
+    Filled in on the device: a tensor made from host values is copied over, which a
+    CUDA-graph capture forbids, and modulated_conv2d makes this one on every call
+    without an explicit ``fir``."""
+    taps = torch.ones(4, device=device, dtype=dtype)
+    taps.narrow(0, 1, 2).fill_(3.0)
     kernel = torch.outer(taps, taps)
     return kernel / kernel.sum()
 
