@@ -6,7 +6,8 @@
 #
 # Writes into OUTDIR: env.txt, install.log, pytest-gpu.log + junit-gpu.xml (gpu-marked tests, run
 # first), pytest-rest.log + junit-rest.xml (the other tests, 8 processes), bench-e2e.json +
-# bench-e2e.log, bench-apps.json + bench-apps.log (training, HTTP service, faces), bench-ops.json +
+# bench-e2e.log, profile.txt (profile_engine.py), bench-apps.json + bench-apps.log (training, HTTP
+# service, faces), bench-ops.json +
 # bench-ops.log, summary.md, status.txt. Every phase is
 # time-boxed so the whole run ends within TOTAL_SECONDS (default 530: 9 minutes on an H100
 # minus margin); a benchmark phase cut short still writes the results it has (SIGINT
@@ -63,6 +64,7 @@ if [ "$DRY_RUN" = 1 ]; then
     E2E_ARGS=(-k "eager-fp32-ref and image_to_wplus")
     APPS_ARGS=(-k "test_train_iteration[1] or test_serve[1] or test_detect_align[1]")
     OPS_ARGS=(-k "bias_act and ref and not fwdbwd")
+    PROFILE_ARGS=(--batch 1)
 else
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         log "no CUDA device visible to torch: this script is for a GPU machine (DRY_RUN=1 runs it at CPU scale)"
@@ -84,6 +86,7 @@ else
     APPS_ARGS=()
     # fp16 only: every op case (3 dtypes, ~2000 cases) takes ~10 min; run the file alone for all
     OPS_ARGS=(-k fp16)
+    PROFILE_ARGS=()
 fi
 
 {
@@ -106,6 +109,9 @@ tail -n 3 "$OUT/pytest-gpu.log" | tee -a "$OUT/status.txt"
 
 phase bench-e2e "$OUT/bench-e2e.log" 130 110 "${PYTEST[@]}" bench/test_bench_e2e.py -q \
     --benchmark-json="$OUT/bench-e2e.json" --benchmark-columns=median,iqr,rounds,iterations "${E2E_ARGS[@]}"
+# where the Engine's time goes (kernel table at batch 1 and 32), for whoever optimises next
+phase profile "$OUT/profile.log" 40 60 env PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" "$PY" -P bench/profile_engine.py \
+    -o "$OUT/profile.txt" "${PROFILE_ARGS[@]}"
 phase bench-ops "$OUT/bench-ops.log" 60 50 "${PYTEST[@]}" bench/test_bench_ops.py -q \
     --benchmark-json="$OUT/bench-ops.json" --benchmark-columns=median,iqr,rounds,iterations "${OPS_ARGS[@]}"
 phase tests-rest "$OUT/pytest-rest.log" 90 0 "${PYTEST[@]}" "${REST_TEST_ARGS[@]}" --junitxml="$OUT/junit-rest.xml"

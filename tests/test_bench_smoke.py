@@ -156,3 +156,16 @@ def test_engine_variants_table():
     assert rows[0] == "| batch | mmfs-fast ms | mmfs-fast-fused-cuda ms |"
     assert rows[2:] == ["| 1 | 3.000 | 25.00 |", "| 32 | – | 700.00 |"]
     assert summarize.variants_table(summarize.e2e_index([_e2e("mmfs-fast", "guided_stylization", 1, 3e-3)])) == []
+
+
+def test_profile_engine_writes_its_table(tmp_path):
+    out = tmp_path / "profile.txt"
+    run = subprocess.run([sys.executable, str(BENCH / "profile_engine.py"), "--batch", "1", "-o", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("Engine guided stylization, cpu-reduced-64, fp32, batch 1")
+    assert "aten::" in text and "# of Calls" in text
+    bad = subprocess.run([sys.executable, str(BENCH / "profile_engine.py"), "--batch", "0"],
+                         capture_output=True, text=True, timeout=120, cwd=BENCH.parent)
+    assert bad.returncode == 2 and "--batch takes positive sizes" in bad.stderr
