@@ -101,11 +101,12 @@ def _recording(counter: collections.Counter, model_name: str):
 
 def op_calls(config: StylizerConfig, disc_size: int, disc_base: int,
              batches: tuple[int, ...]) -> list[tuple[OpCall, dict[str, int]]]:
-    """Every distinct op call of a Stylizer forward (face + z) and a Discriminator forward,
+    """Every distinct op call of a Stylizer inference forward (face + z) and a Discriminator forward,
     per batch size, with how often each model makes it in one forward."""
     counter: collections.Counter = collections.Counter()
     with torch.device("meta"):
-        stylizer = Stylizer(config, impl="ref")
+        # eval: the modulated convolutions of inference go through the op (training runs them unfused)
+        stylizer = Stylizer(config, impl="ref").eval()
         disc = Discriminator(disc_size, disc_base, impl="ref")
         for batch in batches:
             with _recording(counter, "stylizer"), torch.no_grad():

@@ -23,8 +23,8 @@ FUSED_MODCONV = {f"{FASTEST}-fused-{impl}": impl for impl in ("cuda", "ref", "tr
 # candidate defaults not yet measured: NHWC activations; torch.compile(max-autotune) instead of
 # hand-captured graphs (the Engine's compile=True)
 CHANNELS_LAST, ENGINE_COMPILED = f"{FASTEST}-channels-last", f"{FASTEST}-compiled"
-# fine-tuning with every op on one backend (FASTEST: impl="auto")
-FINETUNE_IMPLS = {f"{FASTEST}-impl-{impl}": impl for impl in ("ref", "triton")} if ON_GPU else {}
+# fine-tuning through the modulated_conv2d op (FASTEST: the unfused default) with every op on one backend
+FINETUNE_FUSED = {f"{FASTEST}-fused-{impl}": impl for impl in ("ref", "triton", "cuda")} if ON_GPU else {}
 FINETUNE_STEPS = 10 if ON_GPU else 2
 FINETUNE_BATCH = 8 if ON_GPU else 2  # the paper's batch on a GPU
 
@@ -57,21 +57,22 @@ def test_e2e(config: str, scenario: str, batch: int, measure, benchmark):
     _measure_e2e(config, scenario, batch, measure, benchmark)
 
 
-@pytest.mark.parametrize("config", [BASELINE, FASTEST, *FINETUNE_IMPLS])
+@pytest.mark.parametrize("config", [BASELINE, FASTEST, *FINETUNE_FUSED])
 def test_finetune(config: str, measure, benchmark):
     """FINETUNE_STEPS steps of text-prompt fine-tuning (setup included, so the per-step
     time is an upper bound); extra_info has the projected 200-step time."""
     from mmfs_fast.finetune import finetune
 
     fast = config != BASELINE
-    stylizer, clip = mb.build_models(PROFILE, DEVICE, impl=FINETUNE_IMPLS.get(config, "auto" if fast else "ref"))
+    stylizer, clip = mb.build_models(PROFILE, DEVICE, impl=FINETUNE_FUSED.get(config, "auto" if fast else "ref"))
     dino = mb.build_dino(PROFILE, DEVICE)
     size = PROFILE.stylizer.size
     faces = torch.rand(FINETUNE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 2 - 1
 
     def run():
         finetune(stylizer, clip, dino, faces, text="a pop art portrait", steps=FINETUNE_STEPS,
-                 batch_size=FINETUNE_BATCH, progress=False, mixed_precision=fast and ON_GPU)
+                 batch_size=FINETUNE_BATCH, progress=False, mixed_precision=fast and ON_GPU,
+                 fused_modconv=not fast or config in FINETUNE_FUSED)
 
     seconds = measure(run, group="finetune", rounds=2 if ON_GPU else 1, scenario="finetune", config=config,
                       batch=FINETUNE_BATCH, steps=FINETUNE_STEPS, precision="bf16-autocast" if fast and ON_GPU else "fp32")

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfs_fast.models.noise import NoiseSpec, make_noises
-from mmfs_fast.models.layers import EqualConv2d, EqualLinear, ModulatedConv2d, synthesize
+from mmfs_fast.models.layers import EqualConv2d, EqualLinear, ModulatedConv2d, shared_weight_conv, synthesize
 from mmfs_fast.models.stylizer import N_LATENT, N_UPSAMPLINGS, Stylizer, z_from_seeds
-from mmfs_fast.ops import bias_act, default_fir, modulated_conv2d, upfirdn2d
+from mmfs_fast.ops import bias_act, default_fir, modulated_conv2d
 from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS, blur_pads
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -85,9 +85,7 @@ class _ModulatedConv(nn.Module):
     Demodulation cancels both scales exactly, and every fp16 product W·s stays ≤ 1.
 
     fused: the modulated_conv2d op (per-sample weights); otherwise StyleGAN2's unfused
-    form, conv(x·s, W): scaling the weights' input channels equals scaling x's channels, so
-    the batch shares one weight and runs as one cuDNN convolution (one large GEMM on
-    tensor cores, no per-sample weight tensor).
+    form, :func:`~mmfs_fast.models.layers.shared_weight_conv`.
     """
 
     def __init__(self, layer: ModulatedConv2d, dtype: torch.dtype, fused: bool):
@@ -110,6 +108,8 @@ class _ModulatedConv(nn.Module):
             self.blur_pad = (p0, p1, p0, p1)
             # the blur after a stride-2 transposed conv has gain up² = 4
             self.register_buffer("blur_fir", (fir * 4).detach().to(dtype))
+        else:
+            self.blur_fir = None
         self.impl = layer.impl
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -121,15 +121,10 @@ class _ModulatedConv(nn.Module):
             out = modulated_conv2d(x, self.weight, styles.to(x.dtype), demodulate=False, up=self.up, fir=self.fir,
                                    impl=self.impl)
         else:
-            out = self._shared_weight_conv(x * styles.to(x.dtype)[:, :, None, None])
+            up_blur = None if self.blur_fir is None else (self.blur_fir, self.blur_pad)
+            out = shared_weight_conv(x, styles, self.weight, up_blur, self.impl)
         return out * demod.to(out.dtype)[:, :, None, None] if self.demodulate else out
 
-
-    def _shared_weight_conv(self, x: torch.Tensor) -> torch.Tensor:
-        if self.up == 2:
-            out = F.conv_transpose2d(x, self.weight.transpose(0, 1), stride=2)
-            return upfirdn2d(out, self.blur_fir, pad=self.blur_pad, impl=self.impl)
-        return F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2)
 
 
 def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_modconv: bool = False) -> Stylizer:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mmfs_fast.losses import directional_clip_loss, projection_loss, structure_loss, token_basis
+from mmfs_fast.models import set_fused_modconv
 from mmfs_fast.models.checkpoint import atomic_save
 
 STATE_FILE = "finetune_state.pt"
@@ -126,14 +127,16 @@ def _check_settings(steps, batch_size, lr, ema, checkpoint_every) -> None:
 class _Run:
     """Everything one fine-tuning run updates, and how it is saved and restored."""
 
-    def __init__(self, stylizer, device, prompt, settings, lr, betas, seed):
+    def __init__(self, stylizer, device, prompt, settings, lr, betas, seed, fused_modconv):
         self.model = copy.deepcopy(stylizer).eval()
         self.model.requires_grad_(False)
+        set_fused_modconv(self.model, fused_modconv)
         self.params = decoder_parameters(self.model)
         for p in self.params.values():
             p.requires_grad_(True)
         self.ema_model = copy.deepcopy(self.model)
         self.ema_model.requires_grad_(False)
+        set_fused_modconv(self.ema_model, None)  # the result: the default inference path
         self.ema_params = list(decoder_parameters(self.ema_model).values())
         self.optimizer = torch.optim.Adam(self.params.values(), lr=lr, betas=betas)
         self.noise_rng = torch.Generator(device).manual_seed(seed)
@@ -175,7 +178,8 @@ def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=Non
              batch_size: int = 8, lr: float = 2e-4, betas=(0.9, 0.999), ema: float = 0.99,
              lambda_st: float = 0.5, lambda_clip: float = 1.0, lambda_proj: float = 100.0,
              source_text: str = "photo", seed: int = 0, checkpoint_dir=None, checkpoint_every: int = 50,
-             progress: bool = True, preview=None, mixed_precision: bool | None = None) -> FinetuneResult:
+             progress: bool = True, preview=None, mixed_precision: bool | None = None,
+             fused_modconv: bool = False) -> FinetuneResult:
     """Adapt ``stylizer``'s decoder to a text prompt or a reference image; ``stylizer`` itself
     is not modified. ``clip`` and ``dino`` are the frozen encoders (normally
     :class:`~mmfs_fast.encoders.CLIPEncoder` and :class:`~mmfs_fast.encoders.DINOEncoder`).
@@ -184,6 +188,8 @@ def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=Non
     later call with the same arguments resumes from it (on the CPU bit-exactly).
     ``preview``: a PNG path for a grid of input faces over their stylizations.
     ``mixed_precision`` (default: on for CUDA) runs the decoder under bf16 autocast.
+    ``fused_modconv``: train through the modulated_conv2d op (per-sample weights) instead of
+    the unfused form StyleGAN2 trains with (:func:`~mmfs_fast.models.set_fused_modconv`).
     """
     _check_settings(steps, batch_size, lr, ema, checkpoint_every)
     if stylizer.clip_mapper is None:
@@ -198,7 +204,7 @@ def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=Non
     settings = {"batch_size": batch_size, "lr": lr, "betas": list(betas), "ema": ema, "lambda_st": lambda_st,
                 "lambda_clip": lambda_clip, "lambda_proj": lambda_proj, "seed": seed, "n_faces": len(faces),
                 "source_text": source_text if text is not None else None}
-    run = _Run(stylizer, device, prompt, settings, lr, betas, seed)
+    run = _Run(stylizer, device, prompt, settings, lr, betas, seed, fused_modconv)
     with torch.no_grad():
         w_plus = run.model.map_clip(prompt.embedding.to(device=device, dtype=faces.dtype))
         feats, face_emb, face_sim = _face_features(run.model, clip, dino, faces, batch_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,10 +93,12 @@ def test_summary_speedups_and_targets():
 def test_bench_suite_runs_on_cpu(tmp_path):
     """Two real op groups and one end-to-end case of bench/ at CPU scale, then their summary."""
     out = tmp_path / "bench.json"
+    # under pytest-xdist, a child pytest that inherits its variables turns pytest-benchmark off
+    without_xdist = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     run = subprocess.run([sys.executable, "-m", "pytest", str(BENCH / "test_bench_ops.py"), str(BENCH / "test_bench_e2e.py"),
                           "-q", "-p", "no:cacheprovider", "-k", "(bias_act and ref and not fwdbwd) or (eager-fp32-ref and guided_stylization-1)",
                           f"--benchmark-json={out}"], capture_output=True, text=True, timeout=300,
-                         cwd=BENCH.parent)
+                         cwd=BENCH.parent, env=without_xdist)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads(out.read_text())
     infos = [b["extra_info"] for b in data["benchmarks"]]

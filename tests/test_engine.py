@@ -259,7 +259,7 @@ def test_bf16_error_within_twice_the_plain_model_cast_to_bf16(stylizer):
 @pytest.mark.parametrize("upsample", [False, True])
 def test_fp16_modulation_is_safe_where_the_plain_fp16_layer_overflows(upsample, fused):
     torch.manual_seed(0)
-    layer = ModulatedConv2d(16, 8, 3, DIM, upsample=upsample)
+    layer = ModulatedConv2d(16, 8, 3, DIM, upsample=upsample).eval()  # the op: per-sample weights
     layer.modulation.bias.fill_(400.0)  # styles ~400: Σ(W·s)² ≈ 400² exceeds fp16's 65504
     x, w = torch.randn(2, 16, 8, 8), torch.randn(2, DIM)
     ref = layer(x, w)

@@ -8,7 +8,8 @@ import torch
 
 import naive
 from conftest import layout_state_dict
-from mmfs_fast.models import CheckpointError, Discriminator, Generator, Stylizer, StylizerConfig
+from mmfs_fast.models import CheckpointError, Discriminator, Generator, Stylizer, StylizerConfig, set_fused_modconv
+from mmfs_fast.models.layers import ModulatedConv2d
 
 FIR = np.outer([1, 3, 3, 1], [1, 3, 3, 1]) / 64.0
 
@@ -93,8 +94,10 @@ def manual_stylizer(sd, x, w_plus, noises):
     return np.clip(rgb, -1, 1)
 
 
-def test_stylizer_forward_equals_independent_recomputation():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-op", "unfused"])
+def test_stylizer_forward_equals_independent_recomputation(fused):
     model = tiny_stylizer()
+    set_fused_modconv(model, fused)
     g = torch.Generator().manual_seed(1)
     x = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
     w_plus = torch.randn(2, 10, 16, generator=g, dtype=torch.float64)
@@ -104,6 +107,44 @@ def test_stylizer_forward_equals_independent_recomputation():
     expected = manual_stylizer(np_state(model), x.numpy(), w_plus.numpy(), [n.numpy() for n in noises])
     assert 0 < np.abs(expected).max() and (np.abs(expected) < 1).any()
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-9, atol=1e-10)
+
+
+def test_training_runs_unfused_with_the_gradients_of_the_op():
+    """NVlabs' rule: in training mode the modulated convolutions run as conv(x·s, W) plus
+    demodulation; every parameter's gradient equals that of the modulated_conv2d op."""
+    model = tiny_stylizer().train()
+    assert all(m.fused is None for m in model.modules() if isinstance(m, ModulatedConv2d))
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    w_plus = torch.randn(2, 10, 16, generator=g, dtype=torch.float64)
+    grads = {}
+    for fused in (None, True):
+        set_fused_modconv(model, fused)
+        model.zero_grad()
+        model(x, w_plus=w_plus, noise="zero").square().mean().backward()
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[None].keys() == grads[True].keys() and len(grads[None]) > 10
+    for name, grad in grads[None].items():
+        torch.testing.assert_close(grad, grads[True][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+def test_unfused_under_bf16_autocast_is_as_accurate_as_the_op(upsample):
+    """Error against fp32 at most the op's own under the same autocast plus one bf16 rounding
+    of the output: the demodulation multiplies the convolution's bf16 output, where the op
+    folds it into the weights."""
+    torch.manual_seed(0)
+    layer = ModulatedConv2d(32, 16, 3, 16, upsample=upsample)
+    x, w = torch.randn(4, 32, 8, 8), torch.randn(4, 16)
+    want = layer.eval()(x, w)
+    errors = {}
+    for fused in (True, False):
+        layer.fused = fused
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x, w)
+        assert got.dtype == torch.bfloat16
+        errors[fused] = (got.float() - want).abs().max().item()
+    assert 0 < errors[False] <= errors[True] + torch.finfo(torch.bfloat16).eps * want.abs().max().item()
 
 
 def test_z_style_is_the_mapped_w_repeated_and_mixing_crosses_over_once():

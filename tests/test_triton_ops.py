@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import TRITON_INTERPRETABLE
-from mmfs_fast.models import Stylizer
+from mmfs_fast.models import Stylizer, set_fused_modconv
 from mmfs_fast.ops import _backend, bias_act, modulated_conv2d, upfirdn2d
 from mmfs_fast.ops.modulated_conv2d import blur_pads, default_fir
 
@@ -197,6 +197,7 @@ def test_registered_ops_pass_opcheck():
 def test_small_stylizer_matches_ref():
     torch.manual_seed(0)
     model = Stylizer(size=16, ngf=2, style_dim=8, n_mlp=1, clip_mapper=False).to(DEVICE)
+    set_fused_modconv(model, True)  # through the modulated_conv2d op, not the unfused training form
     x = torch.rand(1, 3, 16, 16, device=DEVICE) * 2 - 1
     w_plus = randn(1, 10, 8, seed=1)
     noises = [randn(1, 1, r, r, seed=2 + n) for n, r in enumerate(model.noise_resolutions)]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfs_fast.ops import bias_act, default_fir, modulated_conv2d, upfirdn2d
-from mmfs_fast.ops.modulated_conv2d import blur_pads
+from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS, blur_pads
 
 FIR_SIZE = default_fir().shape[0]  # every resampling uses the [1, 3, 3, 1] FIR
 
@@ -139,6 +139,31 @@ class ResBlock(nn.Module):
         return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)
 
 
+def set_fused_modconv(module: nn.Module, fused: bool | None) -> None:
+    """How every ModulatedConv2d of ``module`` runs: True, the modulated_conv2d op (per-sample
+    weights, the official computation); False, :func:`shared_weight_conv` plus demodulation;
+    None (the default), NVlabs' rule: the op in eval mode, unfused in training."""
+    for m in module.modules():
+        if isinstance(m, ModulatedConv2d):
+            m.fused = fused
+
+
+def shared_weight_conv(x: torch.Tensor, styles: torch.Tensor, weight: torch.Tensor,
+                       up_blur: tuple[torch.Tensor, tuple] | None = None, impl: str = "auto") -> torch.Tensor:
+    """StyleGAN2's unfused modulated convolution, before demodulation: conv(x·s, W).
+
+    Scaling the weights' input channels by s equals scaling x's channels, so the batch shares
+    one weight: one cuDNN convolution (a large GEMM on tensor cores) instead of B groups, and
+    no (B, O, I, k, k) weight tensor to build or differentiate. up_blur: (FIR, pads) of the
+    blur after a stride-2 transposed convolution, or None for a same-size convolution.
+    """
+    x = x * styles.to(x.dtype)[:, :, None, None]
+    if up_blur is None:
+        return F.conv2d(x, weight, padding=weight.shape[-1] // 2)
+    kernel, pad = up_blur
+    return upfirdn2d(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2), kernel, pad=pad, impl=impl)
+
+
 class ModulatedConv2d(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, style_dim: int, demodulate: bool = True,
                  upsample: bool = False):
@@ -151,13 +176,24 @@ class ModulatedConv2d(nn.Module):
         self.demodulate = demodulate
         self.upsample = upsample
         self.impl = "auto"
+        self.fused: bool | None = None  # see set_fused_modconv
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         styles = self.modulation(style)
-        # The op applies the ×4 of the upsampling blur itself; it takes the unit-sum FIR.
-        fir = self.blur.kernel / 4 if self.upsample else None
-        return modulated_conv2d(x, self.weight[0] * self.scale, styles, demodulate=self.demodulate,
-                                up=2 if self.upsample else 1, fir=fir, impl=self.impl)
+        weight = self.weight[0] * self.scale
+        if self.fused if self.fused is not None else not self.training:
+            # The op applies the ×4 of the upsampling blur itself; it takes the unit-sum FIR.
+            fir = self.blur.kernel / 4 if self.upsample else None
+            return modulated_conv2d(x, weight, styles, demodulate=self.demodulate,
+                                    up=2 if self.upsample else 1, fir=fir, impl=self.impl)
+        out = shared_weight_conv(x, styles, weight, (self.blur.kernel, self.blur.pad) if self.upsample else None,
+                                 self.impl)
+        if not self.demodulate:
+            return out
+        # Σ_{i,taps} (W·s)² = s² · Σ_taps W², in at least fp32 and elementwise, which autocast leaves alone
+        acc = torch.promote_types(styles.dtype, torch.float32)
+        energy = (styles.to(acc).square()[:, None, :] * weight.to(acc).square().sum((2, 3))[None]).sum(-1)
+        return out * torch.rsqrt(energy + DEMOD_EPS).to(out.dtype)[:, :, None, None]
 
 
 class NoiseInjection(nn.Module):
