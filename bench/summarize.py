@@ -115,17 +115,18 @@ def e2e_table(e2e: dict) -> list[str]:
 
 
 def variants_table(e2e: dict) -> list[str]:
-    """Guided stylization through the Engine's variants (FASTEST: its defaults)."""
-    configs = sorted({c for (c, scenario, _) in e2e if scenario == "guided_stylization" and c.startswith(f"{FASTEST}-")})
-    if not configs:
+    """The Engine's variants beside its defaults (FASTEST), for each workload one of them ran."""
+    variants = sorted({c for (c, scenario, _) in e2e if c.startswith(f"{FASTEST}-") and scenario in SCENARIOS})
+    if not variants:
         return []
-    configs = [FASTEST, *configs]
-    batches = sorted({batch for (c, scenario, batch) in e2e if scenario == "guided_stylization" and c in configs})
-    lines = ["| batch | " + " | ".join(f"{c} ms" for c in configs) + " |", "|---:|" + "---:|" * len(configs)]
-    for batch in batches:
-        cells = [ms(median(e2e[c, "guided_stylization", batch])) if (c, "guided_stylization", batch) in e2e else "–"
-                 for c in configs]
-        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    configs = [FASTEST, *variants]
+    rows = sorted({(scenario, batch) for (c, scenario, batch) in e2e if c in variants},
+                  key=lambda row: (SCENARIOS.index(row[0]), row[1]))
+    lines = ["| workload | batch | " + " | ".join(f"{c} ms" for c in configs) + " |",
+             "|---|---:|" + "---:|" * len(configs)]
+    for scenario, batch in rows:
+        cells = [ms(median(e2e[c, scenario, batch])) if (c, scenario, batch) in e2e else "–" for c in configs]
+        lines.append(f"| {scenario} | {batch} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -247,7 +248,7 @@ def summarize(benchmarks: list[dict], env: dict) -> str:
     if e2e:
         out += ["## Targets", ""] + targets_table(e2e, judge=env.get("profile") == "gpu-512") + ["", "## End to end", ""] + e2e_table(e2e) + [""]
         variants = variants_table(e2e)
-        out += ["## Engine variants (guided stylization)", ""] + variants + [""] if variants else []
+        out += ["## Engine variants", ""] + variants + [""] if variants else []
         fine = finetune_table(e2e)
         out += ["## Fine-tuning", ""] + fine + [""] if fine else []
     serve, faces, train = serve_table(benchmarks), faces_table(benchmarks), train_table(benchmarks)

@@ -84,6 +84,8 @@ def test_finetune(config: str, measure, benchmark):
 # (bench/gpu_check.sh) cuts here first; on a CPU (minutes per compile) one case keeps the path alive
 @pytest.mark.parametrize("config,scenario,batch", [
     c for c in _cases((COMPILED,)) if ON_GPU or c[1:] == ("guided_stylization", 1)] + [
-    (ENGINE_COMPILED, "guided_stylization", batch) for batch in PROFILE.batches if ON_GPU])
+    (ENGINE_COMPILED, scenario, batch) for scenario, batch in (("text_to_wplus", 1), ("image_to_wplus", 1),
+                                                                ("guided_stylization", 1), ("guided_stylization", 32))
+    if ON_GPU])
 def test_e2e_compiled(config: str, scenario: str, batch: int, measure, benchmark):
     _measure_e2e(config, scenario, batch, measure, benchmark)

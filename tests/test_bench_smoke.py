@@ -156,8 +156,8 @@ def test_engine_variants_table():
                                _e2e("mmfs-fast-fused-cuda", "guided_stylization", 32, 0.7),
                                _e2e("eager-fp32-ref", "guided_stylization", 1, 8e-3)])
     rows = summarize.variants_table(e2e)
-    assert rows[0] == "| batch | mmfs-fast ms | mmfs-fast-fused-cuda ms |"
-    assert rows[2:] == ["| 1 | 3.000 | 25.00 |", "| 32 | – | 700.00 |"]
+    assert rows[0] == "| workload | batch | mmfs-fast ms | mmfs-fast-fused-cuda ms |"
+    assert rows[2:] == ["| guided_stylization | 1 | 3.000 | 25.00 |", "| guided_stylization | 32 | – | 700.00 |"]
     assert summarize.variants_table(summarize.e2e_index([_e2e("mmfs-fast", "guided_stylization", 1, 3e-3)])) == []
 
 
