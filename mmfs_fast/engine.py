@@ -20,6 +20,7 @@ outside the graph and copies them into the graph's static noise inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import threading
@@ -323,6 +324,9 @@ class Engine:
             through cuDNN with one weight for the whole batch (see README "Performance").
         channels_last: keep weights and activations in NHWC, the layout of cuDNN's
             tensor-core convolutions (off until measured: bench config mmfs-fast-channels-last).
+        cudnn_benchmark: let cuDNN time its algorithms for each new shape (once, while warming
+            up: the engine's shapes are static) instead of choosing them by heuristics; set only
+            around the engine's own runs.
         compile: run through ``torch.compile(mode="max-autotune")`` instead of hand-captured graphs.
         max_batch, max_wait_ms: micro-batching of ``submit()``: a batch runs when it has
             max_batch requests or max_wait_ms after its first request arrived.
@@ -333,7 +337,7 @@ class Engine:
     def __init__(self, stylizer: Stylizer, clip=None, precision: str | None = None, device=None,
                  cuda_graphs: bool = True, buckets: Sequence[int] | str | None = "auto",
                  style_cache_size: int = 256, impl: str = "auto", fused_modconv: bool = False,
-                 channels_last: bool = False, compile: bool = False,
+                 channels_last: bool = False, cudnn_benchmark: bool = True, compile: bool = False,
                  max_batch: int | None = None, max_wait_ms: float = 2.0, graph_memory_limit: int | None = None):
         if not isinstance(stylizer, Stylizer):
             raise TypeError(f"stylizer must be a mmfs_fast Stylizer, got {type(stylizer).__name__}")
@@ -351,6 +355,7 @@ class Engine:
         self.clip = clip
         self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv).to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.cudnn_benchmark = cudnn_benchmark
         self.model.to(memory_format=self.memory_format)
 
         mode = "compile" if compile else "graph" if cuda_graphs and on_cuda else "eager"
@@ -404,7 +409,7 @@ class Engine:
         return self.model.clip_mapper(self.clip.model.encode_text(tokens).float())
 
     def _run(self, name: str, fn: Callable, *inputs: torch.Tensor) -> torch.Tensor:
-        with self._executor.lock:
+        with self._executor.lock, _cudnn_benchmark(self.cudnn_benchmark):
             return self._executor.run(name, fn, *inputs)
 
     # -- input checks ----------------------------------------------------------------------
@@ -637,6 +642,16 @@ class Engine:
                     request.future.set_exception(image)
                 else:
                     request.future.set_result(image)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool):
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled or saved
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def _style_kind(style) -> str:

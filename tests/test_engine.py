@@ -88,6 +88,16 @@ def test_channels_last_matches_plain_stylizer(stylizer):
     assert_images_close(nhwc.decode(feats, w_plus), stylizer.decode(stylizer.encode(x), w_plus, noise="zero"))
 
 
+def test_cudnn_benchmark_only_around_the_engines_runs(stylizer, monkeypatch):
+    assert torch.backends.cudnn.benchmark is False
+    for enabled in (True, False):
+        engine = Engine(stylizer, device="cpu", cudnn_benchmark=enabled)
+        seen, run = [], engine._executor.run
+        monkeypatch.setattr(engine._executor, "run", lambda *args: seen.append(torch.backends.cudnn.benchmark) or run(*args))
+        engine.stylize(faces(1), torch.randn(1, 10, DIM))
+        assert seen == [enabled] and torch.backends.cudnn.benchmark is False
+
+
 @torch.no_grad()
 def test_encode_decode_match_plain_stylizer(stylizer, engine):
     x, w_plus = faces(2), torch.randn(2, 10, DIM)
