@@ -36,7 +36,7 @@ def pipeline(config: str) -> mb.Workloads:
         impl = FUSED_MODCONV.get(config, "auto")
         stylizer, clip = mb.build_models(PROFILE, DEVICE, impl=impl, clip_dtype=mb.DTYPES[PRECISION])
         return mb.fastest_pipeline(stylizer, clip, PRECISION, impl=impl, fused_modconv=config in FUSED_MODCONV,
-                                   channels_last=config == CHANNELS_LAST, compile=config == ENGINE_COMPILED,
+                                   channels_last=config == CHANNELS_LAST or None, compile=config == ENGINE_COMPILED,
                                    cudnn_benchmark=config != HEURISTIC_CUDNN)
     stylizer, clip = mb.build_models(PROFILE, DEVICE, impl="ref")
     return mb.ModelPipeline(stylizer, clip, compile=config == COMPILED)
