@@ -20,7 +20,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 DRY_RUN="${DRY_RUN:-0}"
 TOTAL_SECONDS="${TOTAL_SECONDS:-530}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 deadline=$((SECONDS + TOTAL_SECONDS))
 : > "$OUT/status.txt"
 
