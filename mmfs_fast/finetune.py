@@ -22,6 +22,9 @@ from mmfs_fast.models import set_fused_modconv
 from mmfs_fast.models.checkpoint import atomic_save
 
 STATE_FILE = "finetune_state.pt"
+# Loss values come back from the device every LOSS_READBACK steps, in one copy: reading them
+# each step (.item()) would make the host wait for every step before queueing the next.
+LOSS_READBACK = 10
 FROZEN_PARTS = ("encoder", "mapping_z", "clip_mapper")
 
 
@@ -219,6 +222,7 @@ def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=Non
     if mixed_precision is None:
         mixed_precision = device.type == "cuda"
     weights = {"structure": lambda_st, "clip": lambda_clip, "projection": lambda_proj}
+    pending: list[torch.Tensor] = []  # loss terms of the steps not yet read back
     with _progress_bar(run.step, steps, progress) as bar:
         while run.step < steps:
             idx = batch_indices(len(faces), batch_size, run.batch_rng).to(device)
@@ -231,16 +235,27 @@ def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=Non
             run.optimizer.step()
             run.update_ema(ema)
             run.step += 1
-            run.history.append({"total": total.item(), **{name: value.item() for name, value in terms.items()}})
-            bar.set_postfix({k: f"{v:.4f}" for k, v in run.history[-1].items()}, refresh=False)
-            bar.update()
-            if state_path is not None and (run.step % checkpoint_every == 0 or run.step == steps):
+            names = ["total", *terms]
+            pending.append(torch.stack([total.detach().float(), *(v.detach().float() for v in terms.values())]))
+            checkpoint_due = state_path is not None and (run.step % checkpoint_every == 0 or run.step == steps)
+            if len(pending) == LOSS_READBACK or checkpoint_due or run.step == steps:
+                _record_losses(run.history, names, pending, bar)
+            if checkpoint_due:
                 atomic_save(run.state(), state_path)
 
     result = FinetuneResult(run.ema_model.eval(), run.history, w_plus)
     if preview is not None:
         save_preview(result, faces, preview)
     return result
+
+
+def _record_losses(history: list, names: list[str], pending: list[torch.Tensor], bar) -> None:
+    """The pending steps' loss terms into ``history`` with one device→host copy."""
+    for row in torch.stack(pending).tolist():
+        history.append(dict(zip(names, row)))
+    bar.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items()}, refresh=False)
+    bar.update(len(pending))
+    pending.clear()
 
 
 def _face_features(model, clip, dino, faces, chunk: int):

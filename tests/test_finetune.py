@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmfs_fast.finetune import STATE_FILE, finetune
+from mmfs_fast.finetune import LOSS_READBACK, STATE_FILE, finetune
 from mmfs_fast.models import Stylizer
 
 STYLE_DIM = 32
@@ -109,6 +109,15 @@ def test_resume_after_an_interruption_is_bit_exact(stylizer, faces, tmp_path):
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="another prompt or settings"):
         run(stylizer, faces, ref_image=faces[0], text=None, steps=4, lr=1e-3, checkpoint_dir=tmp_path)
+
+
+def test_losses_read_back_in_batches_lose_no_step(stylizer, faces, tmp_path):
+    """LOSS_READBACK steps per device→host copy; checkpoints and the last step flush the rest."""
+    steps = LOSS_READBACK + 3
+    plain = run(stylizer, faces, steps=steps)
+    saved = run(stylizer, faces, steps=steps, checkpoint_dir=tmp_path, checkpoint_every=4)
+    assert len(plain.history) == steps and saved.history == plain.history
+    assert torch.load(tmp_path / STATE_FILE, weights_only=True)["history"] == plain.history
 
 
 def test_clear_errors(stylizer, faces, tmp_path):
