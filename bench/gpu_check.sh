@@ -74,8 +74,10 @@ else
     export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
     phase install "$OUT/install.log" 150 380 "$PY" -m pip install -v --no-build-isolation --no-deps . \
         || log "install failed: the tests and benchmarks below run on whatever is importable"
-    # -vv against pytest.ini's -q: one line per test, so a cut-short log still names each result
-    GPU_TEST_ARGS=(tests -vv -rfE -m gpu)
+    # -vv against pytest.ini's -q: one line per test, so a cut-short log still names each result.
+    # 6 processes: the Triton tests spend most of their time compiling autotuning candidates
+    # (CPU-bound; ~10 s per full-size case), which the first run's serial 150 s could not finish
+    GPU_TEST_ARGS=(tests -vv -rfE -m gpu -n 6 --dist load)
     # the rest (Triton on the GPU, models, CLI, services) in parallel: CI runs them too, on the CPU
     REST_TEST_ARGS=(tests -q -rfE -m "not gpu" -n 8 --dist loadfile)
     # a test stuck past this fails with its stack instead of eating the phase (pytest-timeout)
