@@ -25,7 +25,7 @@ FUSED_MODCONV = {f"{FASTEST}-fused-{impl}": impl for impl in ("cuda", "ref", "tr
 CHANNELS_LAST, ENGINE_COMPILED = f"{FASTEST}-channels-last", f"{FASTEST}-compiled"
 HEURISTIC_CUDNN = f"{FASTEST}-heuristic-cudnn"  # cudnn_benchmark=False: what autotuning the convolutions buys
 # fine-tuning through the modulated_conv2d op (FASTEST: the unfused default) with every op on one backend
-FINETUNE_FUSED = {f"{FASTEST}-fused-{impl}": impl for impl in ("ref", "triton", "cuda")} if ON_GPU else {}
+FINETUNE_FUSED = {f"{FASTEST}-fused-{impl}": impl for impl in ("ref", "cuda", "triton")} if ON_GPU else {}
 FINETUNE_STEPS = 10 if ON_GPU else 2
 FINETUNE_BATCH = 8 if ON_GPU else 2  # the paper's batch on a GPU
 
