@@ -127,7 +127,6 @@ class _ModulatedConv(nn.Module):
         return out * demod.to(out.dtype)[:, :, None, None] if self.demodulate else out
 
 
-
 def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_modconv: bool = False) -> Stylizer:
     """A frozen copy of ``stylizer`` for inference in ``dtype``: encoder and decoder
     activations in ``dtype``; mapping network, style affines and clip_mapper in fp32.
@@ -287,7 +286,7 @@ class LRUCache:
 
 def _pixel_keys(pixels: torch.Tensor) -> list[tuple]:
     """Content keys of (B, 3, 224, 224) CLIP inputs: one device→host copy for the batch,
-    10× fewer bytes to hash than the 512² images they come from."""
+    5–10× fewer bytes to hash than the 512² images they come from."""
     data = pixels.detach().contiguous().cpu()
     return [(str(data.dtype), hashlib.blake2b(row.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest())
             for row in data]
