@@ -169,7 +169,8 @@ def test_demo_runs_without_weights(tmp_path):
     assert "RANDOM-INITIALISED" in r.stderr and str(tmp_path / "grid.png") in r.stdout
     for folder in ("inputs", "seed0", "seed1"):
         assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["face0.png", "face1.png"]
-    assert Image.open(tmp_path / "grid.png").size == (3 * 32, 2 * 32)  # columns: input + 2 seeds; rows: faces
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (3 * 32, 2 * 32)  # columns: input + 2 seeds; rows: faces
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "seed0" / "face0.png")),
                               np.asarray(Image.open(tmp_path / "seed1" / "face0.png")))
 
