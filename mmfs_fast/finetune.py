@@ -225,7 +225,9 @@ def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=Non
     pending: list[torch.Tensor] = []  # loss terms of the steps not yet read back
     with _progress_bar(run.step, steps, progress) as bar:
         while run.step < steps:
-            idx = batch_indices(len(faces), batch_size, run.batch_rng).to(device)
+            idx = batch_indices(len(faces), batch_size, run.batch_rng)
+            # from pinned memory the copy is queued, not waited for (the step stays free of host syncs)
+            idx = idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
                 fake = run.model.decode(feats[idx], w_plus.expand(batch_size, -1, -1), generator=run.noise_rng)
             terms = _loss_terms(fake.float(), clip, dino, prompt, face_emb[idx], face_sim[idx])

@@ -58,7 +58,14 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x * 0.5 + 0.5, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+class Normalize:
+    """(x - mean) / std per channel, with mean and std put on the encoder's device once: built
+    from host values on every call they were a host→device copy, which waits for the GPU (twice
+    per image encoding, so fine-tuning stalled on them every step)."""
+
+    def __init__(self, mean, std, device, dtype: torch.dtype):
+        self.mean = torch.tensor(mean, dtype=dtype).view(1, 3, 1, 1).to(device)
+        self.std = torch.tensor(std, dtype=dtype).view(1, 3, 1, 1).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std

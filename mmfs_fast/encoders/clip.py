@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from mmfs_fast.encoders._common import check_images, check_weights, freeze, load_weights, normalize, resize
+from mmfs_fast.encoders._common import Normalize, check_images, check_weights, freeze, load_weights, resize
 
 MODEL_NAME = "ViT-B-32-quickgelu"
 INPUT_SIZE = 224
@@ -56,12 +56,13 @@ class CLIPEncoder:
         self.model = freeze(model, device, dtype)
         self.tokenizer = open_clip.get_tokenizer(MODEL_NAME)
         self.device, self.dtype = torch.device(device), dtype
+        self.normalize = Normalize(MEAN, STD, self.device, dtype)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] → CLIP input (B, 3, 224, 224)."""
         check_images(x)
         x = x.to(device=self.device, dtype=self.dtype)
-        return normalize(resize(x, (INPUT_SIZE, INPUT_SIZE)), MEAN, STD)
+        return self.normalize(resize(x, (INPUT_SIZE, INPUT_SIZE)))
 
     def _forward(self, pixels: torch.Tensor, embedding: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(L2-normalised embedding or None, block-3 tokens without CLS) of preprocessed pixels;

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmfs_fast.encoders._common import check_images, check_weights, freeze, load_weights, normalize, resize
+from mmfs_fast.encoders._common import Normalize, check_images, check_weights, freeze, load_weights, resize
 
 MODEL_NAME = "vit_base_patch8_224.dino"
 PATCH = 8
@@ -67,11 +67,12 @@ class DINOEncoder:
             load_weights(MODEL_NAME, lambda p: _load_weights(model, p), path, HOW_TO_GET)
         self.model = freeze(model, device, dtype)
         self.device, self.dtype = torch.device(device), dtype
+        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD, self.device, dtype)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x)
         x = x.to(device=self.device, dtype=self.dtype)
-        return normalize(resize(x, input_size(*x.shape[-2:])), IMAGENET_MEAN, IMAGENET_STD)
+        return self.normalize(resize(x, input_size(*x.shape[-2:])))
 
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] → (B, N, 768) float32 keys of the last block, CLS
