@@ -39,7 +39,7 @@ from mmfs_fast.models.noise import NoiseSpec, make_noises
 from mmfs_fast.models.layers import EqualConv2d, EqualLinear, ModulatedConv2d, shared_weight_conv, synthesize
 from mmfs_fast.models.stylizer import N_LATENT, N_UPSAMPLINGS, Stylizer, z_from_seeds
 from mmfs_fast.ops import bias_act, default_fir, modulated_conv2d
-from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS, blur_pads
+from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -100,17 +100,15 @@ class _ModulatedConv(nn.Module):
         self.register_buffer("weight_sq", self.weight.float().square().sum(dim=(2, 3)))
         self.affine = _Linear(layer.modulation)
         self.up = 2 if layer.upsample else 1
-        # the op takes the unit-sum FIR; a device buffer keeps the call free of host→device copies
-        fir = layer.blur.kernel / 4 if layer.upsample else default_fir(weight.device)
-        self.register_buffer("fir", fir.detach().to(dtype))
         self.fused = fused
-        if self.up == 2:
-            p0, p1 = blur_pads(fir.shape[0], weight.shape[-1], up=2, down=1)
-            self.blur_pad = (p0, p1, p0, p1)
-            # the blur after a stride-2 transposed conv has gain up² = 4
-            self.register_buffer("blur_fir", (fir * 4).detach().to(dtype))
-        else:
-            self.blur_fir = None
+        if fused:
+            # the op takes the unit-sum FIR; a device buffer keeps the call free of host→device copies
+            fir = layer.blur.kernel / 4 if layer.upsample else default_fir(weight.device)
+            self.register_buffer("fir", fir.detach().to(dtype))
+        elif layer.upsample:
+            # the layer's own blur after the transposed convolution (FIR ×4 and its pads)
+            self.register_buffer("blur_kernel", layer.blur.kernel.detach().to(dtype))
+            self.blur_pad = layer.blur.pad
         self.impl = layer.impl
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -122,7 +120,7 @@ class _ModulatedConv(nn.Module):
             out = modulated_conv2d(x, self.weight, styles.to(x.dtype), demodulate=False, up=self.up, fir=self.fir,
                                    impl=self.impl)
         else:
-            up_blur = None if self.blur_fir is None else (self.blur_fir, self.blur_pad)
+            up_blur = (self.blur_kernel, self.blur_pad) if self.up == 2 else None
             out = shared_weight_conv(x, styles, self.weight, up_blur, self.impl)
         return out * demod.to(out.dtype)[:, :, None, None] if self.demodulate else out
 
@@ -353,12 +351,12 @@ class Engine:
         self.precision, self.dtype = precision, PRECISIONS[precision]
         self.config = stylizer.config
         self.clip = clip
-        self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv).to(self.device)
         if channels_last is None:
             channels_last = not on_cuda
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv).to(
+            self.device, memory_format=self.memory_format)
         self.cudnn_benchmark = cudnn_benchmark
-        self.model.to(memory_format=self.memory_format)
 
         mode = "compile" if compile else "graph" if cuda_graphs and on_cuda else "eager"
         if buckets == "auto":

@@ -181,7 +181,8 @@ class ModulatedConv2d(nn.Module):
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         styles = self.modulation(style)
         weight = self.weight[0] * self.scale
-        if self.fused if self.fused is not None else not self.training:
+        fused = not self.training if self.fused is None else self.fused
+        if fused:
             # The op applies the ×4 of the upsampling blur itself; it takes the unit-sum FIR.
             fir = self.blur.kernel / 4 if self.upsample else None
             return modulated_conv2d(x, weight, styles, demodulate=self.demodulate,

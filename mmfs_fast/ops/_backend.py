@@ -85,10 +85,13 @@ def can_run(impl: str, x: torch.Tensor) -> bool:
     return True
 
 
+def fastest_first(op: str) -> tuple[str, ...]:
+    return FASTEST_FIRST_PER_OP.get(op, FASTEST_FIRST)
+
+
 def available(op: str, implemented: Collection[str], x: torch.Tensor) -> list[str]:
     """The implemented impls that can run ``op`` on ``x``, fastest first."""
-    order = FASTEST_FIRST_PER_OP.get(op, FASTEST_FIRST)
-    return [impl for impl in order if impl in implemented and can_run(impl, x)]
+    return [impl for impl in fastest_first(op) if impl in implemented and can_run(impl, x)]
 
 
 @functools.cache
@@ -109,7 +112,7 @@ def resolve(op: str, impl: str, implemented: Collection[str], x: torch.Tensor) -
         if not x.is_cuda or x.dtype not in KERNEL_DTYPES:
             return "ref"
         best = available(op, implemented, x)[0]
-        if best == "ref" and FASTEST_FIRST_PER_OP.get(op, FASTEST_FIRST)[0] != "ref":
+        if best == "ref" and fastest_first(op)[0] != "ref":
             _warn_slow_fallback(op)
         return best
     if impl not in IMPLS:
