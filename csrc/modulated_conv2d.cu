@@ -1,12 +1,18 @@
-// Modulated convolution: out[b, o] = demod[b, o] * sum_{i, ky, kx} W[o, i, ky, kx] * styles[b, i] * x[b, i, ...].
-// Scaling the input channels by the styles instead of the weights keeps one shared weight
-// (no per-sample weight tensor in memory); demodulation, a per-(b, o) factor, is applied in
-// the epilogue. The convolution is an implicit GEMM on CUDA cores with fp32 accumulation:
-// M = output channels, N = output pixels of one sample, K = I * k * k gathered on the fly.
+// Modulated convolution: out[b, o] = demod[b, o] * conv(x[b] * styles[b], W)[o].
+// Scaling the input channels by the styles instead of the weights keeps one shared weight, so
+// the convolution is one cuDNN call for the whole batch (implicit GEMM on tensor cores, fp32
+// accumulation) and no (B, O, I, k, k) weight tensor is built. The kernels here are the
+// modulation before it and the demodulation after it, each one pass in fp32 with a single
+// rounding to the storage dtype.
+// Why cuDNN and not a kernel of ours: our CUDA-core implicit GEMM, fused modulation and all,
+// made the fp16 Engine's guided stylization 25.6 ms at batch 1 (703 ms at batch 32) on an
+// H200, this form 3.0 ms (67 ms); bench/results/h200-2026-11-26-fa6ee53.
 #include "common.h"
 #include "ops.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/convolution.h>
 
 namespace mmfs_fast {
 namespace {
@@ -31,95 +37,57 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) demod[warp] = rsqrtf(sum + kDemodEps);
 }
 
-struct ModConvParams {
-  Strides4 x_stride, out_stride;
-  int in_channels, in_h, in_w;
-  int out_channels, out_h, out_w;
-  int kernel_size, stride, padding;
+struct ScaleParams {
+  Strides4 src_stride;
+  int64_t numel;
+  int channels, height, width;
+  bool channels_last;  // the layout dst is dense in, and so the order it is walked in
 };
 
-// Block tile: kTileM output channels x kTileN pixels, kTileK reduction steps per stage;
-// each of the 256 threads accumulates a 4 x 4 micro-tile strided by 16 (conflict-free reads).
-constexpr int kTileM = 64, kTileN = 64, kTileK = 16, kMicro = 4, kLanes = 16;
-static_assert(kLanes * kLanes == kThreads && kLanes * kMicro == kTileM && kLanes * kMicro == kTileN);
-
-template <typename scalar_t, bool kTransposed>
+// dst[n, c, y, x] = src[n, c, y, x] * scale[n, c] (scale may be null: a layout copy), walking
+// dst in memory order so its writes coalesce; src may have any strides.
+template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    modconv_kernel(const scalar_t* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ styles,
-                   const float* __restrict__ demod, scalar_t* __restrict__ out, ModConvParams p) {
-  __shared__ float weight_tile[kTileK][kTileM + 1];  // +1: the transposing stores spread over banks
-  __shared__ float input_tile[kTileK][kTileN];
-  const int b = blockIdx.z, m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
-  const int taps = p.kernel_size * p.kernel_size, reduction = p.in_channels * taps, pixels = p.out_h * p.out_w;
-  const int lane_n = threadIdx.x % kLanes, lane_m = threadIdx.x / kLanes;
-  const scalar_t* x_sample = x + b * p.x_stride.n;
-  const float* styles_sample = styles + int64_t(b) * p.in_channels;
-
-  float acc[kMicro][kMicro] = {};
-  for (int k0 = 0; k0 < reduction; k0 += kTileK) {
-    for (int e = threadIdx.x; e < kTileK * kTileM; e += kThreads) {
-      const int k = e % kTileK, m = e / kTileK;  // consecutive threads read one weight row
-      const bool inside = m0 + m < p.out_channels && k0 + k < reduction;
-      weight_tile[k][m] = inside ? weight[int64_t(m0 + m) * reduction + k0 + k] : 0.f;
+    scale_channels_kernel(const scalar_t* __restrict__ src, const float* __restrict__ scale,
+                          scalar_t* __restrict__ dst, ScaleParams p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.numel; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t rest = i;
+    int c, y, x;
+    if (p.channels_last) {
+      c = rest % p.channels, rest /= p.channels;
+      x = rest % p.width, rest /= p.width;
+      y = rest % p.height, rest /= p.height;
+    } else {
+      x = rest % p.width, rest /= p.width;
+      y = rest % p.height, rest /= p.height;
+      c = rest % p.channels, rest /= p.channels;
     }
-    for (int e = threadIdx.x; e < kTileK * kTileN; e += kThreads) {
-      const int n = e % kTileN, k = e / kTileN;  // consecutive threads read consecutive pixels
-      float value = 0.f;
-      if (n0 + n < pixels && k0 + k < reduction) {
-        const int i = (k0 + k) / taps, tap = (k0 + k) % taps;
-        const int ky = tap / p.kernel_size, kx = tap % p.kernel_size;
-        const int oy = (n0 + n) / p.out_w, ox = (n0 + n) % p.out_w;
-        int iy, ix;
-        bool hit;
-        if constexpr (kTransposed) {
-          // out[oy] gathers x[iy] through tap ky when iy * stride + ky - padding == oy.
-          const int sy = oy + p.padding - ky, sx = ox + p.padding - kx;
-          iy = sy / p.stride;
-          ix = sx / p.stride;
-          hit = sy >= 0 && sx >= 0 && sy % p.stride == 0 && sx % p.stride == 0;
-        } else {
-          iy = oy * p.stride - p.padding + ky;
-          ix = ox * p.stride - p.padding + kx;
-          hit = true;
-        }
-        if (hit && iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) {
-          value = float(x_sample[i * p.x_stride.c + iy * p.x_stride.y + ix * p.x_stride.x]) * styles_sample[i];
-        }
-      }
-      input_tile[k][n] = value;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kTileK; ++k) {
-      float a[kMicro], c[kMicro];
-#pragma unroll
-      for (int j = 0; j < kMicro; ++j) {
-        a[j] = weight_tile[k][lane_m + kLanes * j];
-        c[j] = input_tile[k][lane_n + kLanes * j];
-      }
-#pragma unroll
-      for (int mi = 0; mi < kMicro; ++mi) {
-#pragma unroll
-        for (int ni = 0; ni < kMicro; ++ni) acc[mi][ni] += a[mi] * c[ni];
-      }
-    }
-    __syncthreads();
+    const int64_t n = rest;
+    acc_t value = src[n * p.src_stride.n + c * p.src_stride.c + y * p.src_stride.y + x * p.src_stride.x];
+    if (scale != nullptr) value *= scale[n * p.channels + c];
+    dst[i] = scalar_t(value);
   }
+}
 
-#pragma unroll
-  for (int mi = 0; mi < kMicro; ++mi) {
-    const int o = m0 + lane_m + kLanes * mi;
-    if (o >= p.out_channels) continue;
-    const float scale = demod != nullptr ? demod[int64_t(b) * p.out_channels + o] : 1.f;
-#pragma unroll
-    for (int ni = 0; ni < kMicro; ++ni) {
-      const int n = n0 + lane_n + kLanes * ni;
-      if (n >= pixels) continue;
-      const int oy = n / p.out_w, ox = n % p.out_w;
-      out[b * p.out_stride.n + o * p.out_stride.c + oy * p.out_stride.y + ox * p.out_stride.x] =
-          scalar_t(acc[mi][ni] * scale);
-    }
-  }
+// dst (dense, from empty_with_layout_of) = src · scale[n, c], or a copy into dst's layout when
+// scale is undefined.
+void scale_channels(const at::Tensor& src, const at::Tensor& scale, const at::Tensor& dst) {
+  if (dst.numel() == 0) return;
+  const ScaleParams params{strides4(src), dst.numel(), int(dst.size(1)), int(dst.size(2)), int(dst.size(3)),
+                           !dst.is_contiguous()};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto launch = [&](auto scalar) {
+    using scalar_t = decltype(scalar);
+    scale_channels_kernel<scalar_t><<<grid_stride_blocks(dst.numel()), kThreads, 0, stream>>>(
+        src.const_data_ptr<scalar_t>(), scale.defined() ? scale.const_data_ptr<float>() : nullptr,
+        dst.mutable_data_ptr<scalar_t>(), params);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  AT_DISPATCH_SWITCH(dst.scalar_type(), "scale_channels",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { launch(scalar_t{}); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { launch(scalar_t{}); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch(scalar_t{}); }));
 }
 
 }  // namespace
@@ -141,10 +109,11 @@ at::Tensor modulated_conv2d(const at::Tensor& x, const at::Tensor& weight, const
               " must be (O, ", in_channels, ", k, k)");
   TORCH_CHECK(styles.size(0) == batch && styles.size(1) == in_channels, op, ": styles must be (", batch, ", ",
               in_channels, "), got ", styles.sizes());
-  TORCH_CHECK(stride >= 1 && padding >= 0 && stride < (1 << 15) && padding < (1 << 15), op,
-              ": stride must be in [1, 32767] and padding in [0, 32767], got ", stride, " and ", padding);
-  TORCH_CHECK(batch <= 65535 && out_channels * in_channels * k * k < (int64_t(1) << 31) &&
-                  x.size(2) < (int64_t(1) << 15) && x.size(3) < (int64_t(1) << 15),
+  TORCH_CHECK(stride >= 1 && padding >= 0, op, ": stride must be >= 1 and padding >= 0, got ", stride, " and ",
+              padding);
+  // the kernels index channels and pixels with int, samples and elements with int64
+  TORCH_CHECK(std::max({in_channels, out_channels, x.size(2), x.size(3)}) < (int64_t(1) << 31) &&
+                  out_channels * in_channels * k * k < (int64_t(1) << 31),
               op, ": sizes out of range: x ", x.sizes(), ", weight ", weight.sizes());
   const auto out_size = [&](int64_t in) {
     return transposed ? (in - 1) * stride - 2 * padding + k : (in + 2 * padding - k) / stride + 1;
@@ -154,40 +123,33 @@ at::Tensor modulated_conv2d(const at::Tensor& x, const at::Tensor& weight, const
                   (transposed || x.size(3) + 2 * padding >= k),
               op, ": input ", x.sizes(), " with kernel ", k, ", stride ", stride, ", padding ", padding,
               " leaves an empty output");
-  TORCH_CHECK(out_h * out_w < (int64_t(1) << 31), op, ": output of ", out_h, "x", out_w, " is too large");
+  TORCH_CHECK(out_h < (int64_t(1) << 31) && out_w < (int64_t(1) << 31), op, ": output of ", out_h, "x", out_w,
+              " is too large");
 
   at::Tensor out = empty_with_layout_of(x, {batch, out_channels, out_h, out_w});
   if (out.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  // Weights and styles are small: fp32 copies keep the products exact before accumulation.
-  const at::Tensor weight_f = weight.to(at::kFloat).contiguous();
   const at::Tensor styles_f = styles.to(at::kFloat).contiguous();
-  at::Tensor demod;
-  if (demodulate) {
-    demod = at::empty({batch, out_channels}, x.options().dtype(at::kFloat));
-    const int64_t threads = batch * out_channels * kWarp;
-    demod_kernel<<<ceil_div(threads, kThreads), kThreads, 0, stream>>>(
-        weight_f.const_data_ptr<float>(), styles_f.const_data_ptr<float>(), demod.mutable_data_ptr<float>(),
-        int(batch), int(out_channels), int(in_channels), int(k * k));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor modulated = empty_with_layout_of(x, x.sizes());
+  scale_channels(x, styles_f, modulated);
+  // a transposed convolution takes its weight as (in, out, k, k)
+  const at::Tensor conv_weight = transposed ? weight.to(x.scalar_type()).transpose(0, 1) : weight.to(x.scalar_type());
+  const at::Tensor conv = at::convolution(modulated, conv_weight, std::nullopt, {stride, stride}, {padding, padding},
+                                          {1, 1}, transposed, {0, 0}, 1);
+  if (!demodulate) {
+    if (conv.strides() == out.strides()) return conv;
+    scale_channels(conv, at::Tensor(), out);
+    return out;
   }
-  const ModConvParams params{strides4(x), strides4(out), int(in_channels), int(x.size(2)), int(x.size(3)),
-                             int(out_channels), int(out_h), int(out_w), int(k), int(stride), int(padding)};
-  const dim3 grid(ceil_div(out_h * out_w, kTileN), ceil_div(out_channels, kTileM), batch);
-  const auto launch = [&](auto scalar) {
-    using scalar_t = decltype(scalar);
-    auto kernel = transposed ? modconv_kernel<scalar_t, true> : modconv_kernel<scalar_t, false>;
-    kernel<<<grid, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), weight_f.const_data_ptr<float>(),
-                                          styles_f.const_data_ptr<float>(),
-                                          demodulate ? demod.const_data_ptr<float>() : nullptr,
-                                          out.mutable_data_ptr<scalar_t>(), params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  AT_DISPATCH_SWITCH(x.scalar_type(), "modulated_conv2d",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { launch(scalar_t{}); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { launch(scalar_t{}); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch(scalar_t{}); }));
+  // Weights and styles are small: fp32 copies keep the products exact before the sum of squares.
+  const at::Tensor weight_f = weight.to(at::kFloat).contiguous();
+  at::Tensor demod = at::empty({batch, out_channels}, x.options().dtype(at::kFloat));
+  const int64_t threads = batch * out_channels * kWarp;
+  demod_kernel<<<ceil_div(threads, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      weight_f.const_data_ptr<float>(), styles_f.const_data_ptr<float>(), demod.mutable_data_ptr<float>(),
+      int(batch), int(out_channels), int(in_channels), int(k * k));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  scale_channels(conv, demod, out);
   return out;
 }
 

@@ -119,18 +119,10 @@ void demod(const float* weight, const float* styles, float* out, int batch, int 
   launch({blocks, 1, 1}, [&] { demod_kernel(weight, styles, out, batch, out_channels, in_channels, taps); });
 }
 
-void modconv(const double* x, const float* weight, const float* styles, const float* demod, double* out,
-             const int64_t* x_stride, const int64_t* out_stride, const int* sizes, bool transposed,
-             unsigned grid_x, unsigned grid_y, unsigned grid_z) {
-  // sizes: in_channels, in_h, in_w, out_channels, out_h, out_w, kernel_size, stride, padding
-  const ModConvParams p{strides(x_stride), strides(out_stride), sizes[0], sizes[1], sizes[2], sizes[3], sizes[4],
-                        sizes[5], sizes[6], sizes[7], sizes[8]};
-  const Dim grid{grid_x, grid_y, grid_z};
-  if (transposed) {
-    launch(grid, [&] { modconv_kernel<double, true>(x, weight, styles, demod, out, p); });
-  } else {
-    launch(grid, [&] { modconv_kernel<double, false>(x, weight, styles, demod, out, p); });
-  }
+void scale_channels(const double* src, const int64_t* src_stride, const float* scale, double* dst, int64_t numel,
+                    int channels, int height, int width, bool channels_last, unsigned blocks) {
+  const ScaleParams p{strides(src_stride), numel, channels, height, width, channels_last};
+  launch({blocks, 1, 1}, [&] { scale_channels_kernel<double>(src, scale, dst, p); });
 }
 
 void bias_act(const double* x, const double* bias, const double* grad, double* out, int64_t numel,

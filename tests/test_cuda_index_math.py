@@ -83,7 +83,7 @@ def offset(strides, n, c, y, x):
 # Where each file's kernels begin and end: the device code between them is compiled, the host code is not.
 KERNEL_SPANS = {
     "upfirdn2d.cu": ("namespace {\n", "template <typename scalar_t>\nvoid launch("),
-    "modulated_conv2d.cu": ("namespace {\n", "}  // namespace\n\nat::Tensor modulated_conv2d"),
+    "modulated_conv2d.cu": ("namespace {\n", "// dst (dense, from empty_with_layout_of)"),
     "bias_act.cu": ("namespace {\n", "// x itself when the kernel"),
 }
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -143,15 +143,12 @@ class CompiledKernels:
         self.library.demod(pointer(weight), pointer(styles), pointer(demod), batch, out_channels, in_channels, taps)
         return demod
 
-    def modconv(self, p, grid, weight, styles, demod, transposed):
-        sizes = np.array([p.in_channels, p.in_h, p.in_w, p.out_channels, p.out_h, p.out_w, p.kernel_size, p.stride,
-                          p.padding], dtype=np.int32)
-        data = np.full(p.out.data.size, np.nan)
-        x_stride, out_stride = int64s(p.x_stride), int64s(p.out.strides)
-        self.library.modconv(pointer(p.x), pointer(weight), pointer(styles), pointer(demod), pointer(data),
-                             pointer(x_stride), pointer(out_stride), pointer(sizes), ctypes.c_bool(transposed),
-                             *map(ctypes.c_uint, grid))
-        self._collect(p.out, data)
+    def scale_channels(self, src, src_stride, scale, out, channels, height, width, channels_last):
+        data = np.full(out.data.size, np.nan)
+        self.library.scale_channels(pointer(src), pointer(int64s(src_stride)), pointer(scale), pointer(data),
+                                    ctypes.c_int64(data.size), channels, height, width, ctypes.c_bool(channels_last),
+                                    ctypes.c_uint(2))  # 2 blocks: the grid-stride loop takes several rounds
+        self._collect(out, data)
 
     def bias_act(self, x, bias, grad, out, channel_stride, channels, slope, gain, clamp):
         data = np.full(x.size, np.nan)
@@ -314,26 +311,30 @@ def test_upfirdn2d_tiled_kernel_loops_over_more_planes_than_the_grid(kernels):
 
 # ---------------------------------------------------------------- modulated_conv2d.cu
 
-TILE_M, TILE_N, TILE_K, MICRO, LANES = 64, 64, 16, 4, 16
-
-
 def modconv_host(x, weight, styles, demodulate, transposed, stride, padding, kernels=None):
-    """modulated_conv2d(): output size, demod_kernel, the grid of modconv_kernel."""
+    """modulated_conv2d(): modulation (scale_channels_kernel), the cuDNN convolution (here
+    F.conv2d / F.conv_transpose2d in float64), demodulation (demod_kernel, scale_channels_kernel)."""
     kernels = kernels or TRANSCRIBED
-    batch, in_channels, h, w = x.shape
+    batch, in_channels = x.shape[:2]
     out_channels, k = weight.shape[0], weight.shape[2]
+    styles_f = flat(styles.float().contiguous())
+    modulated = scale_channels_host(x, styles_f, _cuda._empty_with_layout_of(x, x.shape), kernels)
+    if transposed:
+        conv = F.conv_transpose2d(modulated, weight.transpose(0, 1), stride=stride, padding=padding)
+    else:
+        conv = F.conv2d(modulated, weight, stride=stride, padding=padding)
+    out = _cuda._empty_with_layout_of(x, conv.shape)
+    if not demodulate:
+        return conv if conv.stride() == out.stride() else scale_channels_host(conv, None, out, kernels)
+    demod = kernels.demod(flat(weight.float().contiguous()), styles_f, batch, out_channels, in_channels, k * k)
+    return scale_channels_host(conv, demod, out, kernels)
 
-    def out_size(size):
-        return (size - 1) * stride - 2 * padding + k if transposed else (size + 2 * padding - k) // stride + 1
 
-    out = Output(_cuda._empty_with_layout_of(x, (batch, out_channels, out_size(h), out_size(w))))
-    weight_f, styles_f = flat(weight.float().contiguous()), flat(styles.float().contiguous())
-    demod = kernels.demod(weight_f, styles_f, batch, out_channels, in_channels, k * k) if demodulate else None
-    p = types.SimpleNamespace(x=flat(x), x_stride=x.stride(), out=out, in_channels=in_channels, in_h=h, in_w=w,
-                              out_channels=out_channels, out_h=out_size(h), out_w=out_size(w), kernel_size=k,
-                              stride=stride, padding=padding)
-    grid = (ceil_div(p.out_h * p.out_w, TILE_N), ceil_div(out_channels, TILE_M), batch)
-    kernels.modconv(p, grid, weight_f, styles_f, demod, transposed)
+def scale_channels_host(src, scale, dst, kernels):
+    """scale_channels(): dst, dense in one layout, is walked in its memory order."""
+    out = Output(dst)
+    n, c, h, w = dst.shape
+    kernels.scale_channels(flat(src), src.stride(), scale, out, c, h, w, not dst.is_contiguous())
     return out.result()
 
 
@@ -354,59 +355,16 @@ def demod_kernel(weight, styles, batch, out_channels, in_channels, taps):
     return demod.astype(np.float32)
 
 
-def modconv_kernel(p, grid, weight, styles, demod, transposed):
-    taps = p.kernel_size * p.kernel_size
-    reduction, pixels = p.in_channels * taps, p.out_h * p.out_w
-    thread = np.arange(THREADS)
-    lane_n, lane_m = thread % LANES, thread // LANES
-    micro = LANES * np.arange(MICRO)
-    e = np.arange(TILE_K * TILE_M)  # both staging loops: e = threadIdx.x + j * kThreads covers [0, 1024)
-    for b in range(grid[2]):
-        for by in range(grid[1]):
-            for bx in range(grid[0]):
-                m0, n0 = by * TILE_M, bx * TILE_N
-                acc = np.zeros((THREADS, MICRO, MICRO))
-                for k0 in range(0, reduction, TILE_K):
-                    weight_tile = np.full((TILE_K, TILE_M + 1), np.nan)
-                    k, m = e % TILE_K, e // TILE_K
-                    inside = (m0 + m < p.out_channels) & (k0 + k < reduction)
-                    values = np.zeros(e.shape)
-                    values[inside] = weight[((m0 + m) * reduction + k0 + k)[inside]]
-                    weight_tile[k, m] = values
-                    input_tile = np.full((TILE_K, TILE_N), np.nan)
-                    input_tile[e // TILE_N, e % TILE_N] = gather(p, b, n0 + e % TILE_N, k0 + e // TILE_N, styles,
-                                                                 transposed, reduction, pixels)
-                    a = weight_tile[:, lane_m[:, None] + micro]  # (k, thread, micro)
-                    c = input_tile[:, lane_n[:, None] + micro]
-                    assert not (np.isnan(a).any() or np.isnan(c).any()), "read an unstaged tile entry"
-                    acc += np.einsum("kti,ktj->tij", a, c)
-                for mi in range(MICRO):
-                    o = m0 + lane_m + LANES * mi
-                    for ni in range(MICRO):
-                        n = n0 + lane_n + LANES * ni
-                        live = (o < p.out_channels) & (n < pixels)
-                        scale = demod[b * p.out_channels + o[live]] if demod is not None else 1.0
-                        oy, ox = n[live] // p.out_w, n[live] % p.out_w
-                        p.out.write(offset(p.out.strides, b, o[live], oy, ox), acc[live, mi, ni] * scale)
-
-
-def gather(p, b, n, k, styles, transposed, reduction, pixels):
-    """The input tile's value for pixel n and reduction index k of sample b."""
-    value = np.zeros(n.shape)
-    live = (n < pixels) & (k < reduction)
-    i, tap = k // (p.kernel_size ** 2), k % (p.kernel_size ** 2)
-    ky, kx = tap // p.kernel_size, tap % p.kernel_size
-    oy, ox = n // p.out_w, n % p.out_w
-    if transposed:
-        sy, sx = oy + p.padding - ky, ox + p.padding - kx
-        iy, ix = c_div(sy, p.stride), c_div(sx, p.stride)
-        hit = (sy >= 0) & (sx >= 0) & (c_mod(sy, p.stride) == 0) & (c_mod(sx, p.stride) == 0)
+def scale_channels_kernel(src, src_stride, scale, out, channels, height, width, channels_last):
+    i = np.arange(out.data.size)
+    if channels_last:
+        c, x, y, n = i % channels, (i // channels) % width, (i // (channels * width)) % height, \
+            i // (channels * width * height)
     else:
-        iy, ix = oy * p.stride - p.padding + ky, ox * p.stride - p.padding + kx
-        hit = np.ones(n.shape, dtype=bool)
-    live &= hit & (iy >= 0) & (iy < p.in_h) & (ix >= 0) & (ix < p.in_w)
-    value[live] = p.x[offset(p.x_stride, b, i, iy, ix)[live]] * styles[b * p.in_channels + i[live]]
-    return value
+        x, y, c, n = i % width, (i // width) % height, (i // (width * height)) % channels, \
+            i // (width * height * channels)
+    value = src[offset(src_stride, n, c, y, x)]
+    out.write(i, value if scale is None else value * scale[n * channels + c])
 
 
 def raw_modconv_ref(x, weight, styles, demodulate, transposed, stride, padding):
@@ -441,14 +399,24 @@ MODCONV_CASES = [
 def test_modconv_kernel_matches_ref(kernels, batch, in_channels, out_channels, k, size, transposed, stride, padding,
                                     demodulate, channels_last):
     x = layout(rand(batch, in_channels, *size), channels_last)
-    weight = rand(out_channels, in_channels, k, k, seed=1).float().double()  # the kernels' weights are float32
+    weight = rand(out_channels, in_channels, k, k, seed=1).float().double()  # demod_kernel reads float32 copies
     styles = rand(batch, in_channels, seed=2).float().double()
     args = (demodulate, transposed, stride, padding)
     got = modconv_host(x, weight, styles, *args, kernels)
     want = raw_modconv_ref(x, weight, styles, *args)
-    # float32 sums (the compiled kernel) and a float32 demod: index errors are of order one
+    # a float32 demod: index errors are of order one
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("to_channels_last", [False, True], ids=["to_nchw", "to_nhwc"])
+def test_scale_channels_copies_into_the_other_layout(kernels, to_channels_last):
+    """No scale: the copy modulated_conv2d makes when cuDNN's output layout is not the op's."""
+    src = layout(rand(2, 5, 4, 3), not to_channels_last)
+    dst = torch.empty(2, 5, 4, 3, dtype=torch.float64,
+                      memory_format=torch.channels_last if to_channels_last else torch.contiguous_format)
+    got = scale_channels_host(src, None, dst, kernels)
+    assert torch.equal(got, src) and got.stride() == dst.stride()
 
 
 # ---------------------------------------------------------------- bias_act.cu
@@ -481,7 +449,8 @@ def bias_act_kernel(x, bias, grad, out, channel_stride, channels, slope, gain, c
 
 
 TRANSCRIBED = types.SimpleNamespace(upfirdn2d_tiled=upfirdn2d_tiled_kernel, upfirdn2d_generic=upfirdn2d_generic_kernel,
-                                    demod=demod_kernel, modconv=modconv_kernel, bias_act=bias_act_kernel)
+                                    demod=demod_kernel, scale_channels=scale_channels_kernel,
+                                    bias_act=bias_act_kernel)
 
 
 def bias_act_host(x, bias, slope, gain, clamp, dim):

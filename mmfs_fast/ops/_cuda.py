@@ -5,7 +5,8 @@ autograd need: fake (meta) kernels and backward formulas.
 
 Backward passes are expressed with the ops themselves and plain torch ops, so they are
 differentiable again: upfirdn2d's adjoint is an upfirdn2d, bias_act's gradient kernel is
-its own derivative, and modulated_conv2d's backward runs on cuDNN.
+its own derivative, and modulated_conv2d's backward, like its forward, runs its
+convolutions on cuDNN.
 
 The public functions at the bottom have the signatures of the ``ref`` functions of the op
 modules. Those modules import this one, so it imports from them only inside functions.
