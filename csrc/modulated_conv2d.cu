@@ -109,6 +109,8 @@ at::Tensor modulated_conv2d(const at::Tensor& x, const at::Tensor& weight, const
               " must be (O, ", in_channels, ", k, k)");
   TORCH_CHECK(styles.size(0) == batch && styles.size(1) == in_channels, op, ": styles must be (", batch, ", ",
               in_channels, "), got ", styles.sizes());
+  TORCH_CHECK(in_channels >= 1 && out_channels >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op,
+              ": x and weight must have channels and pixels, got x ", x.sizes(), " and weight ", weight.sizes());
   TORCH_CHECK(stride >= 1 && padding >= 0, op, ": stride must be >= 1 and padding >= 0, got ", stride, " and ",
               padding);
   // the kernels index channels and pixels with int, samples and elements with int64

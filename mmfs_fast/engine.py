@@ -5,8 +5,8 @@
 
 - low precision (fp16/bf16) that cannot overflow: style affines and demodulation
   coefficients are computed in fp32, only activations and conv weights are cast;
-- weights prepared once at load (equalized-lr scales folded in, cast, FIR buffers
-  on the device), never on every call;
+- weights prepared once at load (equalized-lr scales, activation gains and biases folded
+  in, cast, FIR buffers on the device), never on every call; activations in place;
 - batch-size buckets: a batch is padded to the next bucket size (split above the
   largest), so shapes are static; on CUDA each (function, bucket) pair is captured
   once as a CUDA graph and replayed, all graphs sharing one memory pool;
@@ -22,7 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import functools
 import hashlib
+import math
+import platform
 import threading
 import time
 import warnings
@@ -36,13 +40,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfs_fast.models.noise import NoiseSpec, make_noises
-from mmfs_fast.models.layers import EqualConv2d, EqualLinear, ModulatedConv2d, shared_weight_conv, synthesize
+from mmfs_fast.models.layers import (ConvLayer, EqualLinear, FusedLeakyReLU, ModulatedConv2d, ResBlock, StyledConv,
+                                     shared_weight_conv, synthesize)
 from mmfs_fast.models.stylizer import N_LATENT, N_UPSAMPLINGS, Stylizer, z_from_seeds
 from mmfs_fast.ops import bias_act, default_fir, modulated_conv2d
+from mmfs_fast.ops.bias_act import ACTIVATIONS
 from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+LRELU = ACTIVATIONS["lrelu"]  # StyleGAN2's leaky ReLU: slope 0.2, gain sqrt(2)
 NOISE_MODES = ("zero", "random")  # of submit(); the direct calls also take explicit maps
 
 
@@ -65,16 +72,43 @@ class _Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def _conv(layer: EqualConv2d, dtype: torch.dtype) -> nn.Conv2d:
-    """EqualConv2d as a plain Conv2d with the equalized-lr scale folded into its weight."""
-    out_ch, in_ch, k, _ = layer.weight.shape
-    conv = nn.Conv2d(in_ch, out_ch, k, layer.stride, layer.padding, bias=layer.bias is not None,
-                     device=layer.weight.device, dtype=dtype)
+def _conv_layer(layer: ConvLayer, dtype: torch.dtype, out_scale: float = 1.0) -> nn.Sequential:
+    """ConvLayer ([Blur] → EqualConv2d → [FusedLeakyReLU]) as [Blur] → Conv2d with bias →
+    in-place leaky ReLU, its output times ``out_scale`` (> 0).
+
+    The activation's bias joins the convolution, which adds it in its own epilogue, and the
+    gain moves into weight and bias: lrelu(z)·g = lrelu(g·z) for g > 0. One pass over the
+    output instead of three (bias, lrelu, gain) on the ref path; measured with _StyledConv.
+    """
+    *blurs, equal_conv = [m for m in layer if not isinstance(m, FusedLeakyReLU)]
+    activation = layer[-1] if isinstance(layer[-1], FusedLeakyReLU) else None
+    gain = out_scale * (LRELU.default_gain if activation is not None else 1.0)
+    bias = activation.bias if activation is not None else equal_conv.bias
+    out_ch, in_ch, k, _ = equal_conv.weight.shape
+    conv = nn.Conv2d(in_ch, out_ch, k, equal_conv.stride, equal_conv.padding, bias=bias is not None,
+                     device=equal_conv.weight.device, dtype=dtype)
     with torch.no_grad():
-        conv.weight.copy_(layer.weight * layer.scale)
-        if layer.bias is not None:
-            conv.bias.copy_(layer.bias)
-    return conv.requires_grad_(False)
+        conv.weight.copy_(equal_conv.weight * (equal_conv.scale * gain))
+        if bias is not None:
+            conv.bias.copy_(bias * gain)
+    modules = [copy.deepcopy(blur).to(dtype=dtype) for blur in blurs] + [conv.requires_grad_(False)]
+    if activation is not None:
+        modules.append(nn.LeakyReLU(LRELU.default_alpha, inplace=True))
+    return nn.Sequential(*modules)
+
+
+class _ResBlock(nn.Module):
+    """ResBlock with its 1/sqrt(2) folded into the last layers of both branches (see
+    _conv_layer), so one in-place add joins them."""
+
+    def __init__(self, block: ResBlock, dtype: torch.dtype):
+        super().__init__()
+        self.conv1 = _conv_layer(block.conv1, dtype)
+        self.conv2 = _conv_layer(block.conv2, dtype, out_scale=1 / math.sqrt(2))
+        self.skip = _conv_layer(block.skip, dtype, out_scale=1 / math.sqrt(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x)).add_(self.skip(x))
 
 
 class _ModulatedConv(nn.Module):
@@ -111,8 +145,11 @@ class _ModulatedConv(nn.Module):
             self.blur_pad = layer.blur.pad
         self.impl = layer.impl
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def undemodulated(self, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The convolution's output before demodulation and the (B, O) fp32 demodulation
+        coefficients (None for a layer without demodulation)."""
         styles = self.affine(w.float())
+        demod = None
         if self.demodulate:
             styles = styles / styles.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
             demod = torch.rsqrt(styles.square() @ self.weight_sq.T + DEMOD_EPS)
@@ -122,7 +159,34 @@ class _ModulatedConv(nn.Module):
         else:
             up_blur = (self.blur_kernel, self.blur_pad) if self.up == 2 else None
             out = shared_weight_conv(x, styles, self.weight, up_blur, self.impl)
-        return out * demod.to(out.dtype)[:, :, None, None] if self.demodulate else out
+        return out, demod
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out, demod = self.undemodulated(x, w)
+        return out if demod is None else out * demod.to(out.dtype)[:, :, None, None]
+
+
+class _StyledConv(nn.Module):
+    """StyledConv (modulated conv → noise → fused leaky ReLU) with its epilogue in two passes
+    instead of four: demodulation, bias and the activation's gain in one addcmul
+    (lrelu(z)·g = lrelu(g·z) for g > 0), the noise added in place, then an in-place leaky ReLU.
+    With _conv_layer and _ResBlock, the 512² guided stylization on 2 CPU cores (AMD EPYC,
+    batch 1) went 1.56 → 1.16 s in fp32 and 0.69 → 0.52 s in bf16. On a GPU the passes are as
+    many as before (the cuda bias_act kernel fused its three already), the launches fewer."""
+
+    def __init__(self, layer: StyledConv, dtype: torch.dtype, fused: bool):
+        super().__init__()
+        self.conv = _ModulatedConv(layer.conv, dtype, fused)
+        gain = LRELU.default_gain
+        self.register_buffer("bias", (layer.activate.bias * gain).detach().to(dtype)[None, :, None, None])
+        self.noise_strength = layer.noise.weight.item() * gain  # a constant: the weights are frozen
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        out, demod = self.conv.undemodulated(x, w)
+        out = torch.addcmul(self.bias, out, (demod * LRELU.default_gain).to(out.dtype)[:, :, None, None])
+        if noise is not None:
+            out.add_(noise, alpha=self.noise_strength)
+        return F.leaky_relu_(out, LRELU.default_alpha)
 
 
 def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_modconv: bool = False) -> Stylizer:
@@ -133,15 +197,23 @@ def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_mo
     for name, child in model.named_children():
         child.to(dtype=dtype if name not in ("mapping_z", "clip_mapper") else torch.float32)
     # rebuilt from the caller's modules, so they read the weights before any cast
+    replaced: list[str] = []
     for name, source in stylizer.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in replaced):
+            continue  # inside a module rebuilt as a whole
         if isinstance(source, EqualLinear):
             prepared = _Linear(source)
-        elif isinstance(source, EqualConv2d):
-            prepared = _conv(source, dtype)
-        elif isinstance(source, ModulatedConv2d):
+        elif isinstance(source, ConvLayer):
+            prepared = _conv_layer(source, dtype)
+        elif isinstance(source, ResBlock):
+            prepared = _ResBlock(source, dtype)
+        elif isinstance(source, StyledConv):
+            prepared = _StyledConv(source, dtype, fused_modconv)
+        elif isinstance(source, ModulatedConv2d):  # ToRGB's
             prepared = _ModulatedConv(source, dtype, fused_modconv)
         else:
             continue
+        replaced.append(name)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, prepared)
     model.set_impl(impl)
@@ -290,6 +362,32 @@ def _pixel_keys(pixels: torch.Tensor) -> list[tuple]:
             for row in data]
 
 
+# -- CPU memory ------------------------------------------------------------------------------
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def retain_freed_cpu_memory() -> bool:
+    """Keep freed CPU memory in the process heap for reuse, as PyTorch's caching allocator does
+    on a GPU. Process-wide and lasting; glibc (Linux) only: elsewhere it does nothing and
+    returns False.
+
+    glibc hands out every block over 32 MiB (a 512² activation: 64 channels × 4 bytes is 64
+    MiB) as fresh pages from mmap and unmaps it on free, so the kernel zero-fills it again on
+    the next call: a third of a 512² CPU run's time was system time. With the thresholds
+    raised, freed blocks stay in the heap; one arena for all threads lets the submit() worker
+    reuse them too (threads' own arenas are too small for such blocks). 512² guided
+    stylization on 2 cores, fp32, batch 1: 1.18 → 0.90 s called directly, 1.36 → 0.91 s
+    through submit().
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    return all([mallopt(_M_MMAP_THRESHOLD, 1 << 30), mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1),
+                mallopt(_M_ARENA_MAX, 1)])
+
+
 # -- micro-batching -------------------------------------------------------------------------
 
 @dataclass
@@ -330,13 +428,16 @@ class Engine:
             max_batch requests or max_wait_ms after its first request arrived.
         graph_memory_limit: bytes of reserved CUDA memory above which no new graph is
             captured (those batch sizes then run eagerly).
+        retain_cpu_memory: on the CPU, call :func:`retain_freed_cpu_memory` (freed memory
+            stays in the process for reuse: 1.3× faster at 512²).
     """
 
     def __init__(self, stylizer: Stylizer, clip=None, precision: str | None = None, device=None,
                  cuda_graphs: bool = True, buckets: Sequence[int] | str | None = "auto",
                  style_cache_size: int = 256, impl: str = "auto", fused_modconv: bool = False,
                  channels_last: bool | None = None, cudnn_benchmark: bool = True, compile: bool = False,
-                 max_batch: int | None = None, max_wait_ms: float = 2.0, graph_memory_limit: int | None = None):
+                 max_batch: int | None = None, max_wait_ms: float = 2.0, graph_memory_limit: int | None = None,
+                 retain_cpu_memory: bool = True):
         if not isinstance(stylizer, Stylizer):
             raise TypeError(f"stylizer must be a mmfs_fast Stylizer, got {type(stylizer).__name__}")
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
@@ -349,6 +450,8 @@ class Engine:
         if clip is not None and torch.device(clip.device).type != self.device.type:
             raise ValueError(f"the CLIP encoder is on {clip.device} but the engine runs on {self.device}")
         self.precision, self.dtype = precision, PRECISIONS[precision]
+        if retain_cpu_memory and not on_cuda:
+            retain_freed_cpu_memory()
         self.config = stylizer.config
         self.clip = clip
         if channels_last is None:

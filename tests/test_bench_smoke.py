@@ -111,10 +111,11 @@ def test_bench_suite_runs_on_cpu(tmp_path):
     assert "| guided_stylization | 1 |" in text and "| bias_act | 1 | fp32 | fwd |" in text
 
 
-def test_mmfs_fast_bench_cli_reports_every_workload(capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_mmfs_fast_bench_cli_reports_every_workload(precision, capsys):
     from mmfs_fast.cli import main
 
-    assert main(["bench", "--device", "cpu", "--batch-sizes", "1", "--rounds", "1"]) == 0
+    assert main(["bench", "--device", "cpu", "--batch-sizes", "1", "--rounds", "1", "--precision", precision]) == 0
     out, err = capsys.readouterr()
     assert "NOTICE: random-initialised" in err and "cpu-reduced-64" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "| 1 |" in line]

@@ -46,6 +46,12 @@ def test_clip_preprocess_and_embedding(clip):
     torch.testing.assert_close(emb, raw / raw.norm(dim=-1, keepdim=True), rtol=1e-5, atol=1e-6)
 
 
+def test_clip_preprocesses_bf16_images_on_the_cpu(clip):
+    """The CPU has no antialiased bf16 resize: preprocessing computes in fp32 whatever comes in."""
+    x = images(2, 96, 96).bfloat16()
+    torch.testing.assert_close(clip.preprocess(x), clip.preprocess(x.float()), rtol=0, atol=0)
+
+
 def tokens_by_hand(v, pixels):
     """Output of visual blocks 0..3 without CLS, from open_clip's VisionTransformer parts."""
     h = v.conv1(pixels).flatten(2).transpose(1, 2)  # (B, 49, 768)

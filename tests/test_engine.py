@@ -1,6 +1,8 @@
 """Engine: the prepared, bucketed, cached, micro-batched path must reproduce the plain
 fp32 Stylizer (noise="zero") for every style source."""
 import copy
+import ctypes
+import platform
 import threading
 
 import pytest
@@ -281,6 +283,26 @@ def test_fp16_modulation_is_safe_where_the_plain_fp16_layer_overflows(upsample, 
     prepared = _ModulatedConv(layer, torch.float16, fused)(x.half(), w)
     assert prepared.dtype == torch.float16
     torch.testing.assert_close(prepared.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_cpu_engine_keeps_freed_memory_for_reuse(stylizer):
+    """A 64 MiB block (one 512² activation) comes from the heap, not from fresh mmap'd pages,
+    and stays there once freed, for the next call."""
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = Mallinfo2
+    Engine(stylizer, device="cpu")  # retain_cpu_memory=True
+    mapped = mallinfo2().hblkhd
+    block = torch.ones(64 << 20, dtype=torch.uint8)
+    assert mallinfo2().hblkhd - mapped < 64 << 20
+    del block
+    assert mallinfo2().fordblks >= 64 << 20
 
 
 def test_warmup_and_memory_stats(stylizer):

@@ -73,10 +73,16 @@ def upfirdn2d_ref(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int,
         x = x.reshape(n, c, h, 1, w, 1)
         x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1))
         x = x.reshape(n, c, h * up, w * up)
-    x = F.pad(x, (max(x0, 0), max(x1, 0), max(y0, 0), max(y1, 0)))
-    x = x[:, :, max(-y0, 0): x.shape[2] - max(-y1, 0), max(-x0, 0): x.shape[3] - max(-x1, 0)]
+    if x0 == x1 >= 0 and y0 == y1 >= 0:
+        # every blur MMFS runs: the convolution pads by itself, without a padded copy of x
+        # (the copy and its zero fill were 4% of the Engine's 512² fp32 stylization on 2 CPU cores)
+        padding = (y0, x0)
+    else:
+        x = F.pad(x, (max(x0, 0), max(x1, 0), max(y0, 0), max(y1, 0)))
+        x = x[:, :, max(-y0, 0): x.shape[2] - max(-y1, 0), max(-x0, 0): x.shape[3] - max(-x1, 0)]
+        padding = 0
     weight = kernel.flip((0, 1)).to(x.dtype)[None, None].expand(c, 1, *kernel.shape)
-    return F.conv2d(x, weight, stride=down, groups=c)
+    return F.conv2d(x, weight, stride=down, padding=padding, groups=c)
 
 
 IMPLEMENTATIONS = {"ref": upfirdn2d_ref, "cuda": _cuda.upfirdn2d, "triton": _triton.upfirdn2d}
