@@ -81,6 +81,14 @@ def test_fused_modconv_matches_plain_stylizer(stylizer):
 
 
 @torch.no_grad()
+def test_compiled_engine_matches_plain_stylizer(stylizer):
+    """compile=True traces the prepared model (folded epilogues, in-place activations) as is."""
+    x, w_plus = faces(2), torch.randn(2, 10, DIM)
+    compiled = Engine(stylizer, device="cpu", compile=True)
+    assert_images_close(compiled.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("channels_last", [None, False], ids=["default", "nchw"])
 def test_both_layouts_match_plain_stylizer(stylizer, channels_last):
     """NHWC is the CPU default (measured faster there); NCHW on request."""
