@@ -72,40 +72,55 @@ class _Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def _conv_layer(layer: ConvLayer, dtype: torch.dtype, out_scale: float = 1.0) -> nn.Sequential:
-    """ConvLayer ([Blur] → EqualConv2d → [FusedLeakyReLU]) as [Blur] → Conv2d with bias →
-    in-place leaky ReLU, its output times ``out_scale`` (> 0).
+def _conv_layer(layer: ConvLayer, dtype: torch.dtype, conv_adds_bias: bool, out_scale: float = 1.0) -> nn.Sequential:
+    """ConvLayer ([Blur] → EqualConv2d → [FusedLeakyReLU]) as [Blur] → Conv2d → bias and
+    leaky ReLU in one pass, its output times ``out_scale`` (> 0).
 
-    The activation's bias joins the convolution, which adds it in its own epilogue, and the
-    gain moves into weight and bias: lrelu(z)·g = lrelu(g·z) for g > 0. One pass over the
-    output instead of three (bias, lrelu, gain) on the ref path; measured with _StyledConv.
+    The activation's gain moves into weight and bias: lrelu(z)·g = lrelu(g·z) for g > 0.
+    conv_adds_bias: the convolution adds the bias, then an in-place leaky ReLU (oneDNN adds it
+    in its own epilogue, so on the CPU one pass over the output instead of three; measured with
+    _StyledConv); otherwise the bias_act op adds it (on CUDA one kernel, where PyTorch adds a
+    cuDNN convolution's bias in a pass of its own).
     """
     *blurs, equal_conv = [m for m in layer if not isinstance(m, FusedLeakyReLU)]
     activation = layer[-1] if isinstance(layer[-1], FusedLeakyReLU) else None
     gain = out_scale * (LRELU.default_gain if activation is not None else 1.0)
     bias = activation.bias if activation is not None else equal_conv.bias
+    bias = None if bias is None else (bias * gain).detach().to(dtype)
     out_ch, in_ch, k, _ = equal_conv.weight.shape
-    conv = nn.Conv2d(in_ch, out_ch, k, equal_conv.stride, equal_conv.padding, bias=bias is not None,
-                     device=equal_conv.weight.device, dtype=dtype)
+    conv = nn.Conv2d(in_ch, out_ch, k, equal_conv.stride, equal_conv.padding,
+                     bias=bias is not None and conv_adds_bias, device=equal_conv.weight.device, dtype=dtype)
     with torch.no_grad():
         conv.weight.copy_(equal_conv.weight * (equal_conv.scale * gain))
-        if bias is not None:
-            conv.bias.copy_(bias * gain)
+        if conv.bias is not None:
+            conv.bias.copy_(bias)
     modules = [copy.deepcopy(blur).to(dtype=dtype) for blur in blurs] + [conv.requires_grad_(False)]
     if activation is not None:
-        modules.append(nn.LeakyReLU(LRELU.default_alpha, inplace=True))
+        modules.append(nn.LeakyReLU(LRELU.default_alpha, inplace=True) if conv_adds_bias else _BiasLeakyReLU(bias))
     return nn.Sequential(*modules)
+
+
+class _BiasLeakyReLU(nn.Module):
+    """leaky_relu(x + bias) through the bias_act op, the gain already folded into x and bias."""
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("bias", bias)
+        self.impl = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bias_act(x, self.bias, act="lrelu", gain=1.0, impl=self.impl)
 
 
 class _ResBlock(nn.Module):
     """ResBlock with its 1/sqrt(2) folded into the last layers of both branches (see
     _conv_layer), so one in-place add joins them."""
 
-    def __init__(self, block: ResBlock, dtype: torch.dtype):
+    def __init__(self, block: ResBlock, dtype: torch.dtype, conv_adds_bias: bool):
         super().__init__()
-        self.conv1 = _conv_layer(block.conv1, dtype)
-        self.conv2 = _conv_layer(block.conv2, dtype, out_scale=1 / math.sqrt(2))
-        self.skip = _conv_layer(block.skip, dtype, out_scale=1 / math.sqrt(2))
+        self.conv1 = _conv_layer(block.conv1, dtype, conv_adds_bias)
+        self.conv2 = _conv_layer(block.conv2, dtype, conv_adds_bias, out_scale=1 / math.sqrt(2))
+        self.skip = _conv_layer(block.skip, dtype, conv_adds_bias, out_scale=1 / math.sqrt(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.conv1(x)).add_(self.skip(x))
@@ -189,10 +204,12 @@ class _StyledConv(nn.Module):
         return F.leaky_relu_(out, LRELU.default_alpha)
 
 
-def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_modconv: bool = False) -> Stylizer:
+def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_modconv: bool = False,
+                     conv_adds_bias: bool = True) -> Stylizer:
     """A frozen copy of ``stylizer`` for inference in ``dtype``: encoder and decoder
     activations in ``dtype``; mapping network, style affines and clip_mapper in fp32.
-    fused_modconv: see :class:`_ModulatedConv`."""
+    fused_modconv: see :class:`_ModulatedConv`; conv_adds_bias: see :func:`_conv_layer`
+    (the Engine's choice: True on the CPU, False on CUDA)."""
     model = copy.deepcopy(stylizer).eval().requires_grad_(False)
     for name, child in model.named_children():
         child.to(dtype=dtype if name not in ("mapping_z", "clip_mapper") else torch.float32)
@@ -204,9 +221,9 @@ def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_mo
         if isinstance(source, EqualLinear):
             prepared = _Linear(source)
         elif isinstance(source, ConvLayer):
-            prepared = _conv_layer(source, dtype)
+            prepared = _conv_layer(source, dtype, conv_adds_bias)
         elif isinstance(source, ResBlock):
-            prepared = _ResBlock(source, dtype)
+            prepared = _ResBlock(source, dtype, conv_adds_bias)
         elif isinstance(source, StyledConv):
             prepared = _StyledConv(source, dtype, fused_modconv)
         elif isinstance(source, ModulatedConv2d):  # ToRGB's
@@ -457,7 +474,7 @@ class Engine:
         if channels_last is None:
             channels_last = not on_cuda
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv).to(
+        self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv, conv_adds_bias=not on_cuda).to(
             self.device, memory_format=self.memory_format)
         self.cudnn_benchmark = cudnn_benchmark
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from mmfs_fast.engine import Engine, LRUCache, _ModulatedConv
+from mmfs_fast.engine import Engine, LRUCache, _ModulatedConv, prepare_stylizer
 from mmfs_fast.models.layers import ModulatedConv2d
 from mmfs_fast.models.stylizer import Stylizer
 
@@ -78,6 +78,18 @@ def test_fused_modconv_matches_plain_stylizer(stylizer):
     x, w_plus = faces(3), torch.randn(3, 10, DIM)
     fused = Engine(stylizer, device="cpu", fused_modconv=True)
     assert_images_close(fused.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("conv_adds_bias", [True, False], ids=["cpu-form", "cuda-form"])
+def test_prepared_encoder_matches_plain_encoder(stylizer, conv_adds_bias):
+    """Both forms of the folded ConvLayer: the convolution's own bias + in-place leaky ReLU (the
+    Engine's choice on the CPU), the bias_act op (on CUDA)."""
+    encoder = prepare_stylizer(stylizer, torch.float32, "auto", conv_adds_bias=conv_adds_bias).encoder
+    kinds = {type(m).__name__ for m in encoder.modules()}
+    assert ("LeakyReLU" in kinds) == conv_adds_bias and ("_BiasLeakyReLU" in kinds) != conv_adds_bias
+    x = faces(2)
+    torch.testing.assert_close(encoder(x), stylizer.encoder(x), rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
