@@ -73,11 +73,13 @@ def test_seed_styles_match_plain_stylizer(stylizer, engine):
 
 
 @torch.no_grad()
-def test_fused_modconv_matches_plain_stylizer(stylizer):
-    """The op path (per-sample weights) as well as the default unfused conv(x·s, W)."""
+@pytest.mark.parametrize("options", [{"fused_modconv": True}, {"compile": True}], ids=["fused-modconv", "compiled"])
+def test_engine_variants_match_plain_stylizer(stylizer, options):
+    """The op path (per-sample weights) as well as the default unfused conv(x·s, W); and
+    compile=True, which traces the prepared model (folded epilogues, in-place activations)."""
     x, w_plus = faces(3), torch.randn(3, 10, DIM)
-    fused = Engine(stylizer, device="cpu", fused_modconv=True)
-    assert_images_close(fused.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
+    engine = Engine(stylizer, device="cpu", **options)
+    assert_images_close(engine.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
 
 
 @torch.no_grad()
@@ -90,14 +92,6 @@ def test_prepared_encoder_matches_plain_encoder(stylizer, conv_adds_bias):
     assert ("LeakyReLU" in kinds) == conv_adds_bias and ("_BiasLeakyReLU" in kinds) != conv_adds_bias
     x = faces(2)
     torch.testing.assert_close(encoder(x), stylizer.encoder(x), rtol=1e-5, atol=1e-5)
-
-
-@torch.no_grad()
-def test_compiled_engine_matches_plain_stylizer(stylizer):
-    """compile=True traces the prepared model (folded epilogues, in-place activations) as is."""
-    x, w_plus = faces(2), torch.randn(2, 10, DIM)
-    compiled = Engine(stylizer, device="cpu", compile=True)
-    assert_images_close(compiled.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
 
 
 @torch.no_grad()
