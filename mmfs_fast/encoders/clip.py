@@ -61,8 +61,7 @@ class CLIPEncoder:
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] → CLIP input (B, 3, 224, 224)."""
         check_images(x)
-        x = x.to(device=self.device, dtype=self.dtype)
-        return self.normalize(resize(x, (INPUT_SIZE, INPUT_SIZE)))
+        return self.normalize(resize(x.to(self.device), (INPUT_SIZE, INPUT_SIZE), self.dtype))
 
     def _forward(self, pixels: torch.Tensor, embedding: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(L2-normalised embedding or None, block-3 tokens without CLS) of preprocessed pixels;

@@ -71,8 +71,7 @@ class DINOEncoder:
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x)
-        x = x.to(device=self.device, dtype=self.dtype)
-        return self.normalize(resize(x, input_size(*x.shape[-2:])))
+        return self.normalize(resize(x.to(self.device), input_size(*x.shape[-2:]), self.dtype))
 
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] → (B, N, 768) float32 keys of the last block, CLS
