@@ -384,14 +384,14 @@ class Models:
     dino: object | None
 
 
-def build_models(profile=None, with_dino: bool = True) -> Models:
-    """Inside fake_cuda(): the Engine as bench/ runs it (fp16, style caches off) and the fp32
-    Stylizer, CLIP and DINO fine-tuning takes."""
+def build_models(profile=None, with_dino: bool = True, with_clip: bool = True) -> Models:
+    """Inside fake_cuda(): the Engine as bench/ runs it (fp16, style caches off; with an fp16
+    CLIP unless with_clip=False) and the fp32 Stylizer, CLIP and DINO fine-tuning takes."""
 
     profile = profile or mb.FULL
     device = torch.device("cuda")
     stylizer = Stylizer(profile.stylizer).to(device).eval().requires_grad_(False)
-    clip = CLIPEncoder(random_init=True, device=device, dtype=torch.float16)
+    clip = CLIPEncoder(random_init=True, device=device, dtype=torch.float16) if with_clip else None
     # cuda_graphs=False: there is no graph to capture on fake tensors; CostRecorder marks
     # the ops a graph would replay instead
     engine = Engine(stylizer, clip, precision="fp16", device=device, cuda_graphs=False, style_cache_size=0)
@@ -674,7 +674,8 @@ def calibrate(counted: dict[tuple[str, int], list[Kernel]], measured: dict[tuple
     import itertools
 
     points = [(key, _as_arrays(counted[key], peak), measured[key] * 1e-3) for key in measured if key in counted]
-    grid = itertools.product((0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8),
+    grid = itertools.product((0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                             (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
                              (0.5, 1, 1.5, 2, 3, 4, 6, 8), (2, 4, 6, 10), (0, 25, 50, 100, 200, 400, 600),
                              (0.0, 1.0))
     best, best_error = None, math.inf
@@ -738,8 +739,7 @@ def format_report(r: dict, layers: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("workloads", nargs="*", choices=[[], *WORKLOADS], default=list(WORKLOADS),
-                   help=f"default: all of {', '.join(WORKLOADS)}")
+    p.add_argument("workloads", nargs="*", help=f"default: all of {', '.join(WORKLOADS)}")
     p.add_argument("--batch", type=int, nargs="+", default=list(INFERENCE_BATCHES),
                    help="inference batch sizes (fine-tuning runs at batch 8)")
     p.add_argument("--device", default="H200", help="GPU of bench/peaks.py to predict for")
@@ -753,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     if peak is None:
         p.error(f"no peak figures for {args.device!r} in bench/peaks.py")
     workloads = args.workloads or list(WORKLOADS)
+    if unknown := set(workloads) - set(WORKLOADS):
+        p.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
     measured = measured_ms(args.measured + (args.calibrate or []))
     c = load_constants(args.device)
     batches = sorted(set(args.batch) | ({b for _, b in measured} if args.calibrate else set()))
