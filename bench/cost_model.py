@@ -353,7 +353,8 @@ def fake_cuda():
     Workarounds make the package run on fake tensors: a fake tensor's mode is shared by its
     deep copies (not copied with it); the mode's memo of converted tensors is dropped before
     Module._apply swaps a parameter (swap_tensors refuses tensors with weak references); CUDA
-    generators and pinned memory, which need a driver, are host ones; optimisers take their
+    generators and pinned memory, which need a driver, are host ones; CUDA autocast stays on
+    (bf16, as on an H100/H200); optimisers take their
     multi-tensor (foreach) CUDA path, which they do not recognise fake tensors for.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -366,6 +367,8 @@ def fake_cuda():
     recorder = CostRecorder()
     with (mock.patch.object(torch, "Generator", _HostGenerator),
           mock.patch.object(torch.Tensor, "pin_memory", lambda self, *a, **k: self),
+          mock.patch("torch.cuda.amp.common.amp_definitely_not_available", lambda: False),
+          mock.patch.object(torch.cuda, "is_bf16_supported", lambda *a, **k: True),
           mock.patch("torch.optim.adam._default_to_fused_or_foreach", lambda *a, **k: (False, True)),
           mock.patch.object(FakeTensorMode, "__deepcopy__", lambda self, memo: self, create=True),
           mock.patch.object(torch.utils, "swap_tensors", swap_forgetting_memo),
