@@ -294,6 +294,8 @@ class CostRecorder(TorchDispatchMode):
                 layer = "outside modules" if path is None else path
                 dtype = _dtype_of(_tensors((args, kwargs)) + _tensors(out))
                 needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors((args, kwargs)))
+                if cost.get("syncs") and self.kernels and self.kernels[-1].syncs and not self.kernels[-1].kernels:
+                    return out  # nothing launched since the last wait: reading more (.tolist()) waits no more
                 self.kernels.append(Kernel(op=func.name().split("::")[-1], layer=layer, dtype=dtype,
                                            graph=in_graph and cost.get("syncs", 0) == 0, needs_grad=needs_grad,
                                            **cost))
