@@ -24,9 +24,9 @@ def pytest_addoption(parser):
                     "bench/results/baseline/<this device kind>)")
     group.addoption("--median-margin", type=float, default=regression.MEDIAN_MARGIN,
                     help="on a GPU: fail a case whose median is slower than the baseline's by more (default 0.15)")
-    group.addoption("--ratio-margin", type=float, default=regression.RATIO_MARGIN,
+    group.addoption("--ratio-margin", type=float,
                     help="fail a case whose speed-up over its eager fp32 reference falls below the baseline's by "
-                         "more (default 0.25)")
+                         "more (default 0.25 on a GPU, 0.5 on a CPU)")
     group.addoption("--no-regression-gate", action="store_true",
                     help="do not compare with the baseline (also: MMFS_BENCH_GATE=0)")
     group.addoption("--no-winners", action="store_true",
@@ -66,7 +66,8 @@ def pytest_sessionfinish(session, exitstatus):
     base_device = next((c.info.get("device") for c in baseline if c.info.get("device")), None)
     found = regression.regressions(cases, baseline, same_gpu=ON_GPU and base_device == env["device"],
                                    median_margin=config.getoption("--median-margin"),
-                                   ratio_margin=config.getoption("--ratio-margin"))
+                                   ratio_margin=config.getoption("--ratio-margin")
+                                   or regression.RATIO_MARGIN[env["device_type"]])
     if reporter:
         reporter.write_sep("=", f"latency gate against {baseline_dir}: {len(found)} regressed")
         for line in found:
