@@ -40,6 +40,7 @@ from mmfs_fast.encoders import CLIPEncoder, DINOEncoder  # noqa: E402
 from mmfs_fast.engine import Engine  # noqa: E402
 from mmfs_fast.finetune import finetune  # noqa: E402
 from mmfs_fast.models import N_LATENT, Stylizer  # noqa: E402
+from mmfs_fast.ops import _backend  # noqa: E402
 
 aten = torch.ops.aten
 HERE = Path(__file__).resolve().parent
@@ -703,6 +704,12 @@ def calibrate(counted: dict[tuple[str, int], list[Kernel]], measured: dict[tuple
 
 # -- the command line ----------------------------------------------------------------------------
 
+def backend_orders() -> dict[str, list[str]]:
+    """The dispatcher's order per op, from the same winners file: the counted path is the one
+    "auto" takes on a GPU (the first backend installed here, so build the extension first)."""
+    return {op: list(_backend.fastest_first(op)) for op in ("upfirdn2d", "bias_act", "modulated_conv2d")}
+
+
 def run(workloads, batches) -> dict:
     """Count and predict each workload at each batch size (fine-tuning at its own batch)."""
     results = {}
@@ -779,11 +786,12 @@ def main(argv: list[str] | None = None) -> int:
             f"({e['error']})" for e in errors))
     reports = [report(w, b, ks, peak, c, measured.get((w, b))) for (w, b), ks in counted.items()
                if w == "finetune_step" or b in args.batch]
-    print(f"# cost model: {args.device}, constants {dataclasses.asdict(c)}\n")
+    print(f"# cost model: {args.device}, constants {dataclasses.asdict(c)}; custom-op backends for CUDA "
+          f"tensors, fastest first ({_backend.WINNERS_FILE.name}): {backend_orders()}\n")
     print("\n\n".join(format_report(r, args.layers) for r in reports))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": args.device, "constants": dataclasses.asdict(c),
-                                               "results": reports}, indent=1) + "\n")
+                                               "backends": backend_orders(), "results": reports}, indent=1) + "\n")
     return 0
 
 
