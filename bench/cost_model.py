@@ -126,7 +126,7 @@ def _custom_op_cost(name: str, args, out_tensors) -> dict:
     traffic = sum(touched_bytes(t) for t in ins) + sum(touched_bytes(t) for t in out_tensors)
     out = out_tensors[0]
     if name.endswith("upfirdn2d"):
-        x, fir, up = args[0], args[1], args[2]
+        fir, up = args[1], args[2]
         return dict(bytes=traffic, flops=2.0 * out.numel() * fir.numel() / up ** 2)
     if name.endswith("modulated_conv2d"):
         x, weight, transposed = args[0], args[1], args[4]
