@@ -30,6 +30,8 @@ from unittest import mock
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -179,10 +181,6 @@ def op_cost(func, args, kwargs, out) -> dict | None:
     if func in _ATTENTION_OPS:
         q, k = args[0], args[1]
         return dict(bytes=traffic, flops=4.0 * q.numel() * k.shape[-2], tensor_cores=True)
-    if func is aten._scaled_dot_product_efficient_attention_backward.default or \
-            func is aten._scaled_dot_product_flash_attention_backward.default:
-        q, k = args[1], args[2]
-        return dict(bytes=traffic, flops=10.0 * q.numel() * k.shape[-2], tensor_cores=True)
     if func is aten._native_multi_head_attention.default:  # inference fast path: in/out projections + attention
         q, embed = args[0], args[0].shape[-1]
         tokens = q.numel() // embed
@@ -279,8 +277,6 @@ class CostRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in (aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default):
             out = True if args[0].dtype == torch.bool else 1
-        elif func is aten._fused_sdp_choice.default:  # asks the device; an H100/H200 runs a fused kernel
-            return int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION)
         elif func not in _FREE_OPS and func not in _ATTENTION_OPS and _decomposes(func):
             # what CUDA runs is the decomposition (conv2d → convolution, linear → addmm, ...)
             with self:
@@ -339,6 +335,22 @@ class CostRecorder(TorchDispatchMode):
             self.recording = False
 
 
+class _FusedAttention(TorchFunctionMode):
+    """Attention that autograd records as the fused memory-efficient kernel, as on an H100/H200:
+    on fake tensors torch would choose its math path (it asks the device which kernels exist)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and torch.is_grad_enabled():
+            q, k, v, mask, dropout, causal = (list(args) + [None, 0.0, False])[:6]
+            mask = kwargs.get("attn_mask", mask)
+            out, *_ = aten._scaled_dot_product_efficient_attention(
+                q, k, v, mask, True, kwargs.get("dropout_p", dropout), kwargs.get("is_causal", causal),
+                scale=kwargs.get("scale"))
+            return out
+        return func(*args, **kwargs)
+
+
 class _HostGenerator(torch.Generator):
     """A CUDA generator needs a CUDA driver; fake random ops take any generator."""
 
@@ -357,7 +369,7 @@ def fake_cuda():
     deep copies (not copied with it); the mode's memo of converted tensors is dropped before
     Module._apply swaps a parameter (swap_tensors refuses tensors with weak references); CUDA
     generators and pinned memory, which need a driver, are host ones; CUDA autocast stays on
-    (bf16, as on an H100/H200); optimisers take their
+    (bf16, as on an H100/H200); attention under autograd is the fused kernel; optimisers take their
     multi-tensor (foreach) CUDA path, which they do not recognise fake tensors for.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -375,7 +387,7 @@ def fake_cuda():
           mock.patch("torch.optim.adam._default_to_fused_or_foreach", lambda *a, **k: (False, True)),
           mock.patch.object(FakeTensorMode, "__deepcopy__", lambda self, memo: self, create=True),
           mock.patch.object(torch.utils, "swap_tensors", swap_forgetting_memo),
-          mode, recorder):
+          mode, recorder, _FusedAttention()):
         yield recorder
 
 
