@@ -82,6 +82,7 @@ setup(
     packages=["mmfs_fast", "mmfs_fast.ops", "mmfs_fast.models", "mmfs_fast.encoders", "mmfs_fast.train",
               "mmfs_fast.serve", "mmfs_fast.kernels"],
     package_dir={"mmfs_fast.kernels": "kernels"},
+    package_data={"mmfs_fast.serve": ["static/*"]},  # the web page at /
     install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
         "clip": ["open_clip_torch", "timm"],
