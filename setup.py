@@ -93,7 +93,7 @@ setup(
         # the HTTP service (mmfs-fast serve) and its tests; ray: the Ray Serve deployment
         "serve": ["fastapi", "uvicorn", "python-multipart", "httpx"],
         "ray": ["fastapi", "uvicorn", "python-multipart", "ray[serve]"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "playwright"],  # playwright: with Debian's chromium
     },
     entry_points={"console_scripts": ["mmfs-fast=mmfs_fast.cli:main"]},
     ext_modules=ext_modules,

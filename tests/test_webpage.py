@@ -9,6 +9,7 @@ writes the page's screenshot there (README's docs/webpage.png)."""
 import base64
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -149,6 +150,21 @@ def api_error(server, files: dict, data: dict, token=TOKEN) -> tuple[int, str]:
 def visible_error(page) -> str:
     assert page.is_visible("#error")
     return page.inner_text("#error")
+
+
+def test_page_and_its_files_come_from_the_service_alone(server):
+    client = server.client()  # no token: the page itself is public, like /docs
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe" not in csp
+    links = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+    assert "/static/app.js" in links and "/static/app.css" in links
+    assert not [link for link in links if "//" in link]  # no CDN, nothing from elsewhere
+    for name, kind in (("app.js", "javascript"), ("app.css", "text/css")):
+        asset = client.get(f"/static/{name}")
+        assert asset.status_code == 200 and kind in asset.headers["content-type"]
+    assert client.get("/static/%2e%2e/app.py").status_code == 404
 
 
 # -- rendering ---------------------------------------------------------------------------------
