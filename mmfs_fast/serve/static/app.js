@@ -152,6 +152,7 @@ function showError(error) {
   const box = $("error");
   box.textContent = error.status ? `${error.status} · ${error.message}` : error.message;
   box.hidden = false;
+  box.scrollIntoView({ block: "nearest" }); // one column on a phone: the message is below the buttons
   $("timing").textContent = "";
 }
 
@@ -179,6 +180,7 @@ function showResult(blob, name, text) {
   link.download = name;
   link.hidden = false;
   $("timing").textContent = text;
+  $("result-button").scrollIntoView({ block: "nearest" });
 }
 
 function clearGrid() {
