@@ -1,9 +1,10 @@
 """The FastAPI app over :class:`mmfs_fast.engine.Engine`.
 
 Requests go through the engine's micro-batcher (``Engine.submit``), so simultaneous
-requests share runs (and the faces of one photo share a run). At most ``max_queue`` stylizations are admitted at once; more get
-503 with Retry-After. Every refusal is a JSON ``{"error": message}`` with a 4xx status
-(5xx only for the server's own failures: 503 busy/not ready, 504 timeout, 500 bug).
+requests (and the faces of one photo) share runs. At most ``max_queue`` stylizations are
+admitted at once; more get 503 with Retry-After. Every refusal is a JSON
+``{"error": message}`` with a 4xx status (5xx only for the server's own failures: 503
+busy/not ready, 504 timeout, 500 bug). The web page at / (static/) calls these endpoints.
 """
 from __future__ import annotations
 
@@ -185,10 +186,10 @@ class Service:
         so they share micro-batches."""
         parts = [self.engine.submit(crop, style, noise) for crop in crops]
         combined: Future = Future()
-        pending = [len(parts)]
+        pending, lock = [len(parts)], threading.Lock()
 
         def part_done(_part: Future) -> None:
-            with self._lock:
+            with lock:
                 pending[0] -= 1
                 if pending[0]:
                     return
