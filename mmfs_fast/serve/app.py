@@ -367,7 +367,9 @@ def _add_routes(app: FastAPI, auth) -> None:
         try:
             face = await run_in_threadpool(service.load_face, files["image"])
             style = await _style(service, options, files)
-            future = service.engine.submit(face, style, options.noise)
+            # a reference is cached by its upload's bytes, hashed here on the host
+            style_key = style_id_of("ref", files["reference"]) if "reference" in files else None
+            future = service.engine.submit(face, style, options.noise, style_key)
         except BaseException:
             service.release()
             raise

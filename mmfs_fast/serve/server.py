@@ -66,16 +66,18 @@ def load_engine(ckpt=None, clip_weights=None, random_init=False, clip=True, devi
                 impl="auto", **engine_options):
     """The Engine of a checkpoint, with CLIP when ``clip_weights`` are given (or random
     with ``random_init``, unless ``clip=False``)."""
-    from mmfs_fast.api import ENGINE_PRECISIONS, MMFS, parse_dtype
-    from mmfs_fast.engine import Engine
+    import torch
 
+    from mmfs_fast.engine import Engine
+    from mmfs_fast.loading import default_device, load_clip, load_stylizer
+    from mmfs_fast.precision import precision_name
+
+    device = torch.device(device) if device is not None else default_device()
     # the Engine prepares its own low-precision copy from the fp32 weights
-    mmfs = MMFS.load(ckpt, clip_weights, device=device, dtype="float32", impl=impl,
-                     random_init=random_init, engine=False)
-    encoder = mmfs.clip if clip_weights is not None or (random_init and clip) else None
-    precision = ENGINE_PRECISIONS[parse_dtype(precision)] if precision is not None else None
-    return Engine(mmfs.stylizer, clip=encoder, precision=precision, device=mmfs.device, impl=impl,
-                  **engine_options)
+    stylizer = load_stylizer(ckpt, device, impl=impl, random_init=random_init)
+    encoder = load_clip(clip_weights, device) if clip_weights is not None or (random_init and clip) else None
+    precision = precision_name(precision) if precision is not None else None
+    return Engine(stylizer, clip=encoder, precision=precision, device=device, impl=impl, **engine_options)
 
 
 def run_server(args) -> int:
