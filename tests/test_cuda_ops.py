@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mmfs_fast.ops import _backend, _cuda, bias_act, default_fir, modulated_conv2d, upfirdn2d
+from mmfs_fast.ops._torch_target import TORCH_TARGET
 
 pytestmark = pytest.mark.skipif(_backend.cuda_extension() is None,
                                 reason="mmfs_fast._C is not built (no nvcc or CPU-only torch at install time)")
@@ -83,8 +84,9 @@ def make_tensors(shapes, constants, device, dtype, channels_last=False, seed=0):
 
 def test_extension_reports_its_build():
     info = _backend.cuda_extension().build_info()
-    assert set(info) == {"arch_list", "nvcc_flags", "cxx_flags", "cuda_version", "torch_version"}
+    assert set(info) == {"arch_list", "nvcc_flags", "cxx_flags", "cuda_version", "torch_version", "torch_target"}
     assert info["arch_list"] and "-O3" in info["nvcc_flags"]
+    assert info["torch_target"] == ".".join(map(str, TORCH_TARGET))
 
 
 @pytest.mark.parametrize("op", OPS)
