@@ -55,11 +55,11 @@ PyMethodDef methods[] = {
     {nullptr, nullptr, 0, nullptr},
 };
 
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "The CUDA kernels of mmfs_fast (torch.ops.mmfs_fast.*).", -1,
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "The CUDA kernels of mmfs_fast (torch.ops.mmfs_fast.*).", 0,
                       methods};
 
 }  // namespace
 
 // Loading this library ran the registrations above (static initialisers); the module itself
-// only carries build_info.
-PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }
+// only carries build_info. Multi-phase initialisation (PEP 489): the interpreter makes the module.
+PyMODINIT_FUNC PyInit__C() { return PyModuleDef_Init(&module); }

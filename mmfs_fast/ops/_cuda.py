@@ -19,6 +19,8 @@ from torch.library import register_autograd, register_fake
 from mmfs_fast.ops import _backend
 
 _ops = torch.ops.mmfs_fast
+# the ops csrc/bindings.cpp defines
+OPS = ("upfirdn2d", "bias_act", "bias_act_grad", "modulated_conv2d")
 
 
 def _empty_with_layout_of(x: torch.Tensor, shape) -> torch.Tensor:
