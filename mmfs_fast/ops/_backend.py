@@ -59,7 +59,8 @@ def _why_it_does_not_load(error: ImportError) -> str:
 
 def _load_cuda_extension():
     """(the module, None), or (None, why the cuda backend is off, in one line)."""
-    if importlib.util.find_spec("mmfs_fast._C") is None:
+    spec = importlib.util.find_spec("mmfs_fast._C")
+    if spec is None:
         return None, _NOT_BUILT
     target = ".".join(map(str, TORCH_TARGET))
     if torch.version.cuda is None:
@@ -74,8 +75,9 @@ def _load_cuda_extension():
             why = _why_it_does_not_load(e)
         else:
             return _C, None
-    warnings.warn(f"mmfs_fast: the CUDA extension is installed but off: {why}. The triton and ref backends "
-                  "remain.", RuntimeWarning)
+    # lineno 0: the warning names the library and shows no source line, so it stays one line
+    warnings.warn_explicit(f"mmfs_fast: the CUDA extension is installed but off: {why}. The triton and ref "
+                           "backends remain.", RuntimeWarning, filename=spec.origin, lineno=0)
     return None, f"the CUDA extension is installed but off: {why}"
 
 
