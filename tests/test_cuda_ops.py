@@ -144,6 +144,17 @@ def op_samples(device="meta"):
 
 
 @pytest.mark.parametrize("sample", range(len(op_samples())))
+def test_cuda_kernels_are_reached_through_the_stable_abi(sample):
+    """Without a GPU: each op's registered CUDA kernel, called on CPU tensors, unboxes its
+    arguments through the stable ABI and raises its own check as a RuntimeError naming the op."""
+    name, args = op_samples("cpu")[sample]
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(RuntimeError, match=rf"mmfs_fast::{name}: \w+ must be a CUDA tensor, got one on cpu"):
+        getattr(torch.ops.mmfs_fast, name).default.redispatch(cuda_only, *args)
+
+
+@pytest.mark.parametrize("sample", range(len(op_samples())))
 def test_fake_kernels_match_shapes(sample):
     name, args = op_samples()[sample]
     op = getattr(torch.ops.mmfs_fast, name)
