@@ -116,6 +116,7 @@ def build_report() -> dict:
         "cuda_arch_list": build_info["arch_list"].split(";") if build_info else None,
         "torch_cuda_arch_list": torch.cuda.get_arch_list() if torch.version.cuda else [],
         "build_info": build_info,
+        "cuda_extension": ops.cuda_extension_report(),
         "triton": triton_version,
         "backends": ops.backends(),
     }

@@ -20,6 +20,8 @@ from mmfs_fast.ops import _backend
 from mmfs_fast.ops._common import adjoint_pads, blur_pads, demodulation, output_size, weight_energy
 
 _ops = torch.ops.mmfs_fast
+# the ops csrc/bindings.cpp defines
+OPS = ("upfirdn2d", "bias_act", "bias_act_grad", "modulated_conv2d")
 
 
 def _empty_with_layout_of(x: torch.Tensor, shape) -> torch.Tensor:
