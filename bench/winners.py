@@ -29,7 +29,8 @@ def winners(cases: list[dict], device: str, commit: str | None) -> dict:
         for times in shapes.values():
             total.update(times)
         order = sorted({impl for times in shapes.values() for impl in times}, key=lambda i: (-wins[i], total[i]))
-        order += [impl for impl in BACKENDS if impl not in order]  # not installed there: last
+        # implemented but not installed there: after the measured ones, in their old order
+        order += [impl for impl in current["ops"].get(op, {}).get("order", BACKENDS) if impl not in order]
         current["ops"][op] = {"order": order, "measured": f"{device}, commit {commit}, bench/test_bench_ops.py",
                               "shapes": ranked}
     return current
