@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import re
 import warnings
+from pathlib import Path
 from typing import Collection
 
 import torch
@@ -18,11 +20,12 @@ import torch
 from mmfs_fast.ops._torch_target import TORCH_TARGET
 
 IMPLS = ("ref", "cuda", "triton")
-# "auto" order for CUDA tensors, fastest first: measured (bench/results/), not assumed.
-FASTEST_FIRST = ("cuda", "triton", "ref")
-# modulated_conv2d: cuDNN's grouped convolution (ref) measured fastest (bench/results/); the cuda op
-# (one shared-weight cuDNN convolution between our scale kernels) moves up once measured as an op.
-FASTEST_FIRST_PER_OP = {"modulated_conv2d": ("ref", "cuda")}
+# "auto" order for CUDA tensors, fastest first: measured, not assumed. bench/test_bench_ops.py
+# writes it on a GPU; bench/cost_model.py reads the same file.
+WINNERS_FILE = Path(__file__).with_name("winners.json")
+_WINNERS = json.loads(WINNERS_FILE.read_text())
+FASTEST_FIRST = tuple(_WINNERS["default"])
+FASTEST_FIRST_PER_OP = {op: tuple(entry["order"]) for op, entry in _WINNERS["ops"].items()}
 # what the kernels are built for; float64 (gradient checks) goes to ref under "auto"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
