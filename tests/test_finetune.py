@@ -60,7 +60,7 @@ def faces():
 
 
 def run(stylizer, faces, dino=None, **kw):
-    kw = {"text": "pop art", "batch_size": 2, "lr": 2e-3, "progress": False, **kw}
+    kw = {"text": "pop art", "batch_size": 2, "lr": 2e-3, "decay_steps": 0, "progress": False, **kw}
     return finetune(stylizer, StandInCLIP(), dino or StandInDINO(), faces, **kw)
 
 
@@ -75,7 +75,7 @@ def test_ten_steps_reduce_the_loss_and_train_only_the_decoder(stylizer, faces):
     before = {k: v.clone() for k, v in stylizer.state_dict().items()}
     result = run(stylizer, faces[:2], steps=10)
     totals = [h["total"] for h in result.history]
-    assert len(totals) == 10 and set(result.history[0]) == {"total", "structure", "clip"}
+    assert len(totals) == 10 and set(result.history[0]) == {"total", "structure", "clip", "lr"}
     assert sum(totals[-3:]) / 3 < totals[0] - 0.1
     frozen, decoder = split_params(result.stylizer)
     assert all(torch.equal(v, before[k]) for k, v in frozen.items())
@@ -95,7 +95,7 @@ def test_ema_arithmetic(stylizer, faces):
 
 def test_resume_after_an_interruption_is_bit_exact(stylizer, faces, tmp_path):
     reference = run(stylizer, faces, ref_image=faces[0], text=None, steps=4)
-    assert set(reference.history[0]) == {"total", "structure", "clip", "projection"}
+    assert set(reference.history[0]) == {"total", "structure", "clip", "projection", "lr"}
     # one DINO call per face chunk, then one per step: interrupted during step 4, saved after step 2
     interrupting = StandInDINO(interrupt_after=2 + 4)
     with pytest.raises(KeyboardInterrupt):
