@@ -94,21 +94,23 @@ def test_ema_arithmetic(stylizer, faces):
 
 
 def test_resume_after_an_interruption_is_bit_exact(stylizer, faces, tmp_path):
-    reference = run(stylizer, faces, ref_image=faces[0], text=None, steps=4)
+    """Mid-run, with the official schedule's decay and the train-mode clip_mapper's dropout."""
+    official = {"steps": 2, "decay_steps": 2}
+    reference = run(stylizer, faces, ref_image=faces[0], text=None, **official)
     assert set(reference.history[0]) == {"total", "structure", "clip", "projection", "lr"}
     # one DINO call per face chunk, then one per step: interrupted during step 4, saved after step 2
     interrupting = StandInDINO(interrupt_after=2 + 4)
     with pytest.raises(KeyboardInterrupt):
-        run(stylizer, faces, dino=interrupting, ref_image=faces[0], text=None, steps=4,
-            checkpoint_dir=tmp_path, checkpoint_every=2)
+        run(stylizer, faces, dino=interrupting, ref_image=faces[0], text=None, checkpoint_dir=tmp_path,
+            checkpoint_every=2, **official)
     assert torch.load(tmp_path / STATE_FILE, weights_only=True)["step"] == 2
-    resumed = run(stylizer, faces, ref_image=faces[0], text=None, steps=4, checkpoint_dir=tmp_path,
-                  checkpoint_every=2)
+    resumed = run(stylizer, faces, ref_image=faces[0], text=None, checkpoint_dir=tmp_path, checkpoint_every=2,
+                  **official)
     assert resumed.history == reference.history
     for (k, a), b in zip(resumed.stylizer.state_dict().items(), reference.stylizer.state_dict().values()):
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="another prompt or settings"):
-        run(stylizer, faces, ref_image=faces[0], text=None, steps=4, lr=1e-3, checkpoint_dir=tmp_path)
+        run(stylizer, faces, ref_image=faces[0], text=None, lr=1e-3, checkpoint_dir=tmp_path, **official)
 
 
 def test_losses_read_back_in_batches_lose_no_step(stylizer, faces, tmp_path):
