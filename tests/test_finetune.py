@@ -1,4 +1,6 @@
 """Stage IV fine-tuning loop: learning, frozen parts, EMA, resume, real encoders and the CLI."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,8 +148,9 @@ def save_png(path, seed):
     return path
 
 
-def test_cli_one_shot_with_real_encoders(tmp_path):
-    """Random-initialised ViT-B CLIP and DINO, a style_dim-512 tiny Stylizer, one step."""
+def test_cli_one_shot_with_real_encoders(tmp_path, capsys):
+    """Random-initialised ViT-B CLIP and DINO, a style_dim-512 tiny Stylizer, one step (the
+    variants' flags: no decay, fixed style, antialiased DINO input)."""
     from mmfs_fast.cli import main
 
     torch.manual_seed(0)
@@ -158,9 +161,11 @@ def test_cli_one_shot_with_real_encoders(tmp_path):
     ref = save_png(tmp_path / "style.png", 9)
     out = tmp_path / "tuned.pt"
     code = main(["finetune", "--ckpt", str(tmp_path / "tiny.safetensors"), "--faces", str(tmp_path / "faces"),
-                 "--ref", str(ref), "--steps", "1", "--batch-size", "1", "--out", str(out), "--random-init",
+                 "--ref", str(ref), "--steps", "1", "--decay-steps", "0", "--fixed-style", "--dino-antialias",
+                 "--batch-size", "1", "--out", str(out), "--random-init",
                  "--preview", str(tmp_path / "preview.png"), "--device", "cpu"])
     assert code == 0
+    assert re.search(r"1 steps, [0-9.]+ steps/s; saved", capsys.readouterr().err)
     tuned = Stylizer.from_checkpoint(out)
     assert set(torch.load(out, weights_only=True)) == {"G_ema_model"}
     frozen, decoder = split_params(tuned)
