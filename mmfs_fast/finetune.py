@@ -243,8 +243,8 @@ class FinetuneRun:
             # the reference re-encodes each batch, as the official loop does
             self.face_features = _face_features(self.model, clip, dino, faces, settings.batch_size) \
                 if settings.fast else None
-            if self.face_features is not None and settings.capture:
-                self.face_features[0] = self.face_features[0].contiguous(memory_format=torch.channels_last)
+        # NHWC: what cuDNN's tensor-core convolutions read and write without transposing
+        self.channels_last = settings.fast and self.device.type == "cuda"
 
     # -- the step ----------------------------------------------------------------------
     def step(self) -> torch.Tensor:
@@ -287,7 +287,10 @@ class FinetuneRun:
                 feat, face_emb, face_sim = _face_features(self.model, self.clip, self.dino, self.faces[idx],
                                                           s.batch_size)
             w_plus = self.w_plus.expand(s.batch_size, -1, -1) if s.fixed_style else self.model.map_clip(self.embedding)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s.mixed_precision):
+        if self.channels_last:
+            feat = feat.contiguous(memory_format=torch.channels_last)
+        # no cast cache: a captured step must cast the weights Adam has just updated, every replay
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s.mixed_precision, cache_enabled=False):
             fake = self.model.decode(feat, w_plus)
             if self.basis is None:
                 fake_emb, fake_tokens = self.clip.encode_image(fake), None
