@@ -234,9 +234,9 @@ class FinetuneRun:
         self._eager_steps = 0
 
         with torch.no_grad():
-            embedding = prompt.embedding.to(device=self.device, dtype=faces.dtype)
-            self.embedding = embedding.expand(settings.batch_size, -1)
-            self.w_plus = self.model.clip_mapper.eval()(embedding)  # the result's style
+            self.embedding = prompt.embedding.to(device=self.device, dtype=faces.dtype)  # (1, 512)
+            self.model.clip_mapper.eval()
+            self.w_plus = self.model.map_clip(self.embedding)  # the result's style
             self.model.clip_mapper.train(not settings.fixed_style)
             self.basis = None if prompt.basis is None else prompt.basis.to(self.device)
             self.source = None if prompt.source is None else prompt.source.to(self.device)
@@ -286,7 +286,9 @@ class FinetuneRun:
             else:
                 feat, face_emb, face_sim = _face_features(self.model, self.clip, self.dino, self.faces[idx],
                                                           s.batch_size)
-            w_plus = self.w_plus.expand(s.batch_size, -1, -1) if s.fixed_style else self.model.map_clip(self.embedding)
+            # one mapper row per sample: each its own dropout
+            w_plus = self.w_plus.expand(s.batch_size, -1, -1) if s.fixed_style else \
+                self.model.map_clip(self.embedding.expand(s.batch_size, -1))
         if self.channels_last:
             feat = feat.contiguous(memory_format=torch.channels_last)
         # no cast cache: a captured step must cast the weights Adam has just updated, every replay
@@ -309,7 +311,7 @@ class FinetuneRun:
         """d_prompt = n(CLIP(prompt)) − src: src the source text's embedding, or for an image
         prompt the mean of the batch's face embeddings (official: the batch, not the face set)."""
         source = self.source if self.source is not None else face_emb.mean(0, keepdim=True)
-        return self.embedding[:1] - source
+        return self.embedding - source
 
     def update_ema(self) -> None:
         params = [p.detach() for p in self.params.values()]
