@@ -1,6 +1,7 @@
 """What the CLIP and DINO wrappers share: weight-file handling, freezing, resizing."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -74,3 +75,10 @@ class Normalize:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+def without_autocast(device: torch.device):
+    """A context computing in the tensors' own precision even inside an autocast region."""
+    if not torch.amp.is_autocast_available(device.type):  # e.g. meta tensors
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)

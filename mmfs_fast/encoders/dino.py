@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmfs_fast.encoders._common import Normalize, check_images, check_weights, freeze, load_weights, resize
+from mmfs_fast.encoders._common import (Normalize, check_images, check_weights, freeze, load_weights, resize,
+                                       without_autocast)
 
 MODEL_NAME = "vit_base_patch8_224.dino"
 PATCH = 8
@@ -97,5 +98,5 @@ class DINOEncoder:
         """(B, N, N) cosine self-similarity of the last block's keys; in fp32 under autocast too
         (a loss statistic: bf16 keeps 3 digits of similarities the loss compares)."""
         k = F.normalize(self.keys(x), dim=-1)
-        with torch.autocast(k.device.type, enabled=False):
+        with without_autocast(k.device):
             return k @ k.transpose(1, 2)
