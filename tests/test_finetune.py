@@ -128,6 +128,10 @@ def test_clear_errors(stylizer, faces, tmp_path):
     for prompt in ({"text": "  "}, {"text": None}, {"text": "a", "ref_image": faces[0]}):
         with pytest.raises(ValueError, match="prompt"):
             run(stylizer, faces, steps=1, **prompt)
+    for bad, message in (({"decay_steps": -1}, "decay_steps"), ({"steps": 0}, "steps"), ({"ema": 1.0}, "ema"),
+                         ({"capture": True}, "CUDA")):
+        with pytest.raises(ValueError, match=message):
+            run(stylizer, faces, **{"steps": 1, **bad})
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="junk.png"):
