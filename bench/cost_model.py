@@ -368,7 +368,7 @@ def fake_cuda():
     Workarounds make the package run on fake tensors: a fake tensor's mode is shared by its
     deep copies (not copied with it); the mode's memo of converted tensors is dropped before
     Module._apply swaps a parameter (swap_tensors refuses tensors with weak references); CUDA
-    generators and pinned memory, which need a driver, are host ones; CUDA autocast stays on
+    generators, their states and pinned memory, which need a driver, are host ones; CUDA autocast stays on
     (bf16, as on an H100/H200); attention under autograd is the fused kernel; optimisers take their
     multi-tensor (foreach) CUDA path, which they do not recognise fake tensors for.
     """
@@ -380,7 +380,14 @@ def fake_cuda():
         swap_tensors(t1, t2)
 
     recorder = CostRecorder()
+    # fused Adam (fine-tuning's optimizer on CUDA) has no fake kernel: an in-place no-op on meta
+    # lets the recorder count it as the one multi-tensor kernel it is
+    fused_adam = torch.library.Library("aten", "IMPL")
+    for overload in ("_fused_adam_", "_fused_adam_.tensor_lr"):
+        fused_adam.impl(overload, lambda *args, **kwargs: None, "Meta")
     with (mock.patch.object(torch, "Generator", _HostGenerator),
+          mock.patch.object(torch.cuda, "get_rng_state", lambda *a, **k: torch.random.get_rng_state()),
+          mock.patch.object(torch.cuda, "set_rng_state", lambda *a, **k: None),
           mock.patch.object(torch.Tensor, "pin_memory", lambda self, *a, **k: self),
           mock.patch("torch.cuda.amp.common.amp_definitely_not_available", lambda: False),
           mock.patch.object(torch.cuda, "is_bf16_supported", lambda *a, **k: True),
@@ -440,17 +447,18 @@ def _finetune_calls(models: Models, batch: int, steps: int) -> Callable[[], obje
 
     faces = torch.zeros(batch, 3, models.stylizer.config.size, models.stylizer.config.size, device="cuda")
     return lambda: finetune(models.stylizer, models.clip, models.dino, faces, text="a pop art portrait",
-                            steps=steps, batch_size=batch, progress=False)
+                            steps=steps, decay_steps=0, capture=False, batch_size=batch, progress=False)
 
 
 def count(recorder: CostRecorder, models: Models, workload: str, batch: int) -> list[Kernel]:
     """The kernels of one call of ``workload`` (one optimisation step for "finetune_step": the
-    difference between runs of 2 and 1 steps, which share setup and read-back)."""
+    difference between runs of 2 and 1 eager steps at constant lr, which share setup and read-back)."""
     if workload == "finetune_step":
         runs = []
         for steps in (1, 2):
             call = _finetune_calls(models, batch, steps)
-            with recorder.record(eager_paths=("",)) as kernels:  # training runs eagerly
+            # the step runs as one CUDA graph on a GPU (FinetuneRun captures it after warm-up steps)
+            with recorder.record(eager_paths=()) as kernels:
                 call()
             runs.append(kernels)
         return _difference(runs[1], runs[0])
