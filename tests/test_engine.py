@@ -319,9 +319,16 @@ def test_cpu_engine_keeps_freed_memory_for_reuse(stylizer):
     assert mallinfo2().fordblks >= 64 << 20
 
 
-def test_warmup_and_memory_stats(stylizer):
+def test_warmup_runs_each_bucket_and_memory_stats(stylizer, monkeypatch):
     engine = Engine(stylizer, device="cpu", buckets=(1, 2))
+    runs, run = [], engine._run
+    monkeypatch.setattr(engine, "_run", lambda name, fn, *inputs: runs.append((name, len(inputs[0]))) or run(
+        name, fn, *inputs))
     engine.warmup()
+    assert runs == [("stylize", 1), ("stylize", 2)]
+    x, w_plus = faces(2), torch.randn(2, 10, DIM)
+    with torch.no_grad():
+        assert_images_close(engine.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
     stats = engine.memory_stats()
     assert stats["mode"] == "eager" and stats["buckets"] == (1, 2) and stats["graphs"] == []
     assert stats["text_cache"]["capacity"] == 256

@@ -190,9 +190,14 @@ def test_stage2_losses_are_the_gan_terms_r1_and_structure(step):
     assert (terms["g_gan"], terms["structure"]) == pytest.approx((g_gan, structure), rel=1e-5)
 
 
-def test_stage3_total_is_l1_to_the_reference_plus_four_feature_l1():
-    clip = TinyCLIP()
-    stage = build_stage(TrainConfig(stage=3, **TINY), encoders={"clip": clip})
+@pytest.mark.parametrize("encoder", ["tiny", "random-init CLIP"])
+def test_stage3_total_is_l1_to_the_reference_plus_four_feature_l1(encoder):
+    """With no ready-made encoder the stage builds CLIP from its config (random_init here)."""
+    encoders = {"clip": TinyCLIP()} if encoder == "tiny" else {}
+    stage = build_stage(TrainConfig(stage=3, **{**TINY, "style_dim": 512 if encoders == {} else STYLE_DIM}),
+                        encoders=encoders)
+    clip = stage.clip
+    assert type(clip).__name__ == ("TinyCLIP" if encoders else "CLIPEncoder")
     faces = images(10)
     terms, steps = run_step(stage, {"face_dir": faces}, 0)
     (name, loss, G, D), = steps
@@ -203,3 +208,10 @@ def test_stage3_total_is_l1_to_the_reference_plus_four_feature_l1():
     assert name == "G" and loss == pytest.approx(total, rel=1e-5)
     assert terms == pytest.approx({"l1": l1, "d_feature": features, "total": total}, rel=1e-5)
 
+
+
+def test_stage2_builds_dino_from_its_config():
+    from mmfs_fast.encoders import DINOEncoder
+
+    stage = build_stage(TrainConfig(stage=2, **{**TINY, "size": 64, "ngf": 2, "d_base": 4}))
+    assert isinstance(stage.dino, DINOEncoder) and not any(p.requires_grad for p in stage.dino.model.parameters())
