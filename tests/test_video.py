@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from mmfs_fast import faces, video
 
@@ -172,6 +173,7 @@ def test_cli_video_subcommand(tmp_path, clip, monkeypatch):
     import argparse
 
     from mmfs_fast import cli
+    from mmfs_fast.api import MMFS
     from mmfs_fast.models import StylizerConfig
 
     real_load = cli.load_mmfs
@@ -180,10 +182,34 @@ def test_cli_video_subcommand(tmp_path, clip, monkeypatch):
     parser = argparse.ArgumentParser()
     video.add_cli_parser(parser.add_subparsers())
     out = tmp_path / "styled.mp4"
-    args = parser.parse_args(["video", str(clip), str(out), "--random-init", "--device", "cpu", "--seed", "1"])
+    args = parser.parse_args(["video", str(clip), str(out), "--random-init", "--device", "cpu", "--seed", "1",
+                              "--noise", "zero"])
     assert args.func(args) == cli.EXIT_OK
     frames, facts, audio = read_clip(out)
     assert len(frames) == FRAMES and facts["rate"] == FPS and len(audio) > 0
+    # the same pipeline with the plain Stylizer (the ref path) in the same style: the same video
+    # up to one 8-bit step before x264; another style differs where the face is
+    mmfs = MMFS.load(None, random_init=True, config=StylizerConfig(size=64, ngf=4, style_dim=32), engine=False,
+                     impl="ref")
+    source = read_clip(clip)[0]
+    for seed in (1, 2):
+        w_plus = mmfs.style(seed=seed)
+
+        @torch.no_grad()
+        def plain(batch):
+            return mmfs.stylizer(batch, w_plus=w_plus.expand(len(batch), -1, -1), noise="zero")
+
+        reference = tmp_path / f"reference{seed}.mp4"
+        video.stylize_video(clip, reference, plain, size=64, detector=faces.FaceDetector(),
+                            tracker=video.QuadTracker(min_cutoff=0.5), progress=False)
+        want = read_clip(reference)[0]
+        face = [np.abs(w.astype(int) - s).max(-1) > 12 for w, s in zip(want, source)]  # where the style shows
+        error = np.concatenate([np.abs(g.astype(int) - w)[m] for g, w, m in zip(frames, want, face)])
+        assert sum(m.sum() for m in face) > 0.1 * FRAMES * SIDE * SIDE
+        if seed == 1:  # x264 encodes the two nearly equal videos a little differently
+            assert error.mean() < 2 and np.percentile(error, 99) <= 8
+        else:
+            assert error.mean() > 10
 
     (tmp_path / "notes.mp4").write_text("not a video")
     for name, problem in [("missing.mp4", "No such file"), ("notes.mp4", "Invalid data")]:
