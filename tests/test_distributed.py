@@ -1,6 +1,9 @@
-"""Data-parallel training (train/distributed.py) on two CPU processes (gloo): the ranks stay
-identical and equal one process trained on their concatenated batch; without the gradient
-all-reduce they would not."""
+"""Data-parallel training (train/distributed.py) on two CPU processes (gloo): rank 0's weights
+reach every rank, the gradients are averaged, and the ranks stay identical and equal one process
+trained on their concatenated batch; without the all-reduce they would not.
+
+The steps are Stage I's (its loss, optimiser step and averaging) on inputs given explicitly,
+noise maps included, so that the one-process run sees exactly the ranks' samples."""
 from __future__ import annotations
 
 import pytest
@@ -9,11 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mmfs_fast.train.config import TrainConfig
-from mmfs_fast.train.distributed import World, broadcast_state
+from mmfs_fast.train.distributed import World, average_gradients, broadcast_state
 from mmfs_fast.train.trainer import build_stage
 
 RANKS, BATCH, STEPS = 2, 2, 3
-# Stage I on tiny models: the trained parameters feed a D-feature term, so both loss terms are averaged
+# Stage I on tiny models: its trained parameters get gradients from both the L1 and the D-feature term
 CONFIG = dict(stage=1, random_init=True, size=128, ngf=4, style_dim=16, n_mlp=2, d_base=8, batch_size=BATCH,
               impl="ref", workers=0, out_dir="unused")
 
@@ -29,7 +32,7 @@ def step_inputs(step: int, stage):
 
 
 def train_steps(stage, samples: slice) -> None:
-    """STEPS reconstruction steps (Stage I's loss, optimiser step and averaging) on ``samples`` of each batch."""
+    """STEPS reconstruction steps on ``samples`` of each batch."""
     for step in range(STEPS):
         x, z, noise = step_inputs(step, stage)
         x, z, noise = x[samples], z[samples], [n[samples] for n in noise]
@@ -47,8 +50,16 @@ def rank_main(rank: int, store: str, out: str) -> None:
                 for p in stage.G.parameters():
                     p.add_(1.0)
         broadcast_state(world, stage.G)
+        # the all-reduce alone: rank r's gradients (r + 1)·arange average to 1.5·arange; a None grad stays None
+        params = list(stage.G.parameters())[:3]
+        for p in params[1:]:
+            p.grad = (rank + 1.0) * torch.arange(p.numel(), dtype=p.dtype).view_as(p)
+        average_gradients(world, params)
+        averaged = [p.grad for p in params]
+        stage.G.zero_grad(set_to_none=True)
         train_steps(stage, slice(rank * BATCH, (rank + 1) * BATCH))
-        torch.save({k: v.clone() for k, v in stage.G.state_dict().items()}, f"{out}{rank}.pt")
+        torch.save({"averaged": averaged, "G": {k: v.clone() for k, v in stage.G.state_dict().items()}},
+                   f"{out}{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -80,7 +91,12 @@ def trained_keys(start: dict, trained: dict) -> list[str]:
 def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path, whole_batch):
     start, single = whole_batch
     mp.spawn(rank_main, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=RANKS)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(RANKS)]
+    saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(RANKS)]
+    for averaged in (s["averaged"] for s in saved):
+        assert averaged[0] is None
+        for grad in averaged[1:]:
+            torch.testing.assert_close(grad, 1.5 * torch.arange(grad.numel(), dtype=grad.dtype).view_as(grad))
+    ranks = [s["G"] for s in saved]
     trained_keys(start, single)
     for k in start:
         assert torch.equal(ranks[0][k], ranks[1][k]), k
