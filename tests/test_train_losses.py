@@ -93,7 +93,7 @@ def test_config_weights_are_the_spec():
 
 # -- the stages' totals --------------------------------------------------------------
 class TinyDINO:
-    """Self-similarity of 8×8-pooled pixels: a frozen encoder numpy can recompute."""
+    """Self-similarity of 16×16-pooled pixels: a frozen encoder numpy can recompute."""
 
     def self_similarity(self, x):
         tokens = F.normalize(F.avg_pool2d(x, 16).flatten(2).transpose(1, 2), dim=-1)
@@ -179,7 +179,7 @@ def test_stage2_losses_are_the_gan_terms_r1_and_structure(step):
         (grad,) = torch.autograd.grad(D(real).sum(), real)
         r1 = grad.square().sum().item() / BATCH
         assert terms["r1"] == pytest.approx(r1, rel=1e-4)
-        assert steps[1][1] == pytest.approx(10.0 / 2 * r1 * 2, rel=1e-4)
+        assert steps[1][1] == pytest.approx(10.0 / 2 * r1 * 2, rel=1e-4)  # γ = 10, r1_every = 2
     with torch.no_grad():
         fake = G(faces, mixing=bool(torch.rand(()) < 0.5))
         g_gan = softplus(-stage.D(fake).numpy()).mean()  # D after all of its steps
@@ -194,8 +194,8 @@ def test_stage2_losses_are_the_gan_terms_r1_and_structure(step):
 def test_stage3_total_is_l1_to_the_reference_plus_four_feature_l1(encoder):
     """With no ready-made encoder the stage builds CLIP from its config (random_init here)."""
     encoders = {"clip": TinyCLIP()} if encoder == "tiny" else {}
-    stage = build_stage(TrainConfig(stage=3, **{**TINY, "style_dim": 512 if encoders == {} else STYLE_DIM}),
-                        encoders=encoders)
+    style_dim = STYLE_DIM if encoders else 512  # the mapper takes CLIP's 512-wide embeddings
+    stage = build_stage(TrainConfig(stage=3, **{**TINY, "style_dim": style_dim}), encoders=encoders)
     clip = stage.clip
     assert type(clip).__name__ == ("TinyCLIP" if encoders else "CLIPEncoder")
     faces = images(10)
@@ -207,7 +207,6 @@ def test_stage3_total_is_l1_to_the_reference_plus_four_feature_l1(encoder):
     l1, features, total = np_reconstruction(D, out, reference)
     assert name == "G" and loss == pytest.approx(total, rel=1e-5)
     assert terms == pytest.approx({"l1": l1, "d_feature": features, "total": total}, rel=1e-5)
-
 
 
 def test_stage2_builds_dino_from_its_config():
