@@ -82,6 +82,7 @@ setup(
     packages=["mmfs_fast", "mmfs_fast.ops", "mmfs_fast.models", "mmfs_fast.encoders", "mmfs_fast.train",
               "mmfs_fast.serve", "mmfs_fast.kernels"],
     package_dir={"mmfs_fast.kernels": "kernels"},
+    package_data={"mmfs_fast.serve": ["static/*"]},  # the web page at /
     install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
         "clip": ["open_clip_torch", "timm"],
@@ -92,7 +93,7 @@ setup(
         # the HTTP service (mmfs-fast serve) and its tests; ray: the Ray Serve deployment
         "serve": ["fastapi", "uvicorn", "python-multipart", "httpx"],
         "ray": ["fastapi", "uvicorn", "python-multipart", "ray[serve]"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "playwright"],  # playwright: with Debian's chromium
     },
     entry_points={"console_scripts": ["mmfs-fast=mmfs_fast.cli:main"]},
     ext_modules=ext_modules,
