@@ -6,6 +6,8 @@ The steps are Stage I's (its loss, optimiser step and averaging) on inputs given
 noise maps included, so that the one-process run sees exactly the ranks' samples."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -90,7 +92,13 @@ def trained_keys(start: dict, trained: dict) -> list[str]:
 
 def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path, whole_batch):
     start, single = whole_batch
-    mp.spawn(rank_main, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=RANKS)
+    ranks = mp.spawn(rank_main, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=RANKS, join=False)
+    deadline = time.monotonic() + 300
+    while not ranks.join(timeout=max(deadline - time.monotonic(), 0)):  # True once every rank exited cleanly
+        if time.monotonic() >= deadline:  # a collective that one rank never joins hangs: fail instead
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish within 300 s")
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(RANKS)]
     for averaged in (s["averaged"] for s in saved):
         assert averaged[0] is None
