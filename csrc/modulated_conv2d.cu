@@ -4,9 +4,7 @@
 // accumulation) and no (B, O, I, k, k) weight tensor is built. The kernels here are the
 // modulation before it and the demodulation after it, each one pass in fp32 with a single
 // rounding to the storage dtype.
-// Why cuDNN and not a kernel of ours: our CUDA-core implicit GEMM, fused modulation and all,
-// made the fp16 Engine's guided stylization 25.6 ms at batch 1 (703 ms at batch 32) on an
-// H200, this form 3.0 ms (67 ms); bench/results/h200-2026-11-26-fa6ee53.
+// Why cuDNN and not a kernel of ours: a fused implicit GEMM lost to it (bench/results/).
 #include "common.h"
 #include "ops.h"
 
@@ -17,10 +15,11 @@
 namespace mmfs_fast {
 namespace {
 
-constexpr float kDemodEps = 1e-8f;  // DEMOD_EPS of mmfs_fast/ops/modulated_conv2d.py
+constexpr float kDemodEps = 1e-8f;  // DEMOD_EPS of mmfs_fast/ops/_common.py
 constexpr int kWarp = 32;
 
-// demod[b, o] = rsqrt(sum_{i, t} (W[o, i, t] * styles[b, i])^2 + eps), one warp per (b, o).
+// demod[b, o] = rsqrt(sum_{i, t} (W[o, i, t] * styles[b, i])^2 + eps), one warp per (b, o):
+// mirrors mmfs_fast.ops._common.demodulation.
 __global__ void __launch_bounds__(kThreads)
     demod_kernel(const float* __restrict__ weight, const float* __restrict__ styles, float* __restrict__ demod,
                  int batch, int out_channels, int in_channels, int taps) {

@@ -17,13 +17,9 @@ import torch
 IMPLS = ("ref", "cuda", "triton")
 # "auto" order for CUDA tensors, fastest first: measured (bench/results/), not assumed.
 FASTEST_FIRST = ("cuda", "triton", "ref")
-# modulated_conv2d: cuDNN's grouped convolution (ref) beat both kernels on an H200 (512², the
-# fp16 Engine's guided stylization with the op, ref / triton / cuda: 4.0 / 7.0 / 25.6 ms at
-# batch 1, 105 / 189 / 703 ms at batch 32; fine-tuning, bf16 autocast, batch 8: 0.31 s/step
-# on cuda, 0.16 s on fp32 ref). The cuda op has since been rebuilt around one shared-weight
-# cuDNN convolution, the form that measured 3.0 / 67 ms there in the Engine; it moves up once
-# it is measured as an op (bench/test_bench_ops.py).
-FASTEST_FIRST_PER_OP = {"modulated_conv2d": ("ref", "triton", "cuda")}
+# modulated_conv2d: cuDNN's grouped convolution (ref) measured fastest (bench/results/); the cuda op
+# (one shared-weight cuDNN convolution between our scale kernels) moves up once measured as an op.
+FASTEST_FIRST_PER_OP = {"modulated_conv2d": ("ref", "cuda")}
 # what the kernels are built for; float64 (gradient checks) goes to ref under "auto"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
