@@ -281,15 +281,22 @@ def test_style_caches_hit_and_stay_bounded(clip_setup):
         engine.style_from_image(refs, keys=["a", "b"])
 
 
+def assert_error_within_twice(out, plain, ref):
+    """|out − ref| at most twice |plain − ref| in the mean, the 99.9th percentile and the
+    maximum: an error confined to a border or a few pixels shows in the last two."""
+    error, plain_error = (out.float() - ref).abs().flatten(), (plain.float() - ref).abs().flatten()
+    for stat in (torch.mean, lambda e: torch.quantile(e, 0.999), torch.max):
+        assert stat(error) <= 2 * stat(plain_error)
+
+
 @torch.no_grad()
 def test_bf16_error_within_twice_the_plain_model_cast_to_bf16(stylizer):
     x, w_plus = faces(4), torch.randn(4, 10, DIM)
     ref = stylizer(x, w_plus=w_plus, noise="zero")
-    plain_bf16 = make_stylizer().to(torch.bfloat16)
-    plain_err = (plain_bf16(x.bfloat16(), w_plus=w_plus.bfloat16(), noise="zero").float() - ref).abs().mean()
+    plain = make_stylizer().to(torch.bfloat16)(x.bfloat16(), w_plus=w_plus.bfloat16(), noise="zero")
     out = Engine(stylizer, device="cpu", precision="bf16").stylize(x, w_plus)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert (out - ref).abs().mean() <= 2 * plain_err
+    assert_error_within_twice(out, plain, ref)
 
 
 @torch.no_grad()
@@ -330,9 +337,16 @@ def test_cpu_engine_keeps_freed_memory_for_reuse(stylizer):
     assert mallinfo2().fordblks >= 64 << 20
 
 
-def test_warmup_and_memory_stats(stylizer):
+def test_warmup_runs_each_bucket_and_memory_stats(stylizer, monkeypatch):
     engine = Engine(stylizer, device="cpu", buckets=(1, 2))
+    runs, run = [], engine._run
+    monkeypatch.setattr(engine, "_run", lambda name, fn, *inputs: runs.append((name, len(inputs[0]))) or run(
+        name, fn, *inputs))
     engine.warmup()
+    assert runs == [("stylize", 1), ("stylize", 2)]
+    x, w_plus = faces(2), torch.randn(2, 10, DIM)
+    with torch.no_grad():
+        assert_images_close(engine.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
     stats = engine.memory_stats()
     assert stats["mode"] == "eager" and stats["buckets"] == (1, 2) and stats["graphs"] == []
     assert stats["text_cache"]["capacity"] == 256
@@ -354,11 +368,10 @@ def test_gpu_low_precision_error_within_twice_the_plain_cast(precision, fused, c
     stylizer = _gpu_stylizer()
     x, w_plus = faces(8).cuda(), torch.randn(8, 10, 512, device="cuda")
     ref = stylizer(x, w_plus=w_plus, noise="zero")
-    plain = make_stylizer(style_dim=512).cuda().to(dtype)
-    plain_err = (plain(x.to(dtype), w_plus=w_plus.to(dtype), noise="zero").float() - ref).abs().mean()
+    plain = make_stylizer(style_dim=512).cuda().to(dtype)(x.to(dtype), w_plus=w_plus.to(dtype), noise="zero")
     out = Engine(stylizer, precision=precision, fused_modconv=fused, channels_last=channels_last).stylize(x, w_plus)
     assert torch.isfinite(out).all()
-    assert (out - ref).abs().mean() <= 2 * plain_err
+    assert_error_within_twice(out, plain, ref)
 
 
 @pytest.mark.gpu

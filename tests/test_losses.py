@@ -29,8 +29,12 @@ def test_directional_clip_loss_matches_formula():
     expected = [1 - np.dot(unit(f) - unit(s), p) / (np.linalg.norm(unit(f) - unit(s)) * np.linalg.norm(p))
                 for f, s, p in zip(fake.numpy(), src.numpy(), per_sample.numpy())]
     assert directional_clip_loss(fake, src, per_sample).item() == pytest.approx(np.mean(expected), rel=1e-12)
-    # aligned with the prompt direction → 0
-    assert directional_clip_loss(src + 3 * prompt, src, prompt).item() < 1
+    # along the prompt direction (at any embedding scale) → 0; against it → 2
+    s, f = unit(src.numpy()), unit(fake.numpy())
+    aligned = torch.from_numpy(f - s)
+    assert directional_clip_loss(torch.from_numpy(2.5 * f), torch.from_numpy(0.7 * s), aligned).item() < 1e-12
+    opposed = directional_clip_loss(torch.from_numpy(s), torch.from_numpy(f), aligned)
+    assert opposed.item() == pytest.approx(2, rel=1e-12)
 
 
 def cosine_matrix(keys):

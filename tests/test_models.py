@@ -230,19 +230,46 @@ def test_bad_inputs_get_clear_errors():
         StylizerConfig(size=48)
 
 
-def test_clip_mapper_is_a_pre_norm_transformer_over_normalised_features():
+def layer_norm(sd, prefix, x):
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-5) * sd[prefix + ".weight"] + sd[prefix + ".bias"]
+
+
+def self_attention(sd, prefix, x, heads):
+    """Multi-head self-attention over the sequence axis of x (L, B, D)."""
+    length, batch, dim = x.shape
+    q, k, v = np.split(x @ sd[prefix + ".in_proj_weight"].T + sd[prefix + ".in_proj_bias"], 3, axis=-1)
+    split = lambda t: t.reshape(length, batch, heads, dim // heads).transpose(1, 2, 0, 3)  # noqa: E731 (B, H, L, d)
+    scores = split(q) @ split(k).transpose(0, 1, 3, 2) / math.sqrt(dim // heads)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    out = (weights @ split(v)).transpose(2, 0, 1, 3).reshape(length, batch, dim)
+    return out @ sd[prefix + ".out_proj.weight"].T + sd[prefix + ".out_proj.bias"]
+
+
+def manual_clip_mapper(sd, feats, n_layers=4, heads=8):
+    """SPEC §3: normalised embedding + position embedding, pre-norm transformer layers, leaky ReLU."""
+    x = (feats / np.linalg.norm(feats, axis=1, keepdims=True))[None] + sd["clip_mapper.position_embedding"][:, None]
+    for i in range(n_layers):
+        layer = f"clip_mapper.transformer.layers.{i}"
+        x = x + self_attention(sd, layer + ".self_attn", layer_norm(sd, layer + ".norm1", x), heads)
+        hidden = np.maximum(layer_norm(sd, layer + ".norm2", x) @ sd[layer + ".linear1.weight"].T
+                            + sd[layer + ".linear1.bias"], 0)
+        x = x + hidden @ sd[layer + ".linear2.weight"].T + sd[layer + ".linear2.bias"]
+    return np.where(x > 0, x, 0.2 * x).transpose(1, 0, 2)
+
+
+def test_clip_mapper_equals_independent_recomputation():
     model = tiny_stylizer()
-    mapper = model.clip_mapper.train(False)
+    with torch.no_grad():  # LayerNorms that are not the identity
+        for name, p in model.clip_mapper.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-0.5, 0.5)
     feats = torch.randn(3, 16, dtype=torch.float64)
-    x = (feats / feats.norm(dim=1, keepdim=True))[None] + mapper.position_embedding[:, None]
-    for layer in mapper.transformer.layers:
-        h = layer.norm1(x)
-        x = x + layer.self_attn(h, h, h, need_weights=False)[0]
-        x = x + layer.linear2(torch.relu(layer.linear1(layer.norm2(x))))
-    expected = torch.nn.functional.leaky_relu(x, 0.2).transpose(0, 1)
+    expected = manual_clip_mapper(np_state(model), feats.numpy())
     with torch.no_grad():
-        torch.testing.assert_close(model.map_clip(feats), expected.detach())
-        torch.testing.assert_close(model.map_clip(feats * 5), expected.detach())  # input is L2-normalised
+        np.testing.assert_allclose(model.map_clip(feats).numpy(), expected, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(model.map_clip(feats * 5).numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
 # -- official layouts ----------------------------------------------------------
@@ -355,21 +382,90 @@ def test_discriminator_minibatch_stddev_matches_definition():
     assert torch.equal(out[:, :3], x)
 
 
-def test_discriminator_features_and_logits():
-    d = Discriminator(size=128, base=2)
-    x = torch.randn(4, 3, 128, 128)
-    assert d(x).shape == (4, 1)
-    assert [f.shape[-1] for f in d(x, features=True)] == [64, 16, 8, 4]
+def np_discriminator_convs(sd, x, n_blocks):
+    """The outputs of convs[0], convs[1], …: ConvLayer(3, c, 1), then the ResBlocks."""
+    outs = [conv_layer(sd, "convs.0", x, 1)]
+    for i in range(1, n_blocks + 1):
+        outs.append(res_block(sd, f"convs.{i}", outs[-1]))
+    return outs
+
+
+def np_minibatch_stddev(x, group):
+    y = x.reshape(group, -1, *x.shape[1:])
+    std = np.sqrt(y.var(axis=0) + 1e-8).mean(axis=(1, 2, 3))  # per group slot
+    stat = np.tile(std, group)[:, None, None, None] * np.ones((1, 1, *x.shape[2:]))
+    return np.concatenate([x, stat], axis=1)
+
+
+def manual_discriminator(sd, x, n_blocks, group=4):
+    out = conv_layer(sd, "final_conv", np_minibatch_stddev(np_discriminator_convs(sd, x, n_blocks)[-1], group), 3)
+    hidden = equal_linear(sd, "final_linear.0", out.reshape(len(x), -1), activate=True)
+    return equal_linear(sd, "final_linear.1", hidden)
+
+
+def randomise_biases(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "noise.weight")):
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_discriminator_logits_equal_independent_recomputation():
+    torch.manual_seed(0)
+    d = randomise_biases(Discriminator(size=16, base=2).double())
+    x = torch.rand(8, 3, 16, 16, dtype=torch.float64) * 2 - 1  # two samples per stddev group slot
+    with torch.no_grad():
+        got = d(x).numpy()
+    np.testing.assert_allclose(got, manual_discriminator(np_state(d), x.numpy(), n_blocks=2), rtol=1e-9, atol=1e-12)
+    assert got.shape == (8, 1) and got.std() > 0
+
+
+def test_discriminator_features_are_the_spec_layers():
+    torch.manual_seed(1)
+    d = randomise_biases(Discriminator(size=128, base=1).double())
+    x = torch.rand(1, 3, 128, 128, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        feats = d(x, features=True)
+    outs = np_discriminator_convs(np_state(d), x.numpy(), n_blocks=5)
+    assert [f.shape[-1] for f in feats] == [64, 16, 8, 4]  # 256², 64², 32², 16² at 512²
+    for got, want in zip(feats, [outs[1], outs[3], outs[4], outs[5]]):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="feature mode needs size"):
         Discriminator(size=64, base=2)(torch.randn(1, 3, 64, 64), features=True)
 
 
-def test_generator_z_and_w_plus_paths_agree():
-    g = Generator(size=32, style_dim=16, n_mlp=2, base=2).double()
+def manual_generator(sd, w_plus, noises, n_blocks):
+    """rosinality's synthesis: constant input, conv1 and to_rgb1, then per resolution an
+    upsampling conv, a conv and a ToRGB; image unclamped."""
+    f = np.repeat(sd["input.input"], len(w_plus), axis=0)
+    f = styled_conv(sd, "conv1", f, w_plus[:, 0], noises[0])
+    rgb = to_rgb(sd, "to_rgb1", f, w_plus[:, 1])
+    for i in range(n_blocks):
+        f = styled_conv(sd, f"convs.{2 * i}", f, w_plus[:, 2 * i + 1], noises[2 * i + 1], up=2)
+        f = styled_conv(sd, f"convs.{2 * i + 1}", f, w_plus[:, 2 * i + 2], noises[2 * i + 2])
+        rgb = to_rgb(sd, f"to_rgbs.{i}", f, w_plus[:, 2 * i + 3], rgb)
+    return rgb
+
+
+def test_generator_equals_independent_recomputation_with_truncation():
+    torch.manual_seed(2)
+    g = randomise_biases(Generator(size=16, style_dim=16, n_mlp=2, base=2).double().eval())
+    sd = np_state(g)
     z = torch.randn(2, 16, dtype=torch.float64)
+    mean_w = torch.randn(1, 16, dtype=torch.float64)
+    w = z.numpy() / np.sqrt((z.numpy() ** 2).mean(1, keepdims=True) + 1e-8)
+    for i in range(1, 3):
+        w = equal_linear(sd, f"style.{i}", w, lr_mul=0.01, activate=True)
+    noises = [sd[f"noises.noise_{i}"] for i in range(len(g.noise_resolutions))]
     with torch.no_grad():
-        w = g.style(z)
-        a = g(z=z, noise="const")
-        b = g(w_plus=w[:, None].expand(-1, g.n_latent, -1), noise="const")
-    assert g.n_latent == 8 and a.shape == (2, 3, 32, 32)
-    torch.testing.assert_close(a, b)
+        for truncation in (1.0, 0.7):
+            got = g(z=z, noise="const", truncation=truncation, truncation_latent=mean_w).numpy()
+            w_t = mean_w.numpy() + truncation * (w - mean_w.numpy())
+            want = manual_generator(sd, np.repeat(w_t[:, None], g.n_latent, axis=1), noises, n_blocks=2)
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+        assert np.abs(want).max() > 1  # unclamped, unlike the Stylizer
+        w_plus = torch.randn(2, g.n_latent, 16, dtype=torch.float64)  # a distinct style per layer
+        np.testing.assert_allclose(g(w_plus=w_plus, noise="const").numpy(),
+                                   manual_generator(sd, w_plus.numpy(), noises, n_blocks=2), rtol=1e-9, atol=1e-12)
+    assert g.n_latent == 6

@@ -351,7 +351,7 @@ def test_timeout_504_with_env_token(ckpt):
         server.stop()
 
 
-def test_ray_serve_deployment(ckpt):
+def test_ray_serve_deployment(ckpt, reference):
     pytest.importorskip("ray.serve")
     from ray import serve
 
@@ -367,7 +367,9 @@ def test_ray_serve_deployment(ckpt):
         while httpx.get(f"{url}/readyz").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.5)
-        r = httpx.post(f"{url}/v1/stylize", files={"image": ("f.png", png(random_image(0)))}, data={"seed": "1"})
+        face = png(random_image(0))
+        r = httpx.post(f"{url}/v1/stylize", files={"image": ("f.png", face)}, data={"seed": "1"})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert_same_image(decode(r.content), expected(reference, face, reference.style_from_seed(1)))
     finally:
         serve.shutdown()

@@ -147,11 +147,14 @@ def test_stages_chain_into_a_loadable_stylizer(chain):
     model = Stylizer.from_checkpoint(out3 / "stylizer.safetensors")
     assert model.config.size == SIZE and model.clip_mapper is not None
     assert all(torch.equal(v, results[3]["G_ema_model"][k]) for k, v in model.state_dict().items())
-    x = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
-    out = model(x, clip_feats=ENCODERS["clip"].encode_image(x))
-    assert out.shape == x.shape and out.abs().max() <= 1
     official = Stylizer.from_checkpoint(out3 / "latest.pt")  # the official layout: G_ema_model, D_model
     assert all(torch.equal(v, results[3]["G_ema_model"][k]) for k, v in official.state_dict().items())
+    x = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    with torch.no_grad():  # the exported mapper turns CLIP embeddings into the styles it learnt
+        styles = model.map_clip(ENCODERS["clip"].encode_image(x))
+        out = model(x, clip_feats=ENCODERS["clip"].encode_image(x), noise="zero")
+    torch.testing.assert_close(out, model(x, w_plus=styles, noise="zero"), rtol=0, atol=0)
+    assert (styles[0] - styles[1]).abs().max() > 1e-3 and (out[0] - out[1]).abs().max() > 1e-3
     # stage III touches only the mapper: everything else is stage II's G_ema and D
     for k, v in results[2]["G_ema_model"].items():
         assert torch.equal(results[3]["G_ema_model"][k], v), k

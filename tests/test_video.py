@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from mmfs_fast import faces, video
 
@@ -168,9 +169,10 @@ def test_tracker_holds_a_missed_face_then_drops_it():
     assert len(tracker.update([quad + [150.0, 0.0]], 0.04)) == 2  # too far from the track: a new face
 
 
-def test_cli_video_subcommand(tmp_path, clip, monkeypatch):
+def test_cli_video_subcommand(tmp_path, clip, detector, monkeypatch):
     import argparse
 
+    from mmfs_fast.api import MMFS
     from mmfs_fast.commands import common
     from mmfs_fast.models import StylizerConfig
 
@@ -180,10 +182,28 @@ def test_cli_video_subcommand(tmp_path, clip, monkeypatch):
     parser = argparse.ArgumentParser()
     video.add_cli_parser(parser.add_subparsers())
     out = tmp_path / "styled.mp4"
-    args = parser.parse_args(["video", str(clip), str(out), "--random-init", "--device", "cpu", "--seed", "1"])
+    args = parser.parse_args(["video", str(clip), str(out), "--random-init", "--device", "cpu", "--seed", "1",
+                              "--noise", "zero"])
     assert args.func(args) == common.EXIT_OK
     frames, facts, audio = read_clip(out)
     assert len(frames) == FRAMES and facts["rate"] == FPS and len(audio) > 0
+    # the same pipeline with the plain Stylizer (the ref path) in the same style: the same video
+    # up to one 8-bit step before x264 encodes the two a little differently
+    mmfs = MMFS.load(None, random_init=True, config=StylizerConfig(size=64, ngf=4, style_dim=32), engine=False,
+                     impl="ref")
+    w_plus = mmfs.style(seed=1)
+
+    @torch.no_grad()
+    def plain(batch):
+        return mmfs.stylizer(batch, w_plus=w_plus.expand(len(batch), -1, -1), noise="zero")
+
+    video.stylize_video(clip, tmp_path / "reference.mp4", plain, size=64, detector=detector,
+                        tracker=video.QuadTracker(min_cutoff=0.5), progress=False)
+    want, source = read_clip(tmp_path / "reference.mp4")[0], read_clip(clip)[0]
+    face = [np.abs(w.astype(int) - s).max(-1) > 12 for w, s in zip(want, source)]  # where the style shows
+    assert sum(m.sum() for m in face) > 0.1 * FRAMES * SIDE * SIDE
+    error = np.concatenate([np.abs(g.astype(int) - w)[m] for g, w, m in zip(frames, want, face)])
+    assert error.mean() < 2 and np.percentile(error, 99) <= 8
 
     (tmp_path / "notes.mp4").write_text("not a video")
     for name, problem in [("missing.mp4", "No such file"), ("notes.mp4", "Invalid data")]:
