@@ -163,7 +163,7 @@ def build_graph(name: str, model: Stylizer, dtype: torch.dtype, clip=None, noise
 def _dynamic_shapes(module: nn.Module, inputs: list[TensorSpec]):
     """torch.export's dynamic_shapes: the batch axis of every input, one symbol for all."""
     batch = {0: torch.export.Dim("batch", min=1)}
-    if isinstance(module, StylizeGraph):  # forward(faces, w_plus, *noises)
+    if isinstance(module, StylizeGraph) and len(inputs) > 2:  # forward(faces, w_plus, *noises)
         return (batch, batch, (batch,) * (len(inputs) - 2))
     return (batch,) * len(inputs)
 
