@@ -92,6 +92,8 @@ setup(
         # the HTTP service (mmfs-fast serve) and its tests; ray: the Ray Serve deployment
         "serve": ["fastapi", "uvicorn", "python-multipart", "httpx"],
         "ray": ["fastapi", "uvicorn", "python-multipart", "ray[serve]"],
+        # mmfs-fast export --format onnx, and onnxruntime to run (and test) the files
+        "export": ["onnx", "onnxscript", "onnxruntime"],
         "dev": ["pytest", "pytest-benchmark", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["mmfs-fast=mmfs_fast.cli:main"]},
