@@ -31,6 +31,7 @@ import io
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -174,9 +175,12 @@ def _onnx_bytes(module: nn.Module, examples: tuple, inputs: list[TensorSpec], ou
                 dynamic_shapes, metadata: dict) -> bytes:
     import onnx
 
-    program = torch.onnx.export(module, examples, dynamo=True, opset_version=ONNX_OPSET, verbose=False,
-                                input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
-                                dynamic_shapes=dynamic_shapes)
+    with warnings.catch_warnings():
+        # every input's batch axis is the one symbol "batch": the exporter says it renames none of them
+        warnings.filterwarnings("ignore", message="# The axis name")
+        program = torch.onnx.export(module, examples, dynamo=True, opset_version=ONNX_OPSET, verbose=False,
+                                    input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
+                                    dynamic_shapes=dynamic_shapes)
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
     return proto.SerializeToString()

@@ -236,6 +236,19 @@ def test_style_graphs_need_a_clip_mapper(graph, ckpt_without_clip_mapper, tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.parametrize("options,message", [
+    ((), "no weights: pass --ckpt"),
+    (("--size", "128"), "the checkpoint is a 64² model, not --size 128"),
+    (("--what", "stylize", "nonsense"), "invalid choice: 'nonsense'"),
+    (("--batch-size", "0"), "batch_size must be a positive int"),
+], ids=["no-weights", "size-mismatch", "unknown-graph", "batch-size"])
+def test_bad_options_are_usage_errors(options, message, ckpt_without_clip_mapper, tmp_path, capsys):
+    weights = ("--ckpt", ckpt_without_clip_mapper) if options else ()
+    out = tmp_path / "out.onnx"
+    assert run_main("export", *weights, "--format", "onnx", "--out", out, *options) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 def read_only_folder(tmp_path: Path) -> Path:
     """A folder no file can be created in: mode 0555, or for root (whom modes do not stop) sysfs."""
     if os.geteuid() != 0:
