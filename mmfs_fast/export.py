@@ -32,6 +32,7 @@ import json
 import sys
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -204,7 +205,7 @@ def read_metadata(path) -> dict:
     if not path.is_file():
         raise ExportError(f"{path}: no such file")
     try:
-        if path.suffix == FORMATS["aoti"]:
+        if zipfile.is_zipfile(path):  # an AOTInductor package; an ONNX file is a protobuf message
             props = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), "model")
         else:
             import onnx

@@ -153,38 +153,48 @@ def test_float16_onnx_keeps_styles_and_demodulation_in_float32(models, tmp_path)
 # -- AOTInductor ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def aoti_package(models, tmp_path_factory):
-    stylizer, _, _ = models
-    out = tmp_path_factory.mktemp("aoti") / "stylize.pt2"
-    return export(stylizer, out, "aoti", "stylize", dynamic_batch=True)["stylize"]
+def aoti_packages(models, tmp_path_factory):
+    """graph → its package (dynamic batch), compiled on first use."""
+    stylizer, clip, _ = models
+    out, packages = tmp_path_factory.mktemp("aoti"), {}
+
+    def package(graph: str) -> Path:
+        if graph not in packages:
+            packages[graph] = export(stylizer, out / f"{graph}.pt2", "aoti", graph, clip=clip,
+                                     dynamic_batch=True)[graph]
+        return packages[graph]
+
+    return package
 
 
 @pytest.mark.slow
-def test_aoti_package_equals_the_engine_at_batch_1_and_3(aoti_package, models):
-    """The package's compile (Inductor + the C++ compiler) is the cost: about a minute on 2 cores."""
-    compiled = torch._inductor.aoti_load_package(str(aoti_package))
-    assert json.loads(compiled.get_metadata()["mmfs_fast"]) == read_metadata(aoti_package)
-    assert read_metadata(aoti_package)["format"] == "aoti"
+@pytest.mark.parametrize("graph", ["stylize", "style-image", "style-text", "random-style"])
+def test_aoti_package_equals_the_engine_at_batch_1_and_3(graph, aoti_packages, models):
+    """Each package's compile (Inductor, then the C++ compiler) is the cost: 20-40 s on 2 cores."""
+    path = aoti_packages(graph)
+    compiled = torch._inductor.aoti_load_package(str(path))
+    assert json.loads(compiled.get_metadata()["mmfs_fast"]) == read_metadata(path)
+    assert read_metadata(path)["format"] == "aoti" and read_metadata(path)["graph"] == graph
     for batch in (1, 3):
-        inputs, expected = case("stylize", batch, models)
+        inputs, expected = case(graph, batch, models)
         torch.testing.assert_close(compiled(*inputs.values()), expected, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which(os.environ.get("CXX", "g++")) is None,
                     reason="needs make and a C++ compiler")
-def test_cpp_example_runs_the_package(aoti_package, models, tmp_path):
+def test_cpp_example_runs_the_package(aoti_packages, models, tmp_path):
     """examples/aoti_cpp built against the libtorch inside pip's torch (about 30 s of compile)."""
     build = subprocess.run(["make", "-C", str(REPO / "examples" / "aoti_cpp"), f"PYTHON={sys.executable}",
                             f"BUILD_DIR={tmp_path}"], capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stderr[-3000:]
-    binary = tmp_path / "mmfs_aoti"
+    binary, package = tmp_path / "mmfs_aoti", aoti_packages("stylize")
     inputs, expected = case("stylize", 3, models)
     torch.save(list(inputs.values()), tmp_path / "inputs.pt")
-    run = subprocess.run([str(binary), str(aoti_package), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+    run = subprocess.run([str(binary), str(package), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout) == read_metadata(aoti_package)
+    assert json.loads(run.stdout) == read_metadata(package)
     (images,) = torch.load(tmp_path / "out.pt")
     torch.testing.assert_close(images, expected, atol=ATOL, rtol=RTOL)
     usage = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
