@@ -42,15 +42,15 @@ from torch import nn
 from mmfs_fast.encoders.clip import INPUT_SIZE as CLIP_INPUT_SIZE
 from mmfs_fast.encoders.clip import MEAN as CLIP_MEAN
 from mmfs_fast.encoders.clip import STD as CLIP_STD
-from mmfs_fast.engine import prepare_stylizer
 from mmfs_fast.models.checkpoint import atomic_write
-from mmfs_fast.models.layers import synthesize
-from mmfs_fast.models.stylizer import N_LATENT, N_UPSAMPLINGS, Stylizer
+from mmfs_fast.models.inference import prepare_stylizer
+from mmfs_fast.models.stylizer import N_LATENT, Stylizer
+from mmfs_fast.precision import PRECISIONS, precision_name
 
 GRAPHS = ("stylize", "style-image", "style-text", "random-style")
 CLIP_GRAPHS = ("style-image", "style-text")
 FORMATS = {"onnx": ".onnx", "aoti": ".pt2"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
+DTYPES = ("float32", "float16")  # of the stylize graph; bfloat16 convolutions are rare in ONNX runtimes
 ONNX_OPSET = 18
 METADATA_KEY = "mmfs_fast"  # ONNX metadata_props / AOTInductor package metadata: a JSON object
 # the extremes of (x - mean) / std over the channels for x in [0, 1]
@@ -90,29 +90,26 @@ class StylizeGraph(nn.Module):
         self.model, self.dtype = model, dtype
 
     def forward(self, faces: torch.Tensor, w_plus: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        blocks = [(getattr(m, f"decoder{i}a"), getattr(m, f"decoder{i}b"), getattr(m, f"to_rgb{i}"))
-                  for i in range(1, N_UPSAMPLINGS + 1)]
-        noises = [n.to(self.dtype) for n in noises] or [None] * len(m.noise_resolutions)
-        feats = m.encoder(faces.to(self.dtype))
-        return synthesize(m.decoder0, m.to_rgb0, blocks, feats, w_plus, noises).clamp(-1, 1).float()
+        feats = self.model.encoder(faces.to(self.dtype))
+        noises = [n.to(self.dtype) for n in noises] or None
+        return self.model.synthesize(feats, w_plus, noises).clamp(-1, 1).float()
 
 
 class StyleFromImageGraph(nn.Module):
-    """CLIP-normalised pixels → w+ (the Engine's reference-image style)."""
+    """CLIP-normalised pixels → w+ (the Engine's reference-image style). The text tower, unused,
+    stays out of the exported file (both exporters drop unused weights)."""
 
-    def __init__(self, visual: nn.Module, clip_mapper: nn.Module):
+    def __init__(self, clip_model: nn.Module, clip_mapper: nn.Module):
         super().__init__()
-        self.visual, self.clip_mapper = visual, clip_mapper
+        self.clip_model, self.clip_mapper = clip_model, clip_mapper
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.visual.parameters()).dtype
-        return self.clip_mapper(self.visual(pixels.to(dtype)).float())  # clip_mapper L2-normalises
+        pixels = pixels.to(next(self.clip_model.visual.parameters()).dtype)
+        return self.clip_mapper(self.clip_model.encode_image(pixels).float())  # clip_mapper L2-normalises
 
 
 class StyleFromTextGraph(nn.Module):
-    """CLIP token ids → w+ (the Engine's text style). The image tower, unused, stays out of the
-    exported file (both exporters drop unused weights)."""
+    """CLIP token ids → w+ (the Engine's text style), without the image tower."""
 
     def __init__(self, clip_model: nn.Module, clip_mapper: nn.Module):
         super().__init__()
@@ -153,7 +150,7 @@ def build_graph(name: str, model: Stylizer, dtype: torch.dtype, clip=None, noise
         pixels = TensorSpec("pixels", ("batch", 3, CLIP_INPUT_SIZE, CLIP_INPUT_SIZE), range=CLIP_PIXEL_RANGE,
                             about=f"reference image resized to {CLIP_INPUT_SIZE}², x in [0, 1], (x - mean) / std per "
                                   f"channel, mean {CLIP_MEAN}, std {CLIP_STD}")
-        return StyleFromImageGraph(clip.model.visual, model.clip_mapper), [pixels], [w_plus]
+        return StyleFromImageGraph(clip.model, model.clip_mapper), [pixels], [w_plus]
     if name == "style-text":
         vocab = clip.model.vocab_size
         context = clip.model.context_length
@@ -294,7 +291,7 @@ def export(stylizer: Stylizer, out, format: str = "onnx", what: str | Sequence[s
         check_writable(path)
 
     device = torch.device(device)
-    compute_dtype = DTYPES[dtype]
+    compute_dtype = PRECISIONS[precision_name(dtype)]
     model = prepare_stylizer(stylizer, compute_dtype, impl="ref").to(device)
     common = {"format": format, "mmfs_fast_version": _version(), "torch": torch.__version__,
               "model_config": dataclasses.asdict(stylizer.config), "device": device.type,
@@ -359,7 +356,7 @@ def add_cli_parser(subparsers):
                    help="the file for one graph; a folder for several (<graph>.onnx / <graph>.pt2 in it)")
     p.add_argument("--what", nargs="+", default=["stylize"], choices=[*GRAPHS, "all"], metavar="GRAPH",
                    help=f"graphs to export: {', '.join(GRAPHS)} or all (default stylize)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="compute precision of the stylize graph (float16 for GPUs; I/O stays float32)")
     p.add_argument("--size", type=int, help="model size of --random-init (default 512); with --ckpt, a check")
     p.add_argument("--batch-size", type=int, default=1, help="the fixed batch size (default 1)")
@@ -372,18 +369,20 @@ def add_cli_parser(subparsers):
 
 
 def _load_stylizer(args) -> Stylizer:
-    from mmfs_fast.cli import RANDOM_INIT_BANNER, UsageError, err
+    from mmfs_fast.commands.common import RANDOM_INIT_BANNER, UsageError, err
+    from mmfs_fast.loading import load_stylizer
     from mmfs_fast.models import CheckpointError, StylizerConfig
 
     if args.ckpt is None and not args.random_init:
         raise UsageError("no weights: pass --ckpt <MMFS checkpoint>, or --random-init to export a random model")
     if args.ckpt is not None and args.random_init:
         raise UsageError("give either --ckpt or --random-init, not both")
+    if args.random_init:
+        err(RANDOM_INIT_BANNER)
+        warnings.filterwarnings("ignore", message="mmfs_fast: RANDOM-INITIALISED")  # the banner said it
     try:
-        if args.random_init:
-            err(RANDOM_INIT_BANNER)
-            return Stylizer(StylizerConfig(size=args.size or 512)).eval()
-        stylizer = Stylizer.from_checkpoint(args.ckpt)
+        config = StylizerConfig(size=args.size or 512) if args.random_init else None
+        stylizer = load_stylizer(args.ckpt, device="cpu", random_init=args.random_init, config=config).eval()
     except (CheckpointError, ValueError, TypeError) as e:
         raise UsageError(str(e)) from e
     if args.size is not None and args.size != stylizer.config.size:
@@ -393,7 +392,7 @@ def _load_stylizer(args) -> Stylizer:
 
 def main(args) -> int:
     """Run ``mmfs-fast export``; bad options or inputs raise the CLI's UsageError (exit 2)."""
-    from mmfs_fast.cli import EXIT_OK, UsageError, err
+    from mmfs_fast.commands.common import EXIT_OK, UsageError, err
     from mmfs_fast.encoders import CLIPEncoder, EncoderWeightsError
 
     graphs = resolve_graphs(args.what)

@@ -353,7 +353,7 @@ def _load_models(args, device):
 
 def main(args) -> int:
     """Run ``mmfs-fast finetune``; bad options or inputs raise the CLI's UsageError (exit 2)."""
-    from mmfs_fast.cli import EXIT_OK, RANDOM_INIT_BANNER, UsageError, err, expand_inputs
+    from mmfs_fast.commands.common import EXIT_OK, RANDOM_INIT_BANNER, UsageError, err, expand_inputs
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.random_init:

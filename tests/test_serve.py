@@ -177,6 +177,35 @@ def test_formats_and_styles(main_server, reference):
         assert_same_image(decode(got.content), expected(reference, face, ref_w))
 
 
+def test_photo_align_and_paste_back(main_server, reference):
+    """align: dlib finds the faces of a photo; against the faces module + the plain Stylizer here."""
+    faces = pytest.importorskip("mmfs_fast.faces")
+    skimage_data = pytest.importorskip("skimage.data")
+    photo = np.asarray(Image.fromarray(skimage_data.astronaut()).resize((200, 200), Image.LANCZOS))  # 40000 px
+    found = faces.FaceDetector()(photo)
+    assert len(found) == 1
+    quads = [face.quad for face in found]
+    with torch.no_grad():
+        crops = reference.render(faces.align(photo, quads, SIZE), reference.style_from_seed(5), noise="zero")
+    client = main_server.client(TOKEN)
+    r = client.post("/v1/stylize", files={"image": ("p.png", png(Image.fromarray(photo)))},
+                    data={"seed": "5", "align": "true"})
+    assert r.status_code == 200 and r.headers["X-Faces"] == "1"
+    assert_same_image(decode(r.content), np.asarray(mio.to_pil(crops[0]), dtype=np.int16))
+    assert float(r.headers["Server-Timing"].removeprefix("render;dur=")) > 0
+    r = client.post("/v1/stylize", json={"image": base64.b64encode(png(Image.fromarray(photo))).decode(),
+                                         "seed": 5, "align": True, "paste_back": True})
+    assert r.status_code == 200
+    assert_same_image(decode(r.content), faces.paste_back(photo, crops, quads).astype(np.int16))
+
+    no_face = {"image": ("f.png", png(random_image(0, 150)))}
+    for data, status, words in (({"seed": "1", "align": "true"}, 422, "no face found"),
+                                ({"seed": "1", "paste_back": "true"}, 422, "needs align"),
+                                ({"seed": "1", "align": "maybe"}, 422, "align")):
+        r = client.post("/v1/stylize", files={**no_face, **{name: (None, v) for name, v in data.items()}})
+        assert r.status_code == status and words in r.json()["error"], r.text
+
+
 def tiff() -> bytes:
     return png(random_image(3), "TIFF")
 

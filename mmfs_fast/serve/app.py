@@ -1,9 +1,10 @@
 """The FastAPI app over :class:`mmfs_fast.engine.Engine`.
 
 Requests go through the engine's micro-batcher (``Engine.submit``), so simultaneous
-requests share runs. At most ``max_queue`` stylizations are admitted at once; more get
-503 with Retry-After. Every refusal is a JSON ``{"error": message}`` with a 4xx status
-(5xx only for the server's own failures: 503 busy/not ready, 504 timeout, 500 bug).
+requests (and the faces of one photo) share runs. At most ``max_queue`` stylizations are
+admitted at once; more get 503 with Retry-After. Every refusal is a JSON
+``{"error": message}`` with a 4xx status (5xx only for the server's own failures: 503
+busy/not ready, 504 timeout, 500 bug). The web page at / (static/) calls these endpoints.
 """
 from __future__ import annotations
 
@@ -18,18 +19,22 @@ import time
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mmfs_fast import io
+from mmfs_fast import faces, io
 from mmfs_fast.encoders.clip import INPUT_SIZE as CLIP_INPUT_SIZE
 from mmfs_fast.engine import Engine, LRUCache
 from mmfs_fast.serve import metrics
@@ -41,6 +46,12 @@ MAX_TEXT_CHARS = 1000
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+MAX_FACES = 16  # per photo with align
+STATIC_DIR = Path(__file__).parent / "static"
+# the page loads only its own files and talks only to this service; no framing (clickjacking)
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+                                           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,10 @@ class StylizeFields(_Fields):
     text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="text prompt style (needs CLIP)")
     style_id: str | None = Field(None, max_length=64, description="a style registered with POST /v1/styles")
     noise: Literal["zero", "random"] = Field("zero", description="zero: deterministic output")
+    align: bool = Field(False, description="image is a photo: find every face (dlib), align and stylize each "
+                                           "(needs the faces extra on the server)")
+    paste_back: bool = Field(False, description="with align: the photo with the stylized faces pasted in "
+                                                "(without: the stylized faces side by side, left to right)")
     format: Literal["png", "jpeg", "json"] = Field("png", description="json: {image: base64 PNG, ...}")
 
 
@@ -111,6 +126,8 @@ class Service:
         self.engine, self.settings = engine, settings
         self.styles = LRUCache(settings.max_styles)
         self.ready = threading.Event()
+        self._detector: faces.FaceDetector | None = None
+        self._detector_lock = threading.Lock()
         self.warmup_error: str | None = None
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -147,6 +164,44 @@ class Service:
     def load_face(self, data: bytes) -> torch.Tensor:
         return io.pil_to_tensor(decode_image(data, "image", self.settings.max_pixels), self.engine.config.size)
 
+    def load_photo(self, data: bytes) -> tuple[np.ndarray, list[faces.Face], torch.Tensor]:
+        """The photo (H, W, 3) uint8, its faces and their aligned crops (N, 3, S, S)."""
+        photo = faces.as_rgb_array(decode_image(data, "image", self.settings.max_pixels))
+        with self._detector_lock:  # one dlib detector, created on first use, used by one thread at a time
+            if self._detector is None:
+                try:
+                    self._detector = faces.FaceDetector()
+                except faces.FacesUnavailable as e:
+                    raise RequestError(400, f"align: not available on this server ({e})") from None
+            found = self._detector(photo)
+        if not found:
+            raise RequestError(422, "image: no face found (the detector finds frontal faces of about 40 px "
+                                    "and more; send an aligned face without align)")
+        if len(found) > MAX_FACES:
+            raise RequestError(422, f"image: {len(found)} faces found, at most {MAX_FACES} per photo")
+        return photo, found, faces.align(photo, [f.quad for f in found], self.engine.config.size)
+
+    def submit(self, crops: torch.Tensor, style, noise: str, style_key=None) -> Future:
+        """One Future of the (N, 3, S, S) stylized crops: each crop is its own engine request,
+        so they share micro-batches."""
+        parts = [self.engine.submit(crop, style, noise, style_key) for crop in crops]
+        combined: Future = Future()
+        pending, lock = [len(parts)], threading.Lock()
+
+        def part_done(_part: Future) -> None:
+            with lock:
+                pending[0] -= 1
+                if pending[0]:
+                    return
+            try:
+                combined.set_result(torch.stack([part.result().float().cpu() for part in parts]))
+            except BaseException as e:
+                combined.set_exception(e)
+
+        for part in parts:
+            part.add_done_callback(part_done)
+        return combined
+
     def registered(self, style_id: str) -> torch.Tensor:
         w_plus = self.styles.get(style_id)
         if w_plus is None:
@@ -161,8 +216,7 @@ class Service:
         except (ValueError, TypeError) as e:  # the engine's input checks
             raise RequestError(400, str(e)) from None
 
-    def encode(self, image: torch.Tensor, fmt: str) -> Response:
-        pil = io.to_pil(image)
+    def encode(self, pil: Image.Image, fmt: str, headers: dict[str, str]) -> Response:
         buffer = _bytes_io.BytesIO()
         if fmt == "jpeg":
             pil.save(buffer, format="JPEG", quality=self.settings.jpeg_quality)
@@ -170,8 +224,9 @@ class Service:
             pil.save(buffer, format="PNG")
         if fmt == "json":
             return JSONResponse({"image": base64.b64encode(buffer.getvalue()).decode("ascii"),
-                                 "media_type": "image/png", "width": pil.width, "height": pil.height})
-        return Response(buffer.getvalue(), media_type=MEDIA_TYPES[fmt])
+                                 "media_type": "image/png", "width": pil.width, "height": pil.height},
+                                headers=headers)
+        return Response(buffer.getvalue(), media_type=MEDIA_TYPES[fmt], headers=headers)
 
     def render_metrics(self) -> str:
         queue = self.engine.queue_stats()
@@ -327,7 +382,16 @@ def _service(request: Request) -> Service:
 
 def _add_routes(app: FastAPI, auth) -> None:
     image_responses = {200: {"content": {"image/png": {}, "image/jpeg": {}, "application/json": {}},
-                             "description": "the stylized face at the model's resolution"}}
+                             "description": "the stylized face at the model's resolution (with align: the "
+                                            "faces side by side, or the photo with paste_back); header "
+                                            "Server-Timing: render;dur=<ms>, with align X-Faces: <count>"}}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        """The web page (static/): it calls the endpoints below, with the same auth."""
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/healthz", tags=["ops"], summary="liveness: the process serves requests")
     async def healthz():
@@ -348,7 +412,7 @@ def _add_routes(app: FastAPI, auth) -> None:
 
     @app.post("/v1/stylize", tags=["stylize"], dependencies=[auth], responses=image_responses,
               summary="stylize a face with a seed, text, reference image or registered style",
-              openapi_extra=_body_docs(StylizeFields, {"image": "the face (aligned crop)",
+              openapi_extra=_body_docs(StylizeFields, {"image": "the face (aligned crop), or a photo with align",
                                                        "reference": "reference image style (needs CLIP)"},
                                        ["image"]))
     async def stylize(request: Request):
@@ -363,17 +427,34 @@ def _add_routes(app: FastAPI, auth) -> None:
         if len(sources) != 1:
             raise RequestError(422, "give exactly one style: seed, text, style_id or reference"
                                + (f" (got {', '.join(sources)})" if sources else ""))
+        if options.paste_back and not options.align:
+            raise RequestError(422, "paste_back: needs align (it pastes the faces found in a photo back)")
         service.admit()
+        photo = found = None
         try:
-            face = await run_in_threadpool(service.load_face, files["image"])
+            if options.align:
+                photo, found, crops = await run_in_threadpool(service.load_photo, files["image"])
+            else:
+                crops = (await run_in_threadpool(service.load_face, files["image"]))[None]
             style = await _style(service, options, files)
-            future = service.engine.submit(face, style, options.noise)
+            # a reference is cached by its upload's bytes, hashed here on the host
+            style_key = style_id_of("ref", files["reference"]) if "reference" in files else None
+            start = time.perf_counter()
+            future = service.submit(crops, style, options.noise, style_key)
         except BaseException:
             service.release()
             raise
         future.add_done_callback(service.release)
-        image = await service.result(future)
-        return await run_in_threadpool(service.encode, image, options.format)
+        stylized = await service.result(future)
+        # the page shows this as the time per image (queueing in the micro-batcher included)
+        headers = {"Server-Timing": f"render;dur={(time.perf_counter() - start) * 1000:.1f}"}
+        if found is not None:
+            headers["X-Faces"] = str(len(found))
+
+        def respond() -> Response:
+            return service.encode(_picture(stylized, photo, found, options.paste_back), options.format, headers)
+
+        return await run_in_threadpool(respond)
 
     @app.post("/v1/styles", tags=["stylize"], dependencies=[auth], status_code=201,
               summary="register a text or reference-image style; its w+ is computed once and cached",
@@ -400,6 +481,16 @@ def _add_routes(app: FastAPI, auth) -> None:
                 service.release()
         return JSONResponse({"style_id": style_id, "kind": "text" if text is not None else "reference"},
                             status_code=201)
+
+
+def _picture(stylized: torch.Tensor, photo: np.ndarray | None, found: list[faces.Face] | None,
+             paste_back: bool) -> Image.Image:
+    """The response image: the one stylized face; or of a photo, the faces side by side or pasted back."""
+    if photo is None:
+        return io.to_pil(stylized[0])
+    if paste_back:
+        return Image.fromarray(faces.paste_back(photo, stylized, [face.quad for face in found]))
+    return io.to_pil(torch.cat(list(stylized), dim=-1))
 
 
 async def _style(service: Service, options: StylizeFields, files: dict[str, bytes]):
