@@ -26,6 +26,7 @@ OPTIONAL_SUBCOMMANDS = {
     "train": ("mmfs_fast.train.cli", "train MMFS stage I, II or III (torchrun for several GPUs)", "train"),
     "serve": ("mmfs_fast.serve", "HTTP stylization service (FastAPI on uvicorn; needs the 'serve' extra)",
               "serve"),
+    "export": ("mmfs_fast.export", "export to ONNX or an AOTInductor package, for use outside Python", "export"),
 }
 
 
