@@ -80,7 +80,7 @@ setup(
     description="Fast PyTorch engine for MMFS face stylization (CUDA + Triton kernels, fp16, CUDA graphs)",
     python_requires=">=3.10",
     packages=["mmfs_fast", "mmfs_fast.ops", "mmfs_fast.models", "mmfs_fast.encoders", "mmfs_fast.train",
-              "mmfs_fast.serve", "mmfs_fast.kernels"],
+              "mmfs_fast.serve", "mmfs_fast.kernels", "mmfs_fast.evaluation"],
     package_dir={"mmfs_fast.kernels": "kernels"},
     package_data={"mmfs_fast.serve": ["static/*"]},  # the web page at /
     install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],

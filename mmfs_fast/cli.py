@@ -27,6 +27,7 @@ OPTIONAL_SUBCOMMANDS = {
     "train": ("mmfs_fast.train.cli", "train MMFS stage I, II or III (torchrun for several GPUs)", "train"),
     "serve": ("mmfs_fast.serve", "HTTP stylization service (FastAPI on uvicorn; needs the 'serve' extra)",
               "serve"),
+    "eval": ("mmfs_fast.evaluation", "quality metrics: FID, ArcFace distance, LPIPS diversity, CLIP scores", "clip"),
 }
 
 RANDOM_INIT_BANNER = """\
