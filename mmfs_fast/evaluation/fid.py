@@ -17,7 +17,6 @@ from torch import nn
 
 from mmfs_fast.evaluation.weights import load_into, load_state_dict
 
-FEATURE_DIM = 2048
 INPUT_SIZE = 299
 HOW_TO_GET = ("Use pytorch-fid's FID Inception weights pt_inception-2015-12-05-6726825d.pth "
               "(https://github.com/mseitzer/pytorch-fid/releases, asset of the 'fid_weights' release; "
@@ -172,15 +171,23 @@ class FIDInception(nn.Module):
 
 
 class GaussianStats:
-    """Mean and covariance of features streamed in batches, accumulated in float64."""
+    """Mean and covariance of features streamed in batches, accumulated in float64. The
+    width is the first batch's unless given."""
 
-    def __init__(self, dim: int = FEATURE_DIM):
+    def __init__(self, dim: int | None = None):
         self.count = 0
+        self.total = self.outer = None
+        if dim is not None:
+            self._start(dim)
+
+    def _start(self, dim: int) -> None:
         self.total = np.zeros(dim, np.float64)
         self.outer = np.zeros((dim, dim), np.float64)
 
     def update(self, features) -> None:
         f = np.asarray(features, dtype=np.float64)
+        if self.total is None and f.ndim == 2:
+            self._start(f.shape[1])
         if f.ndim != 2 or f.shape[1] != self.total.shape[0]:
             raise ValueError(f"features must have shape (N, {self.total.shape[0]}), got {f.shape}")
         self.count += f.shape[0]
