@@ -253,6 +253,52 @@ def test_the_fid_of_the_run_is_the_fid_of_the_rendered_samples(tmp_path, small_m
     assert report["runs"][0]["metrics"]["fid"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
+class StandInCLIP:
+    """CLIP's interface, cheap: image features are a fixed projection of the mean colour."""
+
+    def __init__(self):
+        self.proj = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
+
+    def encode_text(self, texts):
+        return F.normalize(torch.stack([torch.randn(512, generator=torch.Generator().manual_seed(len(t)))
+                                        for t in texts]), dim=-1)
+
+    def encode_image(self, x):
+        return F.normalize(x.float().mean(dim=(2, 3)) @ self.proj, dim=-1)
+
+    def encode_pil(self, images):
+        from mmfs_fast.io import load_image
+
+        return self.encode_image(torch.stack([load_image(i, 16) for i in images]))
+
+
+def test_clip_scores_of_text_and_reference_styles(tmp_path):
+    from mmfs_fast.evaluation.runner import DRAW_CLIP, quantize, render_samples
+
+    torch.manual_seed(0)
+    mmfs = MMFS(Stylizer(StylizerConfig(size=32, ngf=4, style_dim=512, n_mlp=2)), StandInCLIP())
+    faces = save_faces(tmp_path / "faces", 2, size=32)
+    ref = save_faces(tmp_path / "ref", 1, size=32, seed=3) / "face0.png"
+    arc = randomize(IResNet((1, 1, 1, 1), (8, 8, 8, 8), 16), seed=2)
+    report = evaluate(mmfs, faces, networks=MetricNetworks(arcface=arc), samples=2, seed=4, progress=False,
+                      styles=[{"text": "pop art"}, {"ref": str(ref)}], style_samples=3, batch_size=2,
+                      cache_dir=tmp_path / "cache")
+    text, image = report["runs"][0]["metrics"]["styles"]
+    assert text["text"] == "pop art" and image["ref"] == str(ref) and text["clip_score"]["count"] == 3
+    files = sorted(faces.glob("*.png"))
+    from mmfs_fast.io import load_image
+
+    with torch.no_grad():
+        x = torch.stack([load_image(files[i % 2], 32) for i in range(3)])
+        for style, entry in ((dict(text="pop art"), text), (dict(ref=str(ref)), image)):
+            shown = quantize(render_samples(mmfs, x, range(3), 4, DRAW_CLIP, mmfs.style(**style)))
+            target = mmfs.clip.encode_text(["pop art"]) if "text" in style else mmfs.clip.encode_pil([ref])
+            want = (F.normalize(shown.mean(dim=(2, 3)) @ mmfs.clip.proj, dim=-1) * target).sum(1)
+            assert entry["clip_score"]["mean"] == pytest.approx(want.mean().item(), abs=1e-6)
+            assert entry["arcface_distance"]["mean"] == pytest.approx(
+                identity_distance(arc, x, shown).mean().item(), abs=1e-6)
+
+
 # -- the command -------------------------------------------------------------------
 def test_eval_command_compare_writes_the_report_and_gates(tmp_path):
     faces = save_faces(tmp_path / "faces", 2)

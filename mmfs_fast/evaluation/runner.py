@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 import mmfs_fast
 from mmfs_fast import io
-from mmfs_fast.evaluation import arcface, clip_score, fid
+from mmfs_fast.evaluation import arcface, fid
+from mmfs_fast.evaluation.clip_score import clip_score, clip_target
 from mmfs_fast.evaluation.lpips import LPIPS
 from mmfs_fast.evaluation.report import atomic_write
 from mmfs_fast.evaluation.weights import sha256
@@ -203,7 +204,7 @@ def style_scores(mmfs, files, nets: MetricNetworks, styles: list[dict], count: i
     stylized faces and the prompt in CLIP space) and the ArcFace distance, over ``count`` faces."""
     results = []
     for style in styles:
-        target = clip_score.clip_target(mmfs.clip, **style)
+        target = clip_target(mmfs.clip, **style)
         w_plus = mmfs.style(**style)
         scores, identity = [], []
         desc = f"style {style.get('text') or Path(style['ref']).name}"
@@ -212,7 +213,7 @@ def style_scores(mmfs, files, nets: MetricNetworks, styles: list[dict], count: i
                 indices = list(range(first, min(first + batch_size, count)))
                 faces = _load_faces(files, indices, mmfs.size, mmfs.device)
                 shown = quantize(render_samples(mmfs, faces, indices, seed, DRAW_CLIP, w_plus))
-                scores.append(clip_score.clip_score(mmfs.clip, shown.to(mmfs.clip.device), target).cpu().numpy())
+                scores.append(clip_score(mmfs.clip, shown, target).cpu().numpy())
                 if nets.arcface is not None:
                     identity.append(arcface.identity_distance(nets.arcface, faces, shown).cpu().numpy())
                 bar.update(len(indices))
