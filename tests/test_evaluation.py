@@ -21,14 +21,23 @@ SMALL = StylizerConfig(size=64, ngf=4, style_dim=32, n_mlp=2, clip_mapper=False)
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere, batch-norm statistics included (positive variances)."""
+    """Random weights everywhere, batch-norm statistics included, scaled so that the signal
+    neither dies nor explodes through deep stacks (a constant output would hide bugs)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, value in module.state_dict().items():
-            if value.is_floating_point():
-                noise = torch.rand(value.shape, generator=g) + 0.5 if "running_var" in key else \
-                    torch.randn(value.shape, generator=g) * 0.1
-                value.copy_(noise)
+            if not value.is_floating_point():
+                continue
+            noise = torch.randn(value.shape, generator=g)
+            if "running_var" in key:
+                noise = torch.rand(value.shape, generator=g) + 0.5
+            elif value.ndim >= 2:  # conv / linear weights: He's variance 2 / fan-in (ReLUs halve it)
+                noise = noise * (2 / value[0].numel()) ** 0.5
+            elif key.endswith("weight"):  # batch-norm and PReLU scales around 1
+                noise = 1 + 0.1 * noise
+            else:
+                noise = 0.1 * noise
+            value.copy_(noise)
     return module.eval()
 
 
@@ -93,7 +102,8 @@ def test_fid_inception_equals_pytorch_fid_blocks(inception, tmp_path):
     ref.eval()
     torch.save(ref.state_dict(), tmp_path / "pt_inception.pth")
     inception = FIDInception.from_file(tmp_path / "pt_inception.pth")
-    x = torch.rand(1, 3, 48, 48)
+    ramp = torch.linspace(0, 1, 48)
+    x = torch.stack([torch.rand(3, 48, 48), torch.stack([ramp.outer(ramp), ramp.expand(48, 48), 1 - ramp.outer(ramp)])])
     with torch.no_grad():
         y = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
         for name in ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
@@ -102,7 +112,7 @@ def test_fid_inception_equals_pytorch_fid_blocks(inception, tmp_path):
             y = getattr(ref, name)(y)
         expected = y.mean(dim=(2, 3))
         got = inception(x)
-    assert got.shape == (1, 2048)
+    assert got.shape == (2, 2048) and (got[0] - got[1]).abs().max() > 1e-2 * got.abs().max()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -153,6 +163,7 @@ def test_iresnet_loads_arcface_torch_layouts_and_distance_is_one_minus_cosine(tm
         ea, eb = net(crop_ffhq_face(faces)), net(crop_ffhq_face(stylized))
         expected = 1 - F.cosine_similarity(ea, eb, dim=1)
         torch.testing.assert_close(identity_distance(loaded, faces, stylized), expected, rtol=1e-5, atol=1e-6)
+        assert expected.min() > 1e-3  # the random network tells the images apart
         assert identity_distance(loaded, faces, faces).abs().max() < 1e-6
     # the crop: rows 35..223, columns 32..220 of a 256² face
     x = torch.zeros(1, 3, 256, 256)
@@ -202,26 +213,38 @@ def linear_features() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(8), torch.nn.Flatten(), torch.nn.Linear(3 * 64, 24))
 
 
-def test_evaluate_end_to_end_is_deterministic_and_resumes(tmp_path, small_model):
+def test_evaluate_end_to_end_is_deterministic_and_resumes(tmp_path, small_model, monkeypatch):
+    from mmfs_fast.evaluation import runner
+
     faces, real = save_faces(tmp_path / "faces", 2), save_faces(tmp_path / "real", 3, seed=1)
     nets = MetricNetworks(inception=linear_features(), lpips=positive_heads(randomize(LPIPS("alex"), seed=6)),
                           arcface=randomize(IResNet((1, 1, 1, 1), (8, 8, 8, 8), 16), seed=7))
     kwargs = dict(faces=faces, real=real, networks=nets, samples=3, seed=5, batch_size=2, progress=False)
+    monkeypatch.setattr(runner, "CHUNK", 2)
     report = evaluate(small_model, cache_dir=tmp_path / "cache", **kwargs)
     metrics = report["runs"][0]["metrics"]
     assert report["samples"] == 3 and report["real"]["count"] == 3 and report["faces"]["count"] == 2
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0
     assert metrics["arcface_distance"]["count"] == 3 and metrics["lpips_diversity"]["count"] == 3
     assert 0 < metrics["lpips_diversity"]["mean"]  # two random styles of a face differ
-    assert report["runs"][0]["model"]["precision"] == "fp32"
-    # the cache: reference statistics and one chunk, reused by a second run (same numbers, no recomputation)
-    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.npz"))
-    assert len(cached) == 2 and cached[0].startswith("0000")
-    again = evaluate(small_model, cache_dir=tmp_path / "cache", **{**kwargs, "networks": MetricNetworks(
-        inception=None, arcface=nets.arcface, lpips=nets.lpips)}, )
-    fresh = evaluate(small_model, cache_dir=tmp_path / "fresh", **kwargs)
-    assert fresh["runs"][0]["metrics"] == metrics  # same seed, new cache: the same numbers
-    assert again["runs"][0]["metrics"]["arcface_distance"] == metrics["arcface_distance"]
+    assert 0 < metrics["arcface_distance"]["min"]
+    assert {k: report["runs"][0]["model"][k] for k in ("precision", "impl")} == {"precision": "fp32", "impl": "auto"}
+    # the cache: the reference statistics and two chunks of samples; an interrupted run (the last
+    # chunk missing) recomputes only that chunk and gives the same numbers
+    assert len(list((tmp_path / "cache").glob("real-*.npz"))) == 1
+    chunks = sorted((tmp_path / "cache").glob("samples-*/*.npz"))
+    assert [c.name for c in chunks] == ["00000000-00000002.npz", "00000002-00000003.npz"]
+    chunks[1].unlink()
+    rendered, render = [], runner.render_samples
+    monkeypatch.setattr(runner, "render_samples", lambda m, f, idx, *a: rendered.append(list(idx)) or render(m, f, idx, *a))
+    assert evaluate(small_model, cache_dir=tmp_path / "cache", **kwargs)["runs"][0]["metrics"] == metrics
+    assert rendered == [[2], [2]]  # sample 2's two stylizations, nothing else
+    monkeypatch.setattr(runner, "render_samples", render)
+    # the same seed in a new cache (and another batch size): the same numbers; another seed: others
+    fresh = evaluate(small_model, cache_dir=tmp_path / "fresh", **{**kwargs, "batch_size": 3})
+    assert fresh["runs"][0]["metrics"]["fid"] == pytest.approx(metrics["fid"], rel=1e-5)
+    assert fresh["runs"][0]["metrics"]["arcface_distance"]["mean"] == pytest.approx(
+        metrics["arcface_distance"]["mean"], rel=1e-5)
     other = evaluate(small_model, cache_dir=tmp_path / "cache", **{**kwargs, "seed": 6})
     assert other["runs"][0]["metrics"]["lpips_diversity"] != metrics["lpips_diversity"]
     write_report(report, tmp_path / "r" / "report.json")

@@ -122,8 +122,7 @@ def main(args) -> int:
                                      impl=variant["impl"], random_init=args.random_init)
         except (CheckpointError, EncoderWeightsError, ValueError, RuntimeError, TypeError) as e:
             raise UsageError(f"{name}: {e}" if args.compare else str(e)) from e
-        info[name] = {"ckpt": args.ckpt, "ckpt_sha256": ckpt_hash, "impl": variant["impl"],
-                      "random_init": args.random_init}
+        info[name] = {"ckpt": args.ckpt, "ckpt_sha256": ckpt_hash, "random_init": args.random_init}
         if args.clip_weights:
             info[name]["clip_weights"] = {"path": args.clip_weights, "sha256": sha256(args.clip_weights)}
 

@@ -145,9 +145,9 @@ def _measure_chunk(models: dict, files, nets: MetricNetworks, start: int, end: i
     names = list(models)
     for first in range(start, end, batch_size):
         indices = list(range(first, min(first + batch_size, end)))
-        images = {}
+        images, loaded = {}, _load_faces(files, indices, next(iter(models.values())).size, "cpu")
         for j, (name, mmfs) in enumerate(models.items()):
-            faces = _load_faces(files, indices, mmfs.size, mmfs.device)
+            faces = loaded.to(mmfs.device)
             raw = render_samples(mmfs, faces, indices, seed, DRAW_MAIN)
             images[name] = raw
             shown = quantize(raw)
@@ -227,9 +227,10 @@ def style_scores(mmfs, files, nets: MetricNetworks, styles: list[dict], count: i
 # -- the whole run ------------------------------------------------------------
 def _model_facts(mmfs) -> dict:
     engine = mmfs.engine
+    impls = sorted({m.impl for m in mmfs.stylizer.modules() if hasattr(m, "impl")})
     return {"precision": engine.precision if engine is not None else str(mmfs.dtype).removeprefix("torch."),
-            "engine": engine is not None, "device": str(mmfs.device), "size": mmfs.size,
-            "config": str(mmfs.config)}
+            "impl": impls[0] if len(impls) == 1 else impls, "engine": engine is not None,
+            "device": str(mmfs.device), "size": mmfs.size, "config": str(mmfs.config)}
 
 
 def evaluate(models, faces, real=None, networks: MetricNetworks | None = None, samples: int = 10000,
@@ -257,6 +258,8 @@ def evaluate(models, faces, real=None, networks: MetricNetworks | None = None, s
         raise ValueError("FID needs the real style images: real=<folder or .npz of statistics>")
     files = list_images(faces) if isinstance(faces, (str, Path)) else [Path(f) for f in faces]
     diversity_samples = samples if diversity_samples is None else min(diversity_samples, samples)
+    if len({(m.size, str(m.device)) for m in models.values()}) != 1:
+        raise ValueError("models compared must have the same size and device")
     device = next(iter(models.values())).device
     nets.to(device)
 
