@@ -84,6 +84,8 @@ def main(args) -> int:
         raise UsageError("FID needs the real style images: --real <folder or .npz> (or leave fid out of --metrics)")
     if (args.text or args.ref) and not (args.clip_weights or args.random_init):
         raise UsageError("--text and --ref need CLIP: pass --clip-weights ViT-B-32.pt")
+    if args.compare and not metrics:
+        raise UsageError("--compare measures the sampled stylizations: keep at least one of --metrics")
     if args.max_lpips_diff is not None or args.max_pixel_diff is not None:
         if not args.compare:
             raise UsageError("--max-lpips-diff and --max-pixel-diff gate a --compare run")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmfs_fast.evaluation.report import atomic_write
 from mmfs_fast.evaluation.weights import load_into, load_state_dict
 
 INPUT_SIZE = 299
@@ -208,8 +209,6 @@ class GaussianStats:
 
     def save(self, path, **meta) -> None:
         """An .npz with ``mu``, ``sigma`` (pytorch-fid's names), ``count`` and ``meta`` entries."""
-        from mmfs_fast.evaluation.report import atomic_write
-
         atomic_write(path, lambda f: np.savez(f, mu=self.mean, sigma=self.cov, count=self.count, **meta))
 
 

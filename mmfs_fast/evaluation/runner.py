@@ -252,7 +252,8 @@ def evaluate(models, faces, real=None, networks: MetricNetworks | None = None, s
     if samples < 2 or batch_size < 1:
         raise ValueError(f"samples must be >= 2 (a covariance) and batch_size >= 1, got {samples}, {batch_size}")
     nets = networks or MetricNetworks()
-    if not (nets.inception or nets.arcface or nets.lpips or styles):
+    measured = any(net is not None for net in (nets.inception, nets.arcface, nets.lpips))
+    if not (measured or styles):
         raise ValueError("nothing to measure: give the networks of at least one metric, or styles for CLIP scores")
     if nets.inception is not None and real is None:
         raise ValueError("FID needs the real style images: real=<folder or .npz of statistics>")
@@ -273,7 +274,8 @@ def evaluate(models, faces, real=None, networks: MetricNetworks | None = None, s
         real_stats = reference_stats(real, nets.inception, next(iter(models.values())).size, cache_dir, batch_size,
                                      device, progress)
         report["real"] = {"source": str(real), "count": real_stats[2]}
-    numbers = measure_samples(models, files, nets, samples, seed, diversity_samples, batch_size, cache_dir, progress)
+    numbers = measure_samples(models, files, nets, samples, seed, diversity_samples, batch_size, cache_dir,
+                              progress) if measured else {}
     runs = []
     for j, (name, mmfs) in enumerate(models.items()):
         metrics = {}
@@ -291,7 +293,7 @@ def evaluate(models, faces, real=None, networks: MetricNetworks | None = None, s
         runs.append({"name": name, "model": {**_model_facts(mmfs), **(model_info or {}).get(name, {})},
                      "metrics": metrics})
     report["runs"] = runs
-    if len(models) == 2:
+    if len(models) == 2 and measured:
         report["difference"] = {
             "pixel_mean_abs": _summary(numbers["pixel_mean_abs"]), "pixel_max_abs": _summary(numbers["pixel_max_abs"]),
             "units": "[-1, 1] image values of the unrounded outputs (1.0 = 127.5 levels of 8 bits)"}
