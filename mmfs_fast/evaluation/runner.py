@@ -194,7 +194,8 @@ def measure_samples(models: dict, files, nets: MetricNetworks, samples: int, see
             chunk = _measure_chunk(models, files, nets, start, end, seed, diversity_samples, batch_size, bar)
             atomic_write(path, lambda f: np.savez(f, **chunk))
             parts.append(chunk)
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    # chunks past diversity_samples have no diversity entries
+    return {k: np.concatenate([p[k] for p in parts if k in p]) for k in dict.fromkeys(k for p in parts for k in p)}
 
 
 # -- text and reference styles ------------------------------------------------
