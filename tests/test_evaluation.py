@@ -236,7 +236,8 @@ def test_evaluate_end_to_end_is_deterministic_and_resumes(tmp_path, small_model,
     assert [c.name for c in chunks] == ["00000000-00000002.npz", "00000002-00000003.npz"]
     chunks[1].unlink()
     rendered, render = [], runner.render_samples
-    monkeypatch.setattr(runner, "render_samples", lambda m, f, idx, *a: rendered.append(list(idx)) or render(m, f, idx, *a))
+    monkeypatch.setattr(runner, "render_samples",
+                        lambda m, f, idx, *a: rendered.append(list(idx)) or render(m, f, idx, *a))
     assert evaluate(small_model, cache_dir=tmp_path / "cache", **kwargs)["runs"][0]["metrics"] == metrics
     assert rendered == [[2], [2]]  # sample 2's two stylizations, nothing else
     monkeypatch.setattr(runner, "render_samples", render)

@@ -77,9 +77,9 @@ class LPIPS(nn.Module):
         model = cls(net)
         backbone = load_state_dict(backbone_path, f"LPIPS {net} backbone", BACKBONE_HOW_TO_GET)
         state = {f"heads.{i}.weight": heads[f"lin{i}.model.1.weight"] for i in range(5)}
-        state.update({k: v for k, v in backbone.items() if k.startswith("features.")})
-        own = model.state_dict()
-        load_into(model, {k: v for k, v in state.items() if k in own}, backbone_path, f"LPIPS {net} backbone", BACKBONE_HOW_TO_GET)
+        state.update(backbone)
+        load_into(model, state, backbone_path, f"LPIPS {net} backbone", BACKBONE_HOW_TO_GET,
+                  ignore=("classifier.",))  # ImageNet's head: LPIPS compares features only
         return model.eval().requires_grad_(False)
 
     def tapped_features(self, x: torch.Tensor) -> list[torch.Tensor]:
