@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv, installs the pinned requirements, then builds and installs mmfs_fast
-# (with the CUDA extension when nvcc is found; see README "Building").
+# (with the CUDA extension when nvcc is found; see README "Install").
 set -euo pipefail
 cd "$(dirname "$0")"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -8,4 +8,4 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
-.venv/bin/python -m pip install -q --no-build-isolation .
+.venv/bin/python -m pip install -q .

@@ -7,10 +7,73 @@ cpu-reduced-64): those numbers only show that the suite works.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+import regression
+import winners
 from harness import DEVICE, MAX_ITERATIONS, ON_GPU, PROFILE, ROUND_SECONDS, ROUNDS
 from mmfs_fast import benchmark as mb
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("mmfs_fast latency gate")
+    group.addoption("--baseline", help="baseline dir of pytest-benchmark JSON (default: "
+                    "bench/results/baseline/<this device kind>)")
+    group.addoption("--median-margin", type=float, default=regression.MEDIAN_MARGIN,
+                    help="on a GPU: fail a case whose median is slower than the baseline's by more (default 0.15)")
+    group.addoption("--ratio-margin", type=float,
+                    help="fail a case whose speed-up over its eager fp32 reference falls below the baseline's by "
+                         "more (default 0.25 on a GPU, 0.5 on a CPU)")
+    group.addoption("--no-regression-gate", action="store_true",
+                    help="do not compare with the baseline (also: MMFS_BENCH_GATE=0)")
+    group.addoption("--no-winners", action="store_true",
+                    help="on a GPU, do not rewrite mmfs_fast/ops/winners.json from the op benchmarks")
+
+
+def _current_cases(config) -> list[regression.Case]:
+    session = getattr(config, "_benchmarksession", None)
+    cases = []
+    for bench in getattr(session, "benchmarks", None) or []:
+        if bench.stats is not None and getattr(bench.stats, "rounds", 0):
+            cases.append(regression.Case(bench.name, bench.stats.median, dict(bench.extra_info)))
+    return cases
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    cases = _current_cases(config)
+    if not cases:
+        return
+    env = mb.environment()
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if ON_GPU and not config.getoption("--no-winners"):
+        op_cases = [{**c.info, "median_s": c.median_s} for c in cases if "op" in c.info and "shape" in c.info]
+        if op_cases:
+            path = winners.write(op_cases, env["device"], env["git_commit"])
+            reporter and reporter.write_line(f"op winners written to {path} (commit it)")
+    if config.getoption("--no-regression-gate") or os.environ.get("MMFS_BENCH_GATE", "1") == "0":
+        return
+    kind = regression.device_kind(env["device"], env["device_type"])
+    baseline_dir = Path(config.getoption("--baseline") or regression.BASELINES / kind)
+    files = sorted(baseline_dir.glob("*.json"))
+    if not files:
+        reporter and reporter.write_line(f"latency gate: no baseline in {baseline_dir}: not checked")
+        return
+    baseline = regression.load(files)
+    base_device = next((c.info.get("device") for c in baseline if c.info.get("device")), None)
+    found = regression.regressions(cases, baseline, same_gpu=ON_GPU and base_device == env["device"],
+                                   median_margin=config.getoption("--median-margin"),
+                                   ratio_margin=config.getoption("--ratio-margin")
+                                   or regression.RATIO_MARGIN[env["device_type"]])
+    if reporter:
+        reporter.write_sep("=", f"latency gate against {baseline_dir}: {len(found)} regressed")
+        for line in found:
+            reporter.write_line(line)
+    if found:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_report_header(config):

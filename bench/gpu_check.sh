@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: install, test everything on CUDA, benchmark, summarise.
+# One command for a GPU machine, in this order: install → profile (bench/profile_engine.py: top
+# kernels and their share at batch 1 and 32, text + JSON) → end-to-end benchmark → CUDA tests →
+# everything else (op benchmarks, other tests, apps); then a summary.
 #
 #   bash bench/gpu_check.sh OUTDIR            # on the GPU machine, from anywhere
 #   DRY_RUN=1 bash bench/gpu_check.sh OUTDIR  # anywhere: same phases at CPU scale, no install
 #
-# Writes into OUTDIR: env.txt, install.log, pytest-gpu.log + junit-gpu.xml (gpu-marked tests, run
-# first), pytest-rest.log + junit-rest.xml (the other tests, 8 processes), bench-e2e.json +
-# bench-e2e.log, profile.txt (profile_engine.py), bench-apps.json + bench-apps.log (training, HTTP
-# service, faces), bench-ops.json +
-# bench-ops.log, summary.md, status.txt. Every phase is
+# Writes into OUTDIR: env.txt, install.log, profile.txt + profile.json, bench-e2e.json +
+# bench-e2e.log, pytest-gpu.log + junit-gpu.xml (gpu-marked tests), bench-ops.json + bench-ops.log
+# + winners.json, pytest-rest.log + junit-rest.xml (the other tests, 8 processes), bench-apps.json
+# + bench-apps.log (training, HTTP service, faces), summary.md, status.txt. Every phase is
 # time-boxed so the whole run ends within TOTAL_SECONDS (default 530: 9 minutes on an H100
 # minus margin); a benchmark phase cut short still writes the results it has (SIGINT
 # makes pytest-benchmark save its JSON). Wheels in ./.whl (see bench/README.md) are
@@ -104,23 +105,24 @@ print(' '.join(m for m in ('open_clip', 'timm', 'torchvision', 'ftfy', 'regex', 
                if u.find_spec(m) is None))")
 [ -n "$missing" ] && log "missing modules: $missing (bring wheels in .whl: see bench/README.md)"
 
-# the gpu-marked tests first: they are what only this machine can check
-phase tests-gpu "$OUT/pytest-gpu.log" 140 240 "${PYTEST[@]}" "${GPU_TEST_ARGS[@]}" --junitxml="$OUT/junit-gpu.xml"
+# where the time goes first: the profile is what bench/cost_model.py is calibrated against
+phase profile "$OUT/profile.log" 45 330 env PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" "$PY" -P bench/profile_engine.py \
+    -o "$OUT/profile.txt" "${PROFILE_ARGS[@]}"
+phase bench-e2e "$OUT/bench-e2e.log" 130 200 "${PYTEST[@]}" bench/test_bench_e2e.py -q \
+    --benchmark-json="$OUT/bench-e2e.json" --benchmark-columns=median,iqr,rounds,iterations "${E2E_ARGS[@]}"
+# the gpu-marked tests: what only this machine can check
+phase tests-gpu "$OUT/pytest-gpu.log" 120 80 "${PYTEST[@]}" "${GPU_TEST_ARGS[@]}" --junitxml="$OUT/junit-gpu.xml"
 tests_rc=$?
 tail -n 3 "$OUT/pytest-gpu.log" | tee -a "$OUT/status.txt"
-
-phase bench-e2e "$OUT/bench-e2e.log" 150 90 "${PYTEST[@]}" bench/test_bench_e2e.py -q \
-    --benchmark-json="$OUT/bench-e2e.json" --benchmark-columns=median,iqr,rounds,iterations "${E2E_ARGS[@]}"
-# where the Engine's time goes (kernel table at batch 1 and 32), for whoever optimises next
-phase profile "$OUT/profile.log" 30 60 env PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" "$PY" -P bench/profile_engine.py \
-    -o "$OUT/profile.txt" "${PROFILE_ARGS[@]}"
-phase bench-ops "$OUT/bench-ops.log" 50 10 "${PYTEST[@]}" bench/test_bench_ops.py -q \
+# everything else, with what time is left: op benchmarks (they rewrite mmfs_fast/ops/winners.json),
+# the other tests, training s/iter, HTTP service, faces
+phase bench-ops "$OUT/bench-ops.log" 50 30 "${PYTEST[@]}" bench/test_bench_ops.py -q \
     --benchmark-json="$OUT/bench-ops.json" --benchmark-columns=median,iqr,rounds,iterations "${OPS_ARGS[@]}"
-phase tests-rest "$OUT/pytest-rest.log" 90 0 "${PYTEST[@]}" "${REST_TEST_ARGS[@]}" --junitxml="$OUT/junit-rest.xml"
+[ -f mmfs_fast/ops/winners.json ] && cp mmfs_fast/ops/winners.json "$OUT/winners.json"
+phase tests-rest "$OUT/pytest-rest.log" 60 0 "${PYTEST[@]}" "${REST_TEST_ARGS[@]}" --junitxml="$OUT/junit-rest.xml"
 rest_rc=$?
 (( tests_rc == 0 )) && tests_rc=$rest_rc
 tail -n 3 "$OUT/pytest-rest.log" | tee -a "$OUT/status.txt"
-# training s/iter, HTTP service, faces, with what time is left: few rounds each, in that order
 phase bench-apps "$OUT/bench-apps.log" 100 0 "${PYTEST[@]}" bench/test_bench_train.py bench/test_bench_serve.py \
     bench/test_bench_faces.py -q -ra --benchmark-json="$OUT/bench-apps.json" \
     --benchmark-columns=median,iqr,rounds,iterations "${APPS_ARGS[@]}"

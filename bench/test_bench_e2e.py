@@ -73,9 +73,8 @@ def test_finetune(config: str, measure, benchmark):
     faces = torch.rand(FINETUNE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 2 - 1
 
     def run():
-        finetune(stylizer, clip, dino, faces, text="a pop art portrait", steps=FINETUNE_STEPS,
-                 batch_size=FINETUNE_BATCH, progress=False, mixed_precision=fast and ON_GPU,
-                 fused_modconv=not fast or config in FINETUNE_FUSED)
+        finetune(stylizer, clip, dino, faces, text="a pop art portrait", steps=FINETUNE_STEPS, decay_steps=0,
+                 batch_size=FINETUNE_BATCH, progress=False, fast=fast, fused_modconv=not fast or config in FINETUNE_FUSED)
 
     seconds = measure(run, group="finetune", rounds=2 if ON_GPU else 1, scenario="finetune", config=config,
                       batch=FINETUNE_BATCH, steps=FINETUNE_STEPS, precision="bf16-autocast" if fast and ON_GPU else "fp32")

@@ -7,6 +7,12 @@ teacher, DINO ViT-B/8 and CLIP ViT-B/32 (paper: ≈ 1.8 s/iter on a V100). On th
 tiny config (128², ngf 4, batch 2, the reduced profile's small DINO and CLIP). Stage II's
 lazy R1 (every ``r1_every`` steps) is its own case, "2+r1"; bench/summarize.py
 amortises it.
+
+Fine-tuning (stage IV): one step of a run already set up (the prompt encoded, the faces'
+constants computed), one-shot and zero-shot, the fast path against the eager fp32 official
+architecture (``fast=False``: per-sample modulated convolution, the faces re-encoded every
+step), in the same run. On a GPU the paper's batch 8 at 512² (the fast path in bf16 and one
+CUDA graph); on the CPU the reduced profile at batch 2.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch
 
 from harness import DEVICE, ON_GPU, PROFILE
 from mmfs_fast import benchmark as mb
+from mmfs_fast import finetune as ft
 from mmfs_fast.train.config import TrainConfig
 from mmfs_fast.train.distributed import World
 from mmfs_fast.train.trainer import build_stage
@@ -56,3 +63,32 @@ def test_train_iteration(case: str, tmp_path, measure, benchmark):
                       r1=with_r1, r1_every=cfg.r1_every, size=cfg.size, ngf=cfg.ngf, batch=BATCH,
                       precision="bf16-autocast" if cfg.amp and ON_GPU else "fp32")
     benchmark.extra_info.update(seconds_per_iter=seconds, iters_per_s=1 / seconds)
+
+
+FINETUNE_BATCH = 8 if ON_GPU else 2
+FINETUNE_PATHS = {"mmfs-fast": True, "eager-fp32-official": False}
+PROMPTS = {"zero-shot": {"text": "a pop art portrait"}, "one-shot": {"ref_image": "reference"}}
+
+
+@pytest.mark.parametrize("path", FINETUNE_PATHS)
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_finetune_step(prompt: str, path: str, measure, benchmark):
+    fast = FINETUNE_PATHS[path]
+    stylizer, clip = mb.build_models(PROFILE, DEVICE, impl="auto" if fast else "ref")
+    dino = mb.build_dino(PROFILE, DEVICE)
+    size = PROFILE.stylizer.size
+    images = torch.rand(FINETUNE_BATCH + 1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    faces, reference = images[1:].to(DEVICE), images[:1].to(DEVICE)
+    kind = {k: reference if v == "reference" else v for k, v in PROMPTS[prompt].items()}
+    # steps: the lr stays at its full value however many steps the timer runs
+    settings = ft.FinetuneSettings(steps=10 ** 9, batch_size=FINETUNE_BATCH, fast=fast)
+    torch.manual_seed(0)
+    run = ft.FinetuneRun(stylizer, clip, dino, faces, ft.encode_prompt(clip, **kind), settings)
+    for _ in range(ft.CAPTURE_AFTER + 1):  # Adam's state, warm-up and (on a GPU) the graph capture
+        run.step()
+    seconds = measure(run.step, group=f"finetune {prompt}", rounds=ROUNDS, task="finetune", prompt=prompt,
+                      config=path, size=size, ngf=PROFILE.stylizer.ngf, batch=FINETUNE_BATCH,
+                      precision="bf16-autocast" if run.settings.mixed_precision else "fp32",
+                      captured=run.graph is not None)
+    benchmark.extra_info.update(seconds_per_step=seconds, steps_per_s=1 / seconds,
+                                projected_209_steps_s=209 * seconds)

@@ -5,9 +5,6 @@
 #include "common.h"
 #include "ops.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-
 namespace mmfs_fast {
 namespace {
 
@@ -25,7 +22,7 @@ template <typename scalar_t, bool kGrad>
 __global__ void __launch_bounds__(kThreads)
     bias_act_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ bias,
                     const scalar_t* __restrict__ grad, scalar_t* __restrict__ out, BiasActParams p) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   const acc_t slope = p.slope, gain = p.gain, clamp = p.clamp;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.numel; i += int64_t(gridDim.x) * blockDim.x) {
     acc_t z = x[i];
@@ -43,58 +40,68 @@ __global__ void __launch_bounds__(kThreads)
 
 // x itself when the kernel can walk it in memory order, else a contiguous copy; the
 // fake kernel in mmfs_fast/ops/_cuda.py makes the same choice.
-at::Tensor dense(const at::Tensor& x) {
-  return x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast) ? x : x.contiguous();
+Tensor dense(const Tensor& x) {
+  return x.is_contiguous() || is_channels_last(x) ? x : torch::stable::contiguous(x);
 }
 
 template <bool kGrad>
-at::Tensor run(const char* op, const at::Tensor* grad_in, const at::Tensor& x_in, const std::optional<at::Tensor>& bias,
-               double slope, double gain, std::optional<double> clamp, int64_t dim) {
+Tensor run(const char* op, const Tensor* grad_in, const Tensor& x_in, const std::optional<Tensor>& bias,
+           double slope, double gain, std::optional<double> clamp, int64_t dim) {
   check_cuda_float(x_in, op, "x");
-  TORCH_CHECK(x_in.dim() >= 1, op, ": x must have at least one dimension");
-  TORCH_CHECK(dim >= 0 && dim < x_in.dim(), op, ": dim ", dim, " is out of range for a ", x_in.dim(), "-D tensor");
-  TORCH_CHECK(!clamp.has_value() || *clamp >= 0, op, ": clamp must be >= 0, got ", clamp.value_or(0));
+  STD_TORCH_CHECK(x_in.dim() >= 1, op, ": x must have at least one dimension");
+  STD_TORCH_CHECK(dim >= 0 && dim < x_in.dim(), op, ": dim ", dim, " is out of range for a ", x_in.dim(),
+                  "-D tensor");
+  STD_TORCH_CHECK(!clamp.has_value() || *clamp >= 0, op, ": clamp must be >= 0, got ", clamp.value_or(0));
   if (bias.has_value()) {
     check_cuda_float(*bias, op, "bias");
     check_same_device(x_in, *bias, op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x_in.size(dim), op, ": bias must be 1-D of size x.shape[", dim,
-                "] = ", x_in.size(dim), ", got ", bias->sizes());
+    STD_TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x_in.size(dim), op, ": bias must be 1-D of size x.shape[",
+                    dim, "] = ", x_in.size(dim), ", got ", shape_of(*bias));
   }
-  const at::Tensor x = dense(x_in);
-  at::Tensor out = at::empty_like(x);
-  at::Tensor grad;
+  const Tensor x = dense(x_in);
+  Tensor out = torch::stable::empty_like(x);
+  Tensor grad;
   if constexpr (kGrad) {
     check_same_device(x_in, *grad_in, op, "grad");
-    TORCH_CHECK(grad_in->sizes() == x_in.sizes() && grad_in->scalar_type() == x_in.scalar_type(), op,
-                ": grad must match x in shape and dtype, got ", grad_in->sizes(), " ", grad_in->scalar_type(), " and ",
-                x_in.sizes(), " ", x_in.scalar_type());
+    STD_TORCH_CHECK(shape_of(*grad_in) == shape_of(x_in) && grad_in->scalar_type() == x_in.scalar_type(), op,
+                    ": grad must match x in shape and dtype, got ", shape_of(*grad_in), " ", grad_in->scalar_type(),
+                    " and ", shape_of(x_in), " ", x_in.scalar_type());
     // The kernel walks grad and x with the same offsets.
-    grad = grad_in->strides() == x.strides() ? *grad_in : at::empty_like(x).copy_(*grad_in);
+    bool same_strides = true;
+    for (int64_t d = 0; d < x.dim(); ++d) same_strides = same_strides && grad_in->stride(d) == x.stride(d);
+    if (same_strides) {
+      grad = *grad_in;
+    } else {
+      grad = torch::stable::empty_like(x);
+      torch::stable::copy_(grad, *grad_in);
+    }
   }
   if (x.numel() == 0) return out;
-  const c10::cuda::CUDAGuard guard(x.device());
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   // The ref op adds the bias in x's dtype.
-  const at::Tensor bias_x = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
+  const Tensor bias_x =
+      bias.has_value() ? torch::stable::contiguous(torch::stable::to(*bias, x.scalar_type())) : Tensor();
   const BiasActParams params{x.numel(), x.size(dim) > 1 ? x.stride(dim) : 1, x.size(dim), slope, gain,
                              clamp.value_or(0), bias.has_value(), clamp.has_value()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act", [&] {
-    bias_act_kernel<scalar_t, kGrad><<<grid_stride_blocks(x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  const cudaStream_t stream = current_stream(x);
+  MMFS_FAST_DISPATCH_FLOATING(x.scalar_type(), "bias_act", [&] {
+    bias_act_kernel<scalar_t, kGrad><<<grid_stride_blocks(x.numel()), kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), bias.has_value() ? bias_x.const_data_ptr<scalar_t>() : nullptr,
         kGrad ? grad.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 }  // namespace
 
-at::Tensor bias_act(const at::Tensor& x, const std::optional<at::Tensor>& bias, double slope, double gain,
-                    std::optional<double> clamp, int64_t dim) {
+Tensor bias_act(const Tensor& x, const std::optional<Tensor>& bias, double slope, double gain,
+                std::optional<double> clamp, int64_t dim) {
   return run<false>("mmfs_fast::bias_act", nullptr, x, bias, slope, gain, clamp, dim);
 }
 
-at::Tensor bias_act_grad(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                         double slope, double gain, std::optional<double> clamp, int64_t dim) {
+Tensor bias_act_grad(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& bias, double slope,
+                     double gain, std::optional<double> clamp, int64_t dim) {
   check_cuda_float(grad, "mmfs_fast::bias_act_grad", "grad");
   return run<true>("mmfs_fast::bias_act_grad", &grad, x, bias, slope, gain, clamp, dim);
 }

@@ -1,15 +1,29 @@
-// Helpers shared by the kernels' host code.
+// Helpers shared by the kernels' host code. Everything here is LibTorch's stable ABI
+// (torch/csrc/stable, torch/headeronly): the extension calls libtorch only through its C
+// shim, so one build loads under every torch release from TORCH_TARGET_VERSION on.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>  // aoti_torch_get_current_cuda_stream (USE_CUDA)
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/macros.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/Dispatch.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <cuda_runtime.h>
 
 #include <algorithm>
+#include <sstream>
+#include <string>
 
 namespace mmfs_fast {
+
+using torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
 
 constexpr int kThreads = 256;
 
@@ -20,29 +34,92 @@ inline unsigned grid_stride_blocks(int64_t work) {
   return static_cast<unsigned>(std::clamp<int64_t>(ceil_div(work, kThreads), 1, int64_t(1) << 20));
 }
 
+// What the kernels accumulate in: fp32 for the 16-bit types, else the type itself.
+template <typename T>
+struct Accumulate {
+  using type = T;
+};
+template <>
+struct Accumulate<torch::headeronly::Half> {
+  using type = float;
+};
+template <>
+struct Accumulate<torch::headeronly::BFloat16> {
+  using type = float;
+};
+template <typename T>
+using acc_type = typename Accumulate<T>::type;
+
+// Runs __VA_ARGS__ (a lambda) with `scalar_t` set to the C++ type of a floating dtype.
+#define MMFS_FAST_DISPATCH_FLOATING(TYPE, NAME, ...)                                \
+  THO_DISPATCH_SWITCH(TYPE, NAME,                                                   \
+                      THO_DISPATCH_CASE(torch::headeronly::ScalarType::Double, __VA_ARGS__) \
+                      THO_DISPATCH_CASE(torch::headeronly::ScalarType::Float, __VA_ARGS__)  \
+                      THO_DISPATCH_CASE(torch::headeronly::ScalarType::Half, __VA_ARGS__)   \
+                      THO_DISPATCH_CASE(torch::headeronly::ScalarType::BFloat16, __VA_ARGS__))
+
+// The stream torch queues work on for t's device, through the stable C shim.
+inline cudaStream_t current_stream(const Tensor& t) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
 // Element strides of an (N, C, H, W) tensor, so that kernels read any layout in place.
 struct Strides4 {
   int64_t n, c, y, x;
 };
 
-inline Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+inline Strides4 strides4(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// "[2, 3, 8, 8]", for error messages.
+inline std::string shape_of(const Tensor& t) {
+  std::ostringstream out;
+  out << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out << (d ? ", " : "") << t.size(d);
+  out << "]";
+  return out.str();
+}
+
+inline std::string device_of(const Tensor& t) {
+  return t.is_cuda() ? "cuda:" + std::to_string(t.get_device_index()) : (t.is_cpu() ? "cpu" : "a non-CUDA device");
+}
+
+// torch's is_contiguous(memory_format=channels_last) for 4-D tensors (the stable Tensor
+// only answers for the default layout): strides grow over c, x, y, n, sizes of 1 ignored.
+inline bool is_channels_last(const Tensor& t) {
+  if (t.dim() != 4) return false;
+  int64_t expected = 1;
+  for (const int d : {1, 3, 2, 0}) {
+    if (t.size(d) == 1) continue;
+    if (t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
 
 // Outputs are channels_last exactly when the input is channels_last and not also
 // contiguous; the fake kernels in mmfs_fast/ops/_cuda.py apply the same rule.
-inline at::Tensor empty_with_layout_of(const at::Tensor& x, at::IntArrayRef shape) {
-  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-  return at::empty(shape, x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                  : at::MemoryFormat::Contiguous));
+inline Tensor empty_with_layout_of(const Tensor& x, torch::headeronly::IntHeaderOnlyArrayRef shape) {
+  const bool channels_last = is_channels_last(x) && !x.is_contiguous();
+  return torch::stable::empty(shape, x.scalar_type(), std::nullopt, x.device(), std::nullopt,
+                              channels_last ? torch::headeronly::MemoryFormat::ChannelsLast
+                                            : torch::headeronly::MemoryFormat::Contiguous);
 }
 
-inline void check_cuda_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
-              t.scalar_type());
+inline bool is_kernel_float(ScalarType t) {
+  return t == ScalarType::Double || t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
 }
 
-inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name) {
-  TORCH_CHECK(a.device() == b.device(), op, ": ", name, " is on ", b.device(), " but x is on ", a.device());
+inline void check_cuda_float(const Tensor& t, const char* op, const char* name) {
+  STD_TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", device_of(t));
+  STD_TORCH_CHECK(is_kernel_float(t.scalar_type()), op, ": ", name,
+                  " must be float64, float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_same_device(const Tensor& a, const Tensor& b, const char* op, const char* name) {
+  STD_TORCH_CHECK(a.get_device_index() == b.get_device_index(), op, ": ", name, " is on ", device_of(b),
+                  " but x is on ", device_of(a));
 }
 
 }  // namespace mmfs_fast

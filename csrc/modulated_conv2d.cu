@@ -4,23 +4,23 @@
 // accumulation) and no (B, O, I, k, k) weight tensor is built. The kernels here are the
 // modulation before it and the demodulation after it, each one pass in fp32 with a single
 // rounding to the storage dtype.
-// Why cuDNN and not a kernel of ours: our CUDA-core implicit GEMM, fused modulation and all,
-// made the fp16 Engine's guided stylization 25.6 ms at batch 1 (703 ms at batch 32) on an
-// H200, this form 3.0 ms (67 ms); bench/results/h200-2026-11-26-fa6ee53.
+// Why cuDNN and not a kernel of ours: a fused implicit GEMM lost to it (bench/results/).
+// torch::stable has no convolution op: convolution() below calls aten::convolution through the
+// stable shim's dispatcher entry point (torch_call_dispatcher), as torch/csrc/stable/ops.h does
+// for the ops it wraps, so the convolution is still cuDNN's and the ABI still the stable one.
 #include "common.h"
 #include "ops.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/convolution.h>
+#include <array>
 
 namespace mmfs_fast {
 namespace {
 
-constexpr float kDemodEps = 1e-8f;  // DEMOD_EPS of mmfs_fast/ops/modulated_conv2d.py
+constexpr float kDemodEps = 1e-8f;  // DEMOD_EPS of mmfs_fast/ops/_common.py
 constexpr int kWarp = 32;
 
-// demod[b, o] = rsqrt(sum_{i, t} (W[o, i, t] * styles[b, i])^2 + eps), one warp per (b, o).
+// demod[b, o] = rsqrt(sum_{i, t} (W[o, i, t] * styles[b, i])^2 + eps), one warp per (b, o):
+// mirrors mmfs_fast.ops._common.demodulation.
 __global__ void __launch_bounds__(kThreads)
     demod_kernel(const float* __restrict__ weight, const float* __restrict__ styles, float* __restrict__ demod,
                  int batch, int out_channels, int in_channels, int taps) {
@@ -50,7 +50,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     scale_channels_kernel(const scalar_t* __restrict__ src, const float* __restrict__ scale,
                           scalar_t* __restrict__ dst, ScaleParams p) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.numel; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t rest = i;
     int c, y, x;
@@ -72,85 +72,109 @@ __global__ void __launch_bounds__(kThreads)
 
 // dst (dense, from empty_with_layout_of) = src · scale[n, c], or a copy into dst's layout when
 // scale is undefined.
-void scale_channels(const at::Tensor& src, const at::Tensor& scale, const at::Tensor& dst) {
+void scale_channels(const Tensor& src, const Tensor& scale, const Tensor& dst) {
   if (dst.numel() == 0) return;
   const ScaleParams params{strides4(src), dst.numel(), int(dst.size(1)), int(dst.size(2)), int(dst.size(3)),
                            !dst.is_contiguous()};
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(dst);
   const auto launch = [&](auto scalar) {
     using scalar_t = decltype(scalar);
     scale_channels_kernel<scalar_t><<<grid_stride_blocks(dst.numel()), kThreads, 0, stream>>>(
         src.const_data_ptr<scalar_t>(), scale.defined() ? scale.const_data_ptr<float>() : nullptr,
         dst.mutable_data_ptr<scalar_t>(), params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  AT_DISPATCH_SWITCH(dst.scalar_type(), "scale_channels",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { launch(scalar_t{}); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { launch(scalar_t{}); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch(scalar_t{}); }));
+  THO_DISPATCH_SWITCH(dst.scalar_type(), "scale_channels",
+                      THO_DISPATCH_CASE(ScalarType::Float, [&] { launch(scalar_t{}); })
+                      THO_DISPATCH_CASE(ScalarType::Half, [&] { launch(scalar_t{}); })
+                      THO_DISPATCH_CASE(ScalarType::BFloat16, [&] { launch(scalar_t{}); }));
+}
+
+// aten::convolution(input, weight, bias=None, stride, padding, dilation=1, transposed,
+// output_padding=0, groups=1) through the dispatcher.
+Tensor convolution(const Tensor& input, const Tensor& weight, int64_t stride, int64_t padding, bool transposed) {
+  using torch::headeronly::IntHeaderOnlyArrayRef;
+  using torch::stable::detail::from;
+  const int64_t strides[] = {stride, stride}, paddings[] = {padding, padding}, ones[] = {1, 1}, zeros[] = {0, 0};
+  std::array<StableIValue, 9> stack{from(input),
+                                    from(weight),
+                                    from(std::nullopt),
+                                    from(IntHeaderOnlyArrayRef(strides)),
+                                    from(IntHeaderOnlyArrayRef(paddings)),
+                                    from(IntHeaderOnlyArrayRef(ones)),
+                                    from(transposed),
+                                    from(IntHeaderOnlyArrayRef(zeros)),
+                                    from(int64_t(1))};
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::convolution", "", stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
 }
 
 }  // namespace
 
-at::Tensor modulated_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& styles,
-                            bool demodulate, bool transposed, int64_t stride, int64_t padding) {
+Tensor modulated_conv2d(const Tensor& x, const Tensor& weight, const Tensor& styles, bool demodulate,
+                        bool transposed, int64_t stride, int64_t padding) {
   constexpr const char* op = "mmfs_fast::modulated_conv2d";
   check_cuda_float(x, op, "x");
   check_cuda_float(weight, op, "weight");
   check_cuda_float(styles, op, "styles");
   check_same_device(x, weight, op, "weight");
   check_same_device(x, styles, op, "styles");
-  TORCH_CHECK(x.scalar_type() != at::kDouble, op, ": x must be float32, float16 or bfloat16, got float64");
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && styles.dim() == 2, op,
-              ": expected x (B, I, H, W), weight (O, I, k, k) and styles (B, I), got ", x.sizes(), ", ",
-              weight.sizes(), ", ", styles.sizes());
+  STD_TORCH_CHECK(x.scalar_type() != ScalarType::Double, op, ": x must be float32, float16 or bfloat16, got float64");
+  STD_TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && styles.dim() == 2, op,
+                  ": expected x (B, I, H, W), weight (O, I, k, k) and styles (B, I), got ", shape_of(x), ", ",
+                  shape_of(weight), ", ", shape_of(styles));
   const int64_t batch = x.size(0), in_channels = x.size(1), out_channels = weight.size(0), k = weight.size(2);
-  TORCH_CHECK(weight.size(1) == in_channels && weight.size(3) == k && k >= 1, op, ": weight ", weight.sizes(),
-              " must be (O, ", in_channels, ", k, k)");
-  TORCH_CHECK(styles.size(0) == batch && styles.size(1) == in_channels, op, ": styles must be (", batch, ", ",
-              in_channels, "), got ", styles.sizes());
-  TORCH_CHECK(in_channels >= 1 && out_channels >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op,
-              ": x and weight must have channels and pixels, got x ", x.sizes(), " and weight ", weight.sizes());
-  TORCH_CHECK(stride >= 1 && padding >= 0, op, ": stride must be >= 1 and padding >= 0, got ", stride, " and ",
-              padding);
+  STD_TORCH_CHECK(weight.size(1) == in_channels && weight.size(3) == k && k >= 1, op, ": weight ", shape_of(weight),
+                  " must be (O, ", in_channels, ", k, k)");
+  STD_TORCH_CHECK(styles.size(0) == batch && styles.size(1) == in_channels, op, ": styles must be (", batch, ", ",
+                  in_channels, "), got ", shape_of(styles));
+  STD_TORCH_CHECK(in_channels >= 1 && out_channels >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op,
+                  ": x and weight must have channels and pixels, got x ", shape_of(x), " and weight ",
+                  shape_of(weight));
+  STD_TORCH_CHECK(stride >= 1 && padding >= 0, op, ": stride must be >= 1 and padding >= 0, got ", stride, " and ",
+                  padding);
   // the kernels index channels and pixels with int, samples and elements with int64
-  TORCH_CHECK(std::max({in_channels, out_channels, x.size(2), x.size(3)}) < (int64_t(1) << 31) &&
-                  out_channels * in_channels * k * k < (int64_t(1) << 31),
-              op, ": sizes out of range: x ", x.sizes(), ", weight ", weight.sizes());
+  STD_TORCH_CHECK(std::max({in_channels, out_channels, x.size(2), x.size(3)}) < (int64_t(1) << 31) &&
+                      out_channels * in_channels * k * k < (int64_t(1) << 31),
+                  op, ": sizes out of range: x ", shape_of(x), ", weight ", shape_of(weight));
   const auto out_size = [&](int64_t in) {
     return transposed ? (in - 1) * stride - 2 * padding + k : (in + 2 * padding - k) / stride + 1;
   };
   const int64_t out_h = out_size(x.size(2)), out_w = out_size(x.size(3));
-  TORCH_CHECK(out_h >= 1 && out_w >= 1 && (transposed || x.size(2) + 2 * padding >= k) &&
-                  (transposed || x.size(3) + 2 * padding >= k),
-              op, ": input ", x.sizes(), " with kernel ", k, ", stride ", stride, ", padding ", padding,
-              " leaves an empty output");
-  TORCH_CHECK(out_h < (int64_t(1) << 31) && out_w < (int64_t(1) << 31), op, ": output of ", out_h, "x", out_w,
-              " is too large");
+  STD_TORCH_CHECK(out_h >= 1 && out_w >= 1 && (transposed || x.size(2) + 2 * padding >= k) &&
+                      (transposed || x.size(3) + 2 * padding >= k),
+                  op, ": input ", shape_of(x), " with kernel ", k, ", stride ", stride, ", padding ", padding,
+                  " leaves an empty output");
+  STD_TORCH_CHECK(out_h < (int64_t(1) << 31) && out_w < (int64_t(1) << 31), op, ": output of ", out_h, "x", out_w,
+                  " is too large");
 
-  at::Tensor out = empty_with_layout_of(x, {batch, out_channels, out_h, out_w});
+  const int64_t out_shape[] = {batch, out_channels, out_h, out_w};
+  Tensor out = empty_with_layout_of(x, out_shape);
   if (out.numel() == 0) return out;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor styles_f = styles.to(at::kFloat).contiguous();
-  at::Tensor modulated = empty_with_layout_of(x, x.sizes());
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const Tensor styles_f = torch::stable::contiguous(torch::stable::to(styles, ScalarType::Float));
+  Tensor modulated = empty_with_layout_of(x, x.sizes());
   scale_channels(x, styles_f, modulated);
   // a transposed convolution takes its weight as (in, out, k, k)
-  const at::Tensor conv_weight = transposed ? weight.to(x.scalar_type()).transpose(0, 1) : weight.to(x.scalar_type());
-  const at::Tensor conv = at::convolution(modulated, conv_weight, std::nullopt, {stride, stride}, {padding, padding},
-                                          {1, 1}, transposed, {0, 0}, 1);
+  const Tensor weight_x = torch::stable::to(weight, x.scalar_type());
+  const Tensor conv = convolution(modulated, transposed ? torch::stable::transpose(weight_x, 0, 1) : weight_x, stride,
+                                  padding, transposed);
   if (!demodulate) {
-    if (conv.strides() == out.strides()) return conv;
-    scale_channels(conv, at::Tensor(), out);
+    bool same_strides = true;
+    for (int64_t d = 0; d < 4; ++d) same_strides = same_strides && conv.stride(d) == out.stride(d);
+    if (same_strides) return conv;
+    scale_channels(conv, Tensor(), out);
     return out;
   }
   // Weights and styles are small: fp32 copies keep the products exact before the sum of squares.
-  const at::Tensor weight_f = weight.to(at::kFloat).contiguous();
-  at::Tensor demod = at::empty({batch, out_channels}, x.options().dtype(at::kFloat));
+  const Tensor weight_f = torch::stable::contiguous(torch::stable::to(weight, ScalarType::Float));
+  const int64_t demod_shape[] = {batch, out_channels};
+  Tensor demod = torch::stable::empty(demod_shape, ScalarType::Float, std::nullopt, x.device());
   const int64_t threads = batch * out_channels * kWarp;
-  demod_kernel<<<ceil_div(threads, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  demod_kernel<<<ceil_div(threads, kThreads), kThreads, 0, current_stream(x)>>>(
       weight_f.const_data_ptr<float>(), styles_f.const_data_ptr<float>(), demod.mutable_data_ptr<float>(),
       int(batch), int(out_channels), int(in_channels), int(k * k));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   scale_channels(conv, demod, out);
   return out;
 }

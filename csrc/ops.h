@@ -1,27 +1,31 @@
 // Host entry points of the CUDA kernels, registered as torch.ops.mmfs_fast.* in bindings.cpp.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/HeaderOnlyArrayRef.h>
 
 #include <optional>
 
 namespace mmfs_fast {
 
+using torch::stable::Tensor;
+
 // Upsample by zero insertion, pad (x0, x1, y0, y1; negative crops), correlate with the
 // flipped FIR kernel (so: true convolution), keep every down-th sample.
-at::Tensor upfirdn2d(const at::Tensor& x, const at::Tensor& kernel, int64_t up, int64_t down, at::IntArrayRef pad);
+Tensor upfirdn2d(const Tensor& x, const Tensor& kernel, int64_t up, int64_t down,
+                 torch::headeronly::IntHeaderOnlyArrayRef pad);
 
 // clamp((z > 0 ? z : slope * z) * gain) with z = x + bias along dim.
-at::Tensor bias_act(const at::Tensor& x, const std::optional<at::Tensor>& bias, double slope, double gain,
-                    std::optional<double> clamp, int64_t dim);
+Tensor bias_act(const Tensor& x, const std::optional<Tensor>& bias, double slope, double gain,
+                std::optional<double> clamp, int64_t dim);
 
 // The gradient of bias_act with respect to x, given the gradient of its output.
-at::Tensor bias_act_grad(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                         double slope, double gain, std::optional<double> clamp, int64_t dim);
+Tensor bias_act_grad(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& bias, double slope,
+                     double gain, std::optional<double> clamp, int64_t dim);
 
 // Per-sample modulated convolution: out[b] = demod[b] * conv(x[b] * styles[b], weight), a
 // transposed convolution when `transposed`. The FIR blur of the resampling paths is not part of it.
-at::Tensor modulated_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& styles,
-                            bool demodulate, bool transposed, int64_t stride, int64_t padding);
+Tensor modulated_conv2d(const Tensor& x, const Tensor& weight, const Tensor& styles, bool demodulate,
+                        bool transposed, int64_t stride, int64_t padding);
 
 }  // namespace mmfs_fast

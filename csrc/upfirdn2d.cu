@@ -5,9 +5,6 @@
 #include "common.h"
 #include "ops.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-
 namespace mmfs_fast {
 namespace {
 
@@ -31,7 +28,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     upfirdn2d_generic_kernel(const scalar_t* __restrict__ x, const float* __restrict__ taps,
                              scalar_t* __restrict__ out, Upfirdn2dParams p) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   const int64_t total = int64_t(p.planes) * p.out_h * p.out_w;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
@@ -65,7 +62,7 @@ template <typename scalar_t, int kUp, int kDown>
 __global__ void __launch_bounds__(kThreads)
     upfirdn2d_tiled_kernel(const scalar_t* __restrict__ x, const float* __restrict__ taps,
                            scalar_t* __restrict__ out, Upfirdn2dParams p) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   constexpr int kInTile = ((kTile - 1) * kDown + kFirSize - 1) / kUp + 2;
   __shared__ acc_t tile[kInTile][kInTile + 1];
   __shared__ acc_t flipped[kFirSize][kFirSize];
@@ -108,8 +105,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t>
-void launch(const at::Tensor& x, const at::Tensor& taps, at::Tensor& out, const Upfirdn2dParams& p) {
-  const auto stream = at::cuda::getCurrentCUDAStream();
+void launch(const Tensor& x, const Tensor& taps, Tensor& out, const Upfirdn2dParams& p) {
+  const cudaStream_t stream = current_stream(x);
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   const float* taps_data = taps.const_data_ptr<float>();
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
@@ -129,48 +126,59 @@ void launch(const at::Tensor& x, const at::Tensor& taps, at::Tensor& out, const 
     upfirdn2d_generic_kernel<scalar_t><<<grid_stride_blocks(total), kThreads, 0, stream>>>(
         x_data, taps_data, out_data, p);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::string pads_of(torch::headeronly::IntHeaderOnlyArrayRef pad) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < pad.size(); ++i) out << (i ? ", " : "") << pad[i];
+  out << "]";
+  return out.str();
 }
 
 }  // namespace
 
-at::Tensor upfirdn2d(const at::Tensor& x, const at::Tensor& kernel, int64_t up, int64_t down, at::IntArrayRef pad) {
+Tensor upfirdn2d(const Tensor& x, const Tensor& kernel, int64_t up, int64_t down,
+                 torch::headeronly::IntHeaderOnlyArrayRef pad) {
   constexpr const char* op = "mmfs_fast::upfirdn2d";
   check_cuda_float(x, op, "x");
   check_cuda_float(kernel, op, "kernel");
   check_same_device(x, kernel, op, "kernel");
-  TORCH_CHECK(x.dim() == 4, op, ": x must be (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(kernel.dim() == 2, op, ": kernel must be 2-D, got ", kernel.sizes());
-  TORCH_CHECK(kernel.size(0) <= kMaxKernelSize && kernel.size(1) <= kMaxKernelSize && kernel.numel() > 0, op,
-              ": kernel must be between 1x1 and ", kMaxKernelSize, "x", kMaxKernelSize, ", got ", kernel.sizes());
-  TORCH_CHECK(up >= 1 && down >= 1 && up <= kMaxKernelSize && down <= kMaxKernelSize, op,
-              ": up and down must be in [1, ", kMaxKernelSize, "], got up=", up, " down=", down);
-  TORCH_CHECK(pad.size() == 4, op, ": pad must be (x0, x1, y0, y1), got ", pad);
+  STD_TORCH_CHECK(x.dim() == 4, op, ": x must be (N, C, H, W), got ", shape_of(x));
+  STD_TORCH_CHECK(kernel.dim() == 2, op, ": kernel must be 2-D, got ", shape_of(kernel));
+  STD_TORCH_CHECK(kernel.size(0) <= kMaxKernelSize && kernel.size(1) <= kMaxKernelSize && kernel.numel() > 0, op,
+                  ": kernel must be between 1x1 and ", kMaxKernelSize, "x", kMaxKernelSize, ", got ",
+                  shape_of(kernel));
+  STD_TORCH_CHECK(up >= 1 && down >= 1 && up <= kMaxKernelSize && down <= kMaxKernelSize, op,
+                  ": up and down must be in [1, ", kMaxKernelSize, "], got up=", up, " down=", down);
+  STD_TORCH_CHECK(pad.size() == 4, op, ": pad must be (x0, x1, y0, y1), got ", pads_of(pad));
   for (const int64_t value : pad) {
-    TORCH_CHECK(std::abs(value) < (int64_t(1) << 24), op, ": pad ", pad, " is out of range");
+    STD_TORCH_CHECK(std::abs(value) < (int64_t(1) << 24), op, ": pad ", pads_of(pad), " is out of range");
   }
   const int64_t out_h = (x.size(2) * up + pad[2] + pad[3] - kernel.size(0)) / down + 1;
   const int64_t out_w = (x.size(3) * up + pad[0] + pad[1] - kernel.size(1)) / down + 1;
-  TORCH_CHECK(x.size(2) * up + pad[2] + pad[3] >= kernel.size(0) && x.size(3) * up + pad[0] + pad[1] >= kernel.size(1),
-              op, ": input ", x.sizes(), " with kernel ", kernel.sizes(), ", up=", up, ", down=", down, ", pad=",
-              pad, " leaves an empty output");
-  TORCH_CHECK(x.size(0) * x.size(1) < (int64_t(1) << 31) && x.size(2) * up < (int64_t(1) << 24) &&
-                  x.size(3) * up < (int64_t(1) << 24),
-              op, ": x of shape ", x.sizes(), " is too large");
+  STD_TORCH_CHECK(
+      x.size(2) * up + pad[2] + pad[3] >= kernel.size(0) && x.size(3) * up + pad[0] + pad[1] >= kernel.size(1), op,
+      ": input ", shape_of(x), " with kernel ", shape_of(kernel), ", up=", up, ", down=", down, ", pad=", pads_of(pad),
+      " leaves an empty output");
+  STD_TORCH_CHECK(x.size(0) * x.size(1) < (int64_t(1) << 31) && x.size(2) * up < (int64_t(1) << 24) &&
+                      x.size(3) * up < (int64_t(1) << 24),
+                  op, ": x of shape ", shape_of(x), " is too large");
 
-  at::Tensor out = empty_with_layout_of(x, {x.size(0), x.size(1), out_h, out_w});
+  const int64_t out_shape[] = {x.size(0), x.size(1), out_h, out_w};
+  Tensor out = empty_with_layout_of(x, out_shape);
   if (out.numel() == 0) return out;
-  const c10::cuda::CUDAGuard guard(x.device());
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   // The taps as fp32, whatever x's precision: a tiny copy, queued on the stream.
-  const at::Tensor taps = kernel.to(at::kFloat).contiguous();
+  const Tensor taps = torch::stable::contiguous(torch::stable::to(kernel, ScalarType::Float));
   const Upfirdn2dParams params{
       strides4(x), strides4(out),
       int(x.size(1)), int(x.size(0) * x.size(1)),
       int(x.size(2)), int(x.size(3)), int(out_h), int(out_w),
       int(up), int(down), int(pad[0]), int(pad[2]),
       int(kernel.size(0)), int(kernel.size(1))};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upfirdn2d",
-                                  [&] { launch<scalar_t>(x, taps, out, params); });
+  MMFS_FAST_DISPATCH_FLOATING(x.scalar_type(), "upfirdn2d", [&] { launch<scalar_t>(x, taps, out, params); });
   return out;
 }
 

@@ -5,14 +5,13 @@ Each program computes a tile of output pixels of one (n, c) plane. The tap loops
 unrolled at compile time (KH, KW, UP, DOWN are constexpr), so the 4×4 FIR of every
 MMFS resampling gets its own specialised kernel with 16 fixed taps; taps that land on
 an inserted zero or outside the image are masked loads that touch no memory.
-The backward pass is this same kernel on the flipped filter (see ``mmfs_fast.ops.upfirdn2d.adjoint_pads``).
+The backward pass is this same kernel on the flipped filter (see ``mmfs_fast.ops._common.adjoint_pads``).
 """
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
 from mmfs_fast.kernels._config import autotune_configs
-from mmfs_fast.ops.upfirdn2d import output_size
 
 # Output tile sizes: MMFS planes run from 8×8 (encoder end) to 512×512; GPU timing
 # of these candidates is pending (no GPU in the session that wrote them).
@@ -46,12 +45,11 @@ def upfirdn2d_kernel(x_ptr, k_ptr, out_ptr, in_h, in_w, out_h, out_w, pad_x0, pa
     tl.store(out_ptr + plane * out_h * out_w + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def upfirdn2d(x, kernel, up, down, pad):
-    """x (N, C, H, W) contiguous, kernel (KH, KW) contiguous, pad (x0, x1, y0, y1)."""
+def upfirdn2d(x, kernel, up, down, pad, out_size):
+    """x (N, C, H, W) contiguous, kernel (KH, KW) contiguous, pad (x0, x1, y0, y1), out_size (H, W)."""
     n, c, h, w = x.shape
     kh, kw = kernel.shape
-    out_h = output_size(h, kh, up, down, pad[2], pad[3])
-    out_w = output_size(w, kw, up, down, pad[0], pad[1])
+    out_h, out_w = out_size
     out = x.new_empty((n, c, out_h, out_w))
 
     def grid(meta):

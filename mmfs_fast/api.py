@@ -21,30 +21,12 @@ from tqdm import tqdm
 
 from mmfs_fast import io
 from mmfs_fast.engine import Engine
+from mmfs_fast.loading import default_device, load_clip, load_stylizer
+from mmfs_fast.precision import PRECISIONS, default_precision, precision_name
 from mmfs_fast.models import N_LATENT, Stylizer, StylizerConfig
 from mmfs_fast.models.stylizer import z_from_seeds
 
-RANDOM_INIT_WARNING = ("mmfs_fast: RANDOM-INITIALISED weights (no checkpoint given): outputs are noise-like and "
-                       "meaningless. Pass a checkpoint for real stylization.")
-# the random-initialised models are seeded so that demos and tests are repeatable
-RANDOM_INIT_SEED = 0
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-ENGINE_PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    dtype = DTYPES.get(dtype, dtype)
-    if dtype not in ENGINE_PRECISIONS:
-        raise ValueError(f"unsupported dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    return dtype
-
-
 Style = torch.Tensor
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _check_seed(seed) -> None:
@@ -97,29 +79,12 @@ class MMFS:
         with a loud warning: for demos and tests only.
         """
         device = torch.device(device) if device is not None else default_device()
-        render_dtype = parse_dtype(dtype) if dtype is not None else (
-            torch.float16 if engine and device.type == "cuda" else torch.float32)
-        model_dtype = torch.float32 if engine else render_dtype  # the Engine keeps its own cast copy
-        if ckpt is None:
-            if not random_init:
-                raise ValueError("no checkpoint: pass ckpt=<MMFS checkpoint>, or random_init=True for a "
-                                 "random-initialised model (demos and tests only)")
-            warnings.warn(RANDOM_INIT_WARNING, stacklevel=2)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
-                stylizer = Stylizer(config, impl=impl)
-            stylizer = stylizer.to(device=device, dtype=model_dtype)
-        else:
-            if config is not None:
-                raise ValueError("config applies to random-initialised models only; a checkpoint has its own")
-            stylizer = Stylizer.from_checkpoint(ckpt, device=device, dtype=model_dtype, impl=impl)
-        clip = None
-        if clip_weights is not None:
-            from mmfs_fast.encoders import CLIPEncoder
-
-            clip = CLIPEncoder(clip_weights, device=device, dtype=model_dtype)
+        precision = precision_name(dtype) if dtype is not None else default_precision(device) if engine else "fp32"
+        model_dtype = torch.float32 if engine else PRECISIONS[precision]  # the Engine keeps its own cast copy
+        stylizer = load_stylizer(ckpt, device, model_dtype, impl, random_init, config)
+        clip = load_clip(clip_weights, device, model_dtype) if clip_weights is not None else None
         if engine:
-            engine = Engine(stylizer, clip, precision=ENGINE_PRECISIONS[render_dtype], device=device, impl=impl)
+            engine = Engine(stylizer, clip, precision=precision, device=device, impl=impl)
         return cls(stylizer, clip, engine=engine or None, random_clip=random_init)
 
     # -- properties -------------------------------------------------------------
@@ -153,13 +118,7 @@ class MMFS:
             if not self._random_clip:
                 raise RuntimeError("text and reference-image styles need CLIP: "
                                    "MMFS.load(..., clip_weights='ViT-B-32.pt')")
-            from mmfs_fast.encoders import CLIPEncoder
-
-            warnings.warn("mmfs_fast: RANDOM-INITIALISED CLIP: text and reference styles are meaningless",
-                          stacklevel=3)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
-                self._set_clip(CLIPEncoder(random_init=True, device=self.device, dtype=self.dtype))
+            self._set_clip(load_clip(None, self.device, self.dtype))
         return self._clip
 
     def _set_clip(self, clip) -> None:

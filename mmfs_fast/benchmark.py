@@ -25,10 +25,10 @@ import torch.nn.functional as F
 import mmfs_fast
 from mmfs_fast import ops
 from mmfs_fast.models import N_LATENT, Stylizer, StylizerConfig
+from mmfs_fast.precision import PRECISIONS as DTYPES  # the one precision table (bench/ reads mb.DTYPES)
 
 SCENARIOS = ("image_to_wplus", "text_to_wplus", "random_sampling", "guided_stylization")
 PROMPTS = ("a pop art portrait", "an oil painting", "a pencil sketch", "a 3d cartoon character")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)

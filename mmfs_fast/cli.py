@@ -7,16 +7,15 @@ rest were written), 2 usage errors (bad options, unusable weights: nothing ran).
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib
 import importlib.util
 import json
 import random
 import sys
-import warnings
 from pathlib import Path
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+from mmfs_fast.commands.common import (EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, add_model_options, err,
+                                       expand_inputs, load_mmfs, style_args)
 
 # subcommands that other modules provide through ``add_cli_parser(subparsers)``:
 # name → (module, help, pip extra that brings its dependencies)
@@ -29,98 +28,6 @@ OPTIONAL_SUBCOMMANDS = {
               "serve"),
     "eval": ("mmfs_fast.evaluation", "quality metrics: FID, ArcFace distance, LPIPS diversity, CLIP scores", "clip"),
 }
-
-RANDOM_INIT_BANNER = """\
-!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
-!! RANDOM-INITIALISED WEIGHTS: the Stylizer (or CLIP) has no weights, so the  !!
-!! outputs are noise-like and meaningless. This only shows the pipeline runs. !!
-!! For real stylization pass --ckpt <MMFS checkpoint> (and --clip-weights     !!
-!! ViT-B-32.pt for text/reference styles).                                    !!
-!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
-
-
-class UsageError(Exception):
-    """A problem with the options or weights: reported, exit code 2."""
-
-
-def err(message: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(message, file=sys.stderr)  # keeps an active progress bar intact
-
-
-# -- input files ------------------------------------------------------------------
-def expand_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
-    """(file, output name without suffix) for every file, folder (recursive) or glob;
-    a path that does not exist is kept, to be reported as missing."""
-    from mmfs_fast.io import IMAGE_SUFFIXES
-
-    found = []
-    for arg in inputs:
-        path = Path(arg)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            found += [(p, p.relative_to(path).with_suffix("")) for p in files]
-        elif not path.exists() and glob.has_magic(arg):
-            matches = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).is_file())
-            if not matches:
-                err(f"warning: {arg}: no files match")
-            found += [(p, Path(p.stem)) for p in matches]
-        else:
-            found.append((path, Path(path.stem)))
-    return _unique_names(found)
-
-
-def _unique_names(found: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
-    """Drop repeated files; number repeated output names (face, face-2, face-3)."""
-    seen_files, used, out = set(), {}, []
-    for file, name in found:
-        if file.resolve() in seen_files:
-            continue
-        seen_files.add(file.resolve())
-        key = str(name).lower()
-        used[key] = used.get(key, 0) + 1
-        out.append((file, name if used[key] == 1 else name.with_name(f"{name.name}-{used[key]}")))
-    return out
-
-
-# -- model loading ----------------------------------------------------------------
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", help="MMFS checkpoint: official .pt/.pth, StyleGAN2 .pt or mmfs_fast .safetensors")
-    p.add_argument("--clip-weights", help="CLIP ViT-B/32 weights (OpenAI ViT-B-32.pt) for --text/--ref")
-    p.add_argument("--random-init", action="store_true",
-                   help="run without weights (random model, meaningless outputs): demos and tests only")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", help="rendering precision: float32, float16 (CUDA) or bfloat16 "
-                                   "(default: float16 on CUDA, float32 on the CPU)")
-    p.add_argument("--impl", default="auto", choices=["auto", "ref", "cuda", "triton"], help="op backend")
-
-
-def load_mmfs(args, config=None):
-    from mmfs_fast.api import MMFS
-    from mmfs_fast.encoders import EncoderWeightsError
-    from mmfs_fast.models import CheckpointError
-
-    if args.ckpt is None and not args.random_init:
-        raise UsageError("no weights: pass --ckpt <MMFS checkpoint>, or --random-init to try the pipeline "
-                         "with a random model")
-    if args.random_init:
-        err(RANDOM_INIT_BANNER)
-        warnings.filterwarnings("ignore", message="mmfs_fast: RANDOM-INITIALISED")  # the banner said it
-    try:
-        mmfs = MMFS.load(args.ckpt, args.clip_weights, device=args.device, dtype=args.dtype, impl=args.impl,
-                         random_init=args.random_init, config=config)
-    except (CheckpointError, EncoderWeightsError, ValueError, RuntimeError, TypeError) as e:
-        raise UsageError(str(e)) from e
-    mmfs.max_pixels = getattr(args, "max_pixels", None)
-    return mmfs
-
-
-def style_args(args) -> dict:
-    if args.text is None and args.ref is None and args.seed is None:
-        args.seed = random.randrange(2 ** 31)
-        err(f"style: random seed {args.seed} (pass --seed {args.seed} to repeat it)")
-    return {"seed": args.seed, "text": args.text, "ref": args.ref}
 
 
 # -- stylize ----------------------------------------------------------------------
@@ -210,6 +117,7 @@ def build_report() -> dict:
         "cuda_arch_list": build_info["arch_list"].split(";") if build_info else None,
         "torch_cuda_arch_list": torch.cuda.get_arch_list() if torch.version.cuda else [],
         "build_info": build_info,
+        "cuda_extension": ops.cuda_extension_report(),
         "triton": triton_version,
         "backends": ops.backends(),
     }

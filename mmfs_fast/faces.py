@@ -335,24 +335,26 @@ def add_align_options(parser) -> None:
 def cli_setup(args, noise: str) -> tuple[FaceDetector, object, StylizeBatch]:
     """The face detector, the model and a one-style ``stylize_batch`` of a CLI run
     (``mmfs-fast stylize --align`` or ``video``); problems become usage errors."""
-    from mmfs_fast import cli, io
+    from mmfs_fast import io
+    from mmfs_fast.commands import common
 
     try:
         detector = FaceDetector(upsample=args.upsample, min_score=args.min_face_score)
     except (FacesUnavailable, ValueError) as e:
-        raise cli.UsageError(str(e)) from e
-    mmfs = cli.load_mmfs(args)
-    style = cli.style_args(args)
+        raise common.UsageError(str(e)) from e
+    mmfs = common.load_mmfs(args)
+    style = common.style_args(args)
     try:
         w_plus = mmfs.style(**style)
     except io.ImageError as e:  # the --ref image
-        raise cli.UsageError(str(e)) from e
+        raise common.UsageError(str(e)) from e
     return detector, mmfs, mmfs_stylize_batch(mmfs, w_plus, noise, seed=style["seed"] or 0)
 
 
 def run_stylize_align(args, files: list[tuple[Path, str]]) -> int:
     """``mmfs-fast stylize --align``: the CLI's stylize calls this when --align is given."""
-    from mmfs_fast import cli, io
+    from mmfs_fast import io
+    from mmfs_fast.commands import common
 
     # one noise draw for every face, from the seed, so a run repeats exactly
     detector, mmfs, stylize_batch = cli_setup(args, "zero" if args.noise == "zero" else "fixed")
@@ -361,12 +363,12 @@ def run_stylize_align(args, files: list[tuple[Path, str]]) -> int:
                                             args.paste_back, detector):
         if isinstance(result, io.ImageError):
             failed += 1
-            cli.err(f"error: {result}")
+            common.err(f"error: {result}")
         elif not result.faces:
             no_face += 1
-            cli.err(f"no face found in {path}")
+            common.err(f"no face found in {path}")
         else:
             written += len(result.faces)
-    cli.err(f"wrote {written} face(s) from {len(files) - failed - no_face} photo(s) to {args.out}"
+    common.err(f"wrote {written} face(s) from {len(files) - failed - no_face} photo(s) to {args.out}"
             + (f"; no face in {no_face}" if no_face else "") + (f"; {failed} failed" if failed else ""))
-    return cli.EXIT_SOME_FAILED if failed else cli.EXIT_OK
+    return common.EXIT_SOME_FAILED if failed else common.EXIT_OK

@@ -1,9 +1,23 @@
 """One-shot (reference image) and zero-shot (text) fine-tuning of the decoder (SPEC §5–6, stage IV).
 
-The prompt's CLIP embedding goes through the clip_mapper once to give the style w+, which
-stays fixed; only the decoder (decoder*, to_rgb*) learns, from
-λ_st·L_structure + λ_clip·L_directional (+ λ_proj·L_projection for image prompts), with
-Adam and an exponential moving average of the decoder that becomes the result.
+Only the decoder (decoder*, to_rgb*) learns, from λ_st·L_structure + λ_clip·L_directional
+(+ λ_proj·L_projection for image prompts), with Adam and an exponential moving average of the
+decoder that becomes the result. By default a run does what the official fine-tune does:
+
+- DINO sees the images resized without antialiasing (:class:`~mmfs_fast.encoders.DINOEncoder`'s
+  ``antialias=False``, the official pinned torchvision's tensor ``Resize``);
+- the style w+ comes from the clip_mapper in training mode at every step: its dropout (0.1)
+  gives each sample and step a slightly different style (``fixed_style=True``: once, in eval mode);
+- the official schedule: ``steps`` (200) at full lr, then ``decay_steps`` (9) with the lr falling
+  linearly, 10/11 → 2/11 of it (``decay_steps=0``: constant lr).
+
+The fast path (``fast=True``) does once what is constant over the run: the prompt's embedding
+and token basis, the faces' encoder features, CLIP embeddings and DINO self-similarities. A
+step is then batch draw → clip_mapper → decoder → CLIP and DINO of the fakes → losses →
+backward → Adam → EMA, without a host sync; on CUDA in bf16 autocast (statistics, losses and
+the optimizer in fp32), channels-last, and captured into one CUDA graph. ``fast=False`` is the
+reference: the official computation in eager fp32 (per-sample modulated convolution, the faces
+re-encoded every step).
 """
 from __future__ import annotations
 
@@ -11,6 +25,7 @@ import copy
 import dataclasses
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -26,6 +41,9 @@ STATE_FILE = "finetune_state.pt"
 # each step (.item()) would make the host wait for every step before queueing the next.
 LOSS_READBACK = 10
 FROZEN_PARTS = ("encoder", "mapping_z", "clip_mapper")
+# Eager steps before a CUDA graph is captured: Adam creates its state, cuBLAS/cuDNN their
+# handles and workspaces, none of which may happen during capture. They are steps of the run.
+CAPTURE_AFTER = 3
 
 
 @dataclasses.dataclass
@@ -35,16 +53,13 @@ class Prompt:
     source: torch.Tensor | None  # (1, 512) n(CLIP_text(source_text)); None: the batch mean of the faces
     basis: torch.Tensor | None  # (768, K) token basis of a reference image, for the projection loss
 
-    def direction(self, face_emb: torch.Tensor) -> torch.Tensor:
-        source = self.source if self.source is not None else face_emb.mean(0, keepdim=True)
-        return self.embedding - source
-
 
 @dataclasses.dataclass
 class FinetuneResult:
     stylizer: nn.Module  # the EMA Stylizer
-    history: list[dict[str, float]]  # loss terms per step
-    w_plus: torch.Tensor  # (1, 10, style_dim) the prompt's style
+    history: list[dict[str, float]]  # loss terms and lr per step
+    w_plus: torch.Tensor  # (1, 10, style_dim) the prompt's style (the clip_mapper in eval mode)
+    steps_per_s: float  # of the steps this call ran, wall clock
 
     def save(self, path) -> Path:
         """``.safetensors``: our format; anything else: the official layout (``G_ema_model``)."""
@@ -106,34 +121,102 @@ def load_faces(faces, stylizer, batch_size: int) -> torch.Tensor:
     return loaded
 
 
-def batch_indices(n_faces: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """A random batch without repeats, unless there are fewer faces than the batch."""
-    perms = [torch.randperm(n_faces, generator=generator) for _ in range(math.ceil(batch_size / n_faces))]
-    return torch.cat(perms)[:batch_size]
+def batch_indices(n_faces: int, batch_size: int, device) -> torch.Tensor:
+    """A random batch without repeats, unless there are fewer faces than the batch; drawn on
+    ``device`` from its default generator (argsort of uniform noise: no host sync, capturable)."""
+    rounds = math.ceil(batch_size / n_faces)
+    return torch.rand(rounds, n_faces, device=device).argsort(dim=1).flatten()[:batch_size]
 
 
 def decoder_parameters(stylizer: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in stylizer.named_parameters() if name.split(".")[0] not in FROZEN_PARTS}
 
 
-def _check_settings(steps, batch_size, lr, ema, checkpoint_every) -> None:
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    if not 0 <= ema < 1:
-        raise ValueError(f"ema must be in [0, 1), got {ema!r}")
+def lr_factor(step: int, steps: int, decay_steps: int) -> float:
+    """The lr of 0-based ``step`` as a fraction of the base lr: 1 for ``steps`` steps, then
+    1 − k/(decay_steps + 2) at the k-th of the ``decay_steps`` after them.
+
+    This is the official schedule (lr_policy linear, n_epochs = steps, n_epochs_decay =
+    decay_steps + 1: after i scheduler steps the factor is 1 − max(0, i + 1 − n_epochs) /
+    (n_epochs_decay + 1)), whose loop stops one step before n_epochs + n_epochs_decay: the
+    defaults 200 and 9 are its 209 steps, the last at 2/11 of the lr."""
+    return 1.0 - max(0, step + 1 - steps) / (decay_steps + 2)
 
 
-# -- the loop ---------------------------------------------------------------------------
-class _Run:
-    """Everything one fine-tuning run updates, and how it is saved and restored."""
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """How a run trains; a resumed run must have the same settings.
 
-    def __init__(self, stylizer, device, prompt, settings, lr, betas, seed, fused_modconv):
+    ``fast``: the fast path (constants once, capturable step); False: the eager fp32 reference.
+    ``mixed_precision`` (default: on for the fast path on CUDA): decoder and loss encoders in
+    bf16 autocast. ``fused_modconv`` (default: off for the fast path, on for the reference):
+    train through the modulated_conv2d op (per-sample weights, the official computation)
+    instead of StyleGAN2's unfused training form. ``capture`` (default: on for the fast path
+    on CUDA): replay the step as one CUDA graph after :data:`CAPTURE_AFTER` eager steps.
+    ``fixed_style``: w+ computed once in eval mode instead of the official per-step train-mode
+    mapper: a deterministic target style, for studying the losses or when the dropout jitter
+    is unwanted. ``decay_steps=0``: constant lr for ``steps`` steps, e.g. to compare runs of
+    different lengths."""
+    steps: int = 200
+    decay_steps: int = 9
+    batch_size: int = 8
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    ema: float = 0.99
+    lambda_st: float = 0.5
+    lambda_clip: float = 1.0
+    lambda_proj: float = 100.0
+    source_text: str | None = "photo"  # None for image prompts
+    fixed_style: bool = False
+    seed: int = 0
+    fast: bool = True
+    mixed_precision: bool | None = None
+    fused_modconv: bool | None = None
+    capture: bool | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.decay_steps, int) or self.decay_steps < 0:
+            raise ValueError(f"decay_steps must be an int >= 0, got {self.decay_steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.decay_steps
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * lr_factor(step, self.steps, self.decay_steps)
+
+    def resolved(self, device: torch.device) -> "FinetuneSettings":
+        """The defaults that depend on the path and the device, filled in."""
+        cuda_fast = self.fast and device.type == "cuda"
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        return dataclasses.replace(self, mixed_precision=pick(self.mixed_precision, cuda_fast),
+                                   fused_modconv=pick(self.fused_modconv, not self.fast),
+                                   capture=pick(self.capture, cuda_fast), betas=tuple(self.betas))
+
+
+# -- one run -----------------------------------------------------------------------------
+class FinetuneRun:
+    """Everything one fine-tuning run updates, its constants, its step, and how it is saved and
+    restored. Steps draw their randomness (batches, dropout, noise) from the default
+    generators: seed them (``finetune`` does) for a reproducible run."""
+
+    def __init__(self, stylizer, clip, dino, faces: torch.Tensor, prompt: Prompt, settings: FinetuneSettings):
+        self.device = faces.device
+        self.settings = settings = settings.resolved(self.device)
+        self.clip, self.dino, self.prompt, self.faces = clip, dino, prompt, faces
+        if settings.capture and self.device.type != "cuda":
+            raise ValueError("capture=True needs a CUDA device (CUDA graphs)")
         self.model = copy.deepcopy(stylizer).eval()
         self.model.requires_grad_(False)
-        set_fused_modconv(self.model, fused_modconv)
+        set_fused_modconv(self.model, settings.fused_modconv)
         self.params = decoder_parameters(self.model)
         for p in self.params.values():
             p.requires_grad_(True)
@@ -141,30 +224,118 @@ class _Run:
         self.ema_model.requires_grad_(False)
         set_fused_modconv(self.ema_model, None)  # the result: the default inference path
         self.ema_params = list(decoder_parameters(self.ema_model).values())
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=lr, betas=betas)
-        self.noise_rng = torch.Generator(device).manual_seed(seed)
-        self.batch_rng = torch.Generator().manual_seed(seed)
-        self.settings = settings
-        self.prompt = prompt
-        self.step, self.history = 0, []
+        # fused: one kernel for all parameters, the step count on the device (capturable on CUDA);
+        # the lr a device tensor, so that a captured step follows the schedule
+        self.lr = torch.tensor(settings.lr, device=self.device)
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=self.lr, betas=settings.betas, fused=True,
+                                          capturable=self.device.type == "cuda")
+        self.step_count, self.history = 0, []
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._eager_steps = 0
 
-    def update_ema(self, decay: float) -> None:
+        with torch.no_grad():
+            self.embedding = prompt.embedding.to(device=self.device, dtype=faces.dtype)  # (1, 512)
+            self.model.clip_mapper.eval()
+            self.w_plus = self.model.map_clip(self.embedding)  # the result's style
+            self.model.clip_mapper.train(not settings.fixed_style)
+            self.basis = None if prompt.basis is None else prompt.basis.to(self.device)
+            self.source = None if prompt.source is None else prompt.source.to(self.device)
+            # the reference re-encodes each batch, as the official loop does
+            self.face_features = _face_features(self.model, clip, dino, faces, settings.batch_size) \
+                if settings.fast else None
+        # NHWC: what cuDNN's tensor-core convolutions read and write without transposing
+        self.channels_last = settings.fast and self.device.type == "cuda"
+
+    # -- the step ----------------------------------------------------------------------
+    def step(self) -> torch.Tensor:
+        """One optimisation step; returns its (total, *terms) losses as a tensor on the device."""
+        self.lr.fill_(self.settings.lr_at(self.step_count))
+        if self.graph is not None:
+            self.graph.replay()
+            losses = self._graph_losses.clone()  # the next replay overwrites them
+        elif self.settings.capture and self._eager_steps >= CAPTURE_AFTER:
+            self.graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)  # gradients come to live in the graph's pool
+            with torch.cuda.graph(self.graph):
+                self._graph_losses = self._step()
+            self.graph.replay()  # capturing recorded the step without running it
+            losses = self._graph_losses.clone()
+        elif self.settings.capture:  # warm-up on a side stream, as capture will run
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                losses = self._step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            losses = self._step()
+        self._eager_steps += self.graph is None
+        self.step_count += 1
+        return losses
+
+    @property
+    def term_names(self) -> list[str]:
+        return ["total", "structure", "clip"] + (["projection"] if self.basis is not None else [])
+
+    def _step(self) -> torch.Tensor:
+        """The step itself: no host sync (capturable); returns (total, *terms) in fp32."""
+        s = self.settings
+        idx = batch_indices(len(self.faces), s.batch_size, self.device)
+        with torch.no_grad():
+            if self.face_features is not None:
+                feat, face_emb, face_sim = (t[idx] for t in self.face_features)
+            else:
+                feat, face_emb, face_sim = _face_features(self.model, self.clip, self.dino, self.faces[idx],
+                                                          s.batch_size)
+            # one mapper row per sample: each its own dropout
+            w_plus = self.w_plus.expand(s.batch_size, -1, -1) if s.fixed_style else \
+                self.model.map_clip(self.embedding.expand(s.batch_size, -1))
+        if self.channels_last:
+            feat = feat.contiguous(memory_format=torch.channels_last)
+        # no cast cache: a captured step must cast the weights Adam has just updated, every replay
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s.mixed_precision, cache_enabled=False):
+            fake = self.model.decode(feat, w_plus)
+            if self.basis is None:
+                fake_emb, fake_tokens = self.clip.encode_image(fake), None
+            else:
+                fake_emb, fake_tokens = self.clip.encode_image_and_tokens(fake)
+            fake_sim = self.dino.self_similarity(fake)
+        terms = loss_terms(fake_emb, fake_sim, fake_tokens, face_emb, face_sim, self.direction(face_emb), self.basis)
+        total = weighted_total(terms, s)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.update_ema()
+        return torch.stack([total.detach(), *(t.detach() for t in terms.values())]).float()
+
+    def direction(self, face_emb: torch.Tensor) -> torch.Tensor:
+        """d_prompt = n(CLIP(prompt)) − src: src the source text's embedding, or for an image
+        prompt the mean of the batch's face embeddings (official: the batch, not the face set)."""
+        source = self.source if self.source is not None else face_emb.mean(0, keepdim=True)
+        return self.embedding - source
+
+    def update_ema(self) -> None:
         params = [p.detach() for p in self.params.values()]
-        torch._foreach_mul_(self.ema_params, decay)
-        torch._foreach_add_(self.ema_params, params, alpha=1 - decay)
+        torch._foreach_mul_(self.ema_params, self.settings.ema)
+        torch._foreach_add_(self.ema_params, params, alpha=1 - self.settings.ema)
+
+    # -- saving and restoring ------------------------------------------------------------
+    def _settings_record(self) -> dict:
+        return {**dataclasses.asdict(self.settings), "betas": list(self.settings.betas), "n_faces": len(self.faces)}
 
     def state(self) -> dict:
-        return {"step": self.step, "history": self.history, "settings": self.settings,
+        cuda = self.device.type == "cuda"
+        return {"step": self.step_count, "history": self.history, "settings": self._settings_record(),
                 "prompt": self.prompt.embedding.cpu(),
                 "decoder": {k: p.detach().cpu() for k, p in self.params.items()},
                 "ema": [p.cpu() for p in self.ema_params],
                 "optimizer": self.optimizer.state_dict(),
-                "noise_rng": self.noise_rng.get_state(), "batch_rng": self.batch_rng.get_state()}
+                "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None}
 
     def restore(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["settings"] != self.settings or not torch.equal(state["prompt"], self.prompt.embedding.cpu()):
-            raise ValueError(f"{path} belongs to a run with another prompt or settings ({state['settings']}); "
+        settings = self._settings_record()
+        if state.get("settings") != settings or not torch.equal(state["prompt"], self.prompt.embedding.cpu()):
+            raise ValueError(f"{path} belongs to a run with another prompt or settings ({state.get('settings')}); "
                              f"resume with the same ones, or use a fresh checkpoint_dir")
         with torch.no_grad():
             for name, p in self.params.items():
@@ -172,29 +343,58 @@ class _Run:
             for p, saved in zip(self.ema_params, state["ema"]):
                 p.copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.noise_rng.set_state(state["noise_rng"])
-        self.batch_rng.set_state(state["batch_rng"])
-        self.step, self.history = state["step"], state["history"]
+        self.optimizer.param_groups[0]["lr"] = self.lr  # the loaded one is a copy on the host
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.step_count, self.history = state["step"], state["history"]
 
 
+def loss_terms(fake_emb, fake_sim, fake_tokens, face_emb, face_sim, prompt_dir, basis) -> dict[str, torch.Tensor]:
+    """The fine-tuning loss terms from what CLIP and DINO made of the fakes and their faces."""
+    terms = {"structure": structure_loss(fake_sim, face_sim),
+             "clip": directional_clip_loss(fake_emb, face_emb, prompt_dir)}
+    if basis is not None:
+        terms["projection"] = projection_loss(fake_tokens, basis)
+    return terms
+
+
+def weighted_total(terms: dict[str, torch.Tensor], settings: FinetuneSettings) -> torch.Tensor:
+    """λ_st·structure + λ_clip·clip (+ λ_proj·projection)."""
+    weights = {"structure": settings.lambda_st, "clip": settings.lambda_clip, "projection": settings.lambda_proj}
+    return sum(weights[name] * value for name, value in terms.items())
+
+
+def _face_features(model, clip, dino, faces, chunk: int):
+    """What the frozen networks make of faces: encoder features, n(CLIP(x)) and DINO
+    self-similarities."""
+    parts = [(model.encode(x), clip.encode_image(x), dino.self_similarity(x)) for x in faces.split(chunk)]
+    return [torch.cat(p) for p in zip(*parts)]
+
+
+# -- the loop ---------------------------------------------------------------------------
 def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=None, *, steps: int = 200,
-             batch_size: int = 8, lr: float = 2e-4, betas=(0.9, 0.999), ema: float = 0.99,
+             decay_steps: int = 9, batch_size: int = 8, lr: float = 2e-4, betas=(0.9, 0.999), ema: float = 0.99,
              lambda_st: float = 0.5, lambda_clip: float = 1.0, lambda_proj: float = 100.0,
-             source_text: str = "photo", seed: int = 0, checkpoint_dir=None, checkpoint_every: int = 50,
-             progress: bool = True, preview=None, mixed_precision: bool | None = None,
-             fused_modconv: bool = False) -> FinetuneResult:
+             source_text: str = "photo", fixed_style: bool = False, seed: int = 0, fast: bool = True,
+             mixed_precision: bool | None = None, fused_modconv: bool | None = None, capture: bool | None = None,
+             checkpoint_dir=None, checkpoint_every: int = 50, progress: bool = True, preview=None) -> FinetuneResult:
     """Adapt ``stylizer``'s decoder to a text prompt or a reference image; ``stylizer`` itself
     is not modified. ``clip`` and ``dino`` are the frozen encoders (normally
     :class:`~mmfs_fast.encoders.CLIPEncoder` and :class:`~mmfs_fast.encoders.DINOEncoder`).
+    The options are :class:`FinetuneSettings`'; the run is ``steps + decay_steps`` steps.
 
     With ``checkpoint_dir`` the run state is saved every ``checkpoint_every`` steps and a
     later call with the same arguments resumes from it (on the CPU bit-exactly).
     ``preview``: a PNG path for a grid of input faces over their stylizations.
-    ``mixed_precision`` (default: on for CUDA) runs the decoder under bf16 autocast.
-    ``fused_modconv``: train through the modulated_conv2d op (per-sample weights) instead of
-    the unfused form StyleGAN2 trains with (:func:`~mmfs_fast.models.set_fused_modconv`).
     """
-    _check_settings(steps, batch_size, lr, ema, checkpoint_every)
+    settings = FinetuneSettings(
+        steps=steps, decay_steps=decay_steps, batch_size=batch_size, lr=lr, betas=tuple(betas), ema=ema,
+        lambda_st=lambda_st, lambda_clip=lambda_clip, lambda_proj=lambda_proj,
+        source_text=source_text if text is not None else None, fixed_style=fixed_style, seed=seed, fast=fast,
+        mixed_precision=mixed_precision, fused_modconv=fused_modconv, capture=capture)
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     if stylizer.clip_mapper is None:
         raise ValueError("this Stylizer has no clip_mapper (phase 1/2 checkpoint); fine-tuning starts from the "
                          "prompt's style, which needs a phase 3/4 checkpoint")
@@ -204,84 +404,57 @@ def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=Non
     prompt = encode_prompt(clip, text, ref_image, source_text)
     faces = load_faces(faces, stylizer, batch_size)
     device = faces.device
-    settings = {"batch_size": batch_size, "lr": lr, "betas": list(betas), "ema": ema, "lambda_st": lambda_st,
-                "lambda_clip": lambda_clip, "lambda_proj": lambda_proj, "seed": seed, "n_faces": len(faces),
-                "source_text": source_text if text is not None else None}
-    run = _Run(stylizer, device, prompt, settings, lr, betas, seed, fused_modconv)
-    with torch.no_grad():
-        w_plus = run.model.map_clip(prompt.embedding.to(device=device, dtype=faces.dtype))
-        feats, face_emb, face_sim = _face_features(run.model, clip, dino, faces, batch_size)
-
     state_path = None
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         state_path = Path(checkpoint_dir) / STATE_FILE
-        if state_path.is_file():
+
+    # the run's own random stream, seeded: the caller's generators are left as they were
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        run = FinetuneRun(stylizer, clip, dino, faces, prompt, settings)
+        if state_path is not None and state_path.is_file():
             run.restore(state_path)
+        seconds, steps_run = _loop(run, state_path, checkpoint_every, progress)
 
-    if mixed_precision is None:
-        mixed_precision = device.type == "cuda"
-    weights = {"structure": lambda_st, "clip": lambda_clip, "projection": lambda_proj}
-    pending: list[torch.Tensor] = []  # loss terms of the steps not yet read back
-    with _progress_bar(run.step, steps, progress) as bar:
-        while run.step < steps:
-            idx = batch_indices(len(faces), batch_size, run.batch_rng)
-            # from pinned memory the copy is queued, not waited for (the step stays free of host syncs)
-            idx = idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
-                fake = run.model.decode(feats[idx], w_plus.expand(batch_size, -1, -1), generator=run.noise_rng)
-            terms = _loss_terms(fake.float(), clip, dino, prompt, face_emb[idx], face_sim[idx])
-            total = sum(weights[name] * value for name, value in terms.items())
-            run.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            run.optimizer.step()
-            run.update_ema(ema)
-            run.step += 1
-            names = ["total", *terms]
-            pending.append(torch.stack([total.detach().float(), *(v.detach().float() for v in terms.values())]))
-            checkpoint_due = state_path is not None and (run.step % checkpoint_every == 0 or run.step == steps)
-            if len(pending) == LOSS_READBACK or checkpoint_due or run.step == steps:
-                _record_losses(run.history, names, pending, bar)
-            if checkpoint_due:
-                atomic_save(run.state(), state_path)
-
-    result = FinetuneResult(run.ema_model.eval(), run.history, w_plus)
+    result = FinetuneResult(run.ema_model.eval(), run.history, run.w_plus, steps_run / seconds if steps_run else 0.0)
     if preview is not None:
         save_preview(result, faces, preview)
     return result
 
 
-def _record_losses(history: list, names: list[str], pending: list[torch.Tensor], bar) -> None:
-    """The pending steps' loss terms into ``history`` with one device→host copy."""
-    for row in torch.stack(pending).tolist():
-        history.append(dict(zip(names, row)))
-    bar.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items()}, refresh=False)
+def _loop(run: FinetuneRun, state_path: Path | None, checkpoint_every: int, progress: bool) -> tuple[float, int]:
+    """Step ``run`` to its end; returns (seconds, steps run)."""
+    total_steps, first = run.settings.total_steps, run.step_count
+    pending: list[torch.Tensor] = []  # loss terms of the steps not yet read back
+    start = time.perf_counter()
+    with _progress_bar(first, total_steps, progress) as bar:
+        while run.step_count < total_steps:
+            pending.append(run.step())
+            checkpoint_due = state_path is not None and (run.step_count % checkpoint_every == 0
+                                                         or run.step_count == total_steps)
+            if len(pending) == LOSS_READBACK or checkpoint_due or run.step_count == total_steps:
+                _record_losses(run, pending, bar)
+            if checkpoint_due:
+                atomic_save(run.state(), state_path)
+    return time.perf_counter() - start, total_steps - first
+
+
+def _record_losses(run: FinetuneRun, pending: list[torch.Tensor], bar) -> None:
+    """The pending steps' loss terms into the run's history with one device→host copy (which
+    waits for them: the only host sync of the loop)."""
+    first = run.step_count - len(pending)
+    for i, row in enumerate(torch.stack(pending).tolist()):
+        run.history.append({**dict(zip(run.term_names, row)), "lr": run.settings.lr_at(first + i)})
+    bar.set_postfix({k: f"{v:.4g}" for k, v in run.history[-1].items()}, refresh=False)
     bar.update(len(pending))
     pending.clear()
-
-
-def _face_features(model, clip, dino, faces, chunk: int):
-    """What the frozen networks make of the input faces, computed once: encoder features,
-    n(CLIP(x)) and DINO self-similarities."""
-    parts = [(model.encode(x), clip.encode_image(x), dino.self_similarity(x)) for x in faces.split(chunk)]
-    return [torch.cat(p) for p in zip(*parts)]
-
-
-def _loss_terms(fake, clip, dino, prompt: Prompt, face_emb, face_sim) -> dict[str, torch.Tensor]:
-    if prompt.basis is None:
-        fake_emb, fake_tokens = clip.encode_image(fake), None
-    else:
-        fake_emb, fake_tokens = clip.encode_image_and_tokens(fake)
-    terms = {"structure": structure_loss(dino.self_similarity(fake), face_sim),
-             "clip": directional_clip_loss(fake_emb, face_emb, prompt.direction(face_emb))}
-    if fake_tokens is not None:
-        terms["projection"] = projection_loss(fake_tokens, prompt.basis)
-    return terms
 
 
 def _progress_bar(start: int, steps: int, enabled: bool):
     from tqdm import tqdm
 
+    # tqdm's rate and remaining time are the steps/s and the ETA
     return tqdm(total=steps, initial=start, desc="finetune", unit="step", disable=not enabled, dynamic_ncols=True)
 
 
@@ -312,7 +485,10 @@ def add_cli_parser(subparsers):
     p.add_argument("--dino-weights", help="DINO ViT-B/8 weights (dino_vitbase8_pretrain.pth)")
     p.add_argument("--random-init", action="store_true",
                    help="random models for whatever has no weights (meaningless results): demos and tests only")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=200, help="steps at the full learning rate")
+    p.add_argument("--decay-steps", type=int, default=9,
+                   help="then steps with the lr falling linearly to 2/11 of it (the official 209-step schedule); "
+                        "0: constant lr")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema", type=float, default=0.99)
@@ -320,6 +496,13 @@ def add_cli_parser(subparsers):
     p.add_argument("--lambda-clip", type=float, default=1.0, help="weight of the directional CLIP loss")
     p.add_argument("--lambda-proj", type=float, default=100.0, help="weight of the token projection loss (--ref)")
     p.add_argument("--source-text", default="photo", help="the source domain for --text prompts")
+    p.add_argument("--fixed-style", action="store_true",
+                   help="the prompt's w+ once, in eval mode (official: the clip_mapper in training mode every step, "
+                        "its dropout varying the style a little per sample and step)")
+    p.add_argument("--dino-antialias", action="store_true",
+                   help="antialias the resize to DINO's input (official: plain bilinear, which aliases)")
+    p.add_argument("--reference", action="store_true",
+                   help="the eager fp32 reference path (the official computation, slower): for checking results")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", help="save the run state here and resume from it if present")
     p.add_argument("--checkpoint-every", type=int, default=50)
@@ -347,13 +530,13 @@ def _load_models(args, device):
     clip = CLIPEncoder(args.clip_weights, random_init=args.random_init and args.clip_weights is None,
                        device=device, dtype=dtype)
     dino = DINOEncoder(args.dino_weights, random_init=args.random_init and args.dino_weights is None,
-                       device=device, dtype=dtype)
+                       device=device, dtype=dtype, antialias=args.dino_antialias)
     return stylizer, clip, dino
 
 
 def main(args) -> int:
     """Run ``mmfs-fast finetune``; bad options or inputs raise the CLI's UsageError (exit 2)."""
-    from mmfs_fast.cli import EXIT_OK, RANDOM_INIT_BANNER, UsageError, err, expand_inputs
+    from mmfs_fast.commands.common import EXIT_OK, RANDOM_INIT_BANNER, UsageError, err, expand_inputs
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.random_init:
@@ -362,12 +545,13 @@ def main(args) -> int:
         stylizer, clip, dino = _load_models(args, device)
         result = finetune(
             stylizer, clip, dino, [file for file, _ in expand_inputs(args.faces)], text=args.text,
-            ref_image=args.ref, steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema=args.ema,
-            lambda_st=args.lambda_st, lambda_clip=args.lambda_clip, lambda_proj=args.lambda_proj,
-            source_text=args.source_text, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
+            ref_image=args.ref, steps=args.steps, decay_steps=args.decay_steps, batch_size=args.batch_size,
+            lr=args.lr, ema=args.ema, lambda_st=args.lambda_st, lambda_clip=args.lambda_clip,
+            lambda_proj=args.lambda_proj, source_text=args.source_text, fixed_style=args.fixed_style,
+            seed=args.seed, fast=not args.reference, checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every, preview=args.preview,
             mixed_precision=False if args.no_amp else None)
     except (ValueError, TypeError, OSError) as e:  # checkpoint, weights and image errors are ValueErrors
         raise UsageError(str(e)) from e
-    err(f"saved {result.save(args.out)}")
+    err(f"{len(result.history)} steps, {result.steps_per_s:.2f} steps/s; saved {result.save(args.out)}")
     return EXIT_OK

@@ -250,7 +250,7 @@ class _BatchedStylizer:
 # -- CLI ---------------------------------------------------------------------------------------
 def add_cli_parser(sub) -> None:
     """The ``video`` subcommand (registered by mmfs_fast.cli)."""
-    from mmfs_fast import cli
+    from mmfs_fast.commands import common
     from mmfs_fast.faces import add_detector_options
 
     p = sub.add_parser("video", help="stylize the faces of a video (needs the 'faces' extra)",
@@ -258,7 +258,7 @@ def add_cli_parser(sub) -> None:
                                    "the audio is copied through.")
     p.add_argument("input", help="video file")
     p.add_argument("output", help="output video file (e.g. out.mp4)")
-    cli.add_model_options(p)
+    common.add_model_options(p)
     style = p.add_mutually_exclusive_group()
     style.add_argument("--text", help="text prompt style (needs CLIP)")
     style.add_argument("--ref", help="reference image style (needs CLIP)")
@@ -276,25 +276,25 @@ def add_cli_parser(sub) -> None:
 
 
 def run_video(args) -> int:
-    from mmfs_fast import cli
+    from mmfs_fast.commands import common
     from mmfs_fast.faces import FacesUnavailable, cli_setup
 
     if args.batch_size < 1 or args.detect_every < 1:
-        raise cli.UsageError("--batch-size and --detect-every must be >= 1")
+        raise common.UsageError("--batch-size and --detect-every must be >= 1")
     try:
         av = require("av")
     except FacesUnavailable as e:
-        raise cli.UsageError(str(e)) from e
+        raise common.UsageError(str(e)) from e
     try:  # before the (slow) model loads
         with av.open(args.input) as source:
             if not source.streams.video:
-                raise cli.UsageError(f"{args.input}: no video stream")
+                raise common.UsageError(f"{args.input}: no video stream")
     except av.FFmpegError as e:
-        raise cli.UsageError(f"{args.input}: not a readable video ({e})") from e
+        raise common.UsageError(f"{args.input}: not a readable video ({e})") from e
     detector, mmfs, stylize_batch = cli_setup(args, args.noise)
     report = stylize_video(args.input, args.output, stylize_batch, mmfs.size, args.batch_size, detector,
                            QuadTracker(min_cutoff=args.smoothing), args.detect_every)
-    cli.err(f"wrote {report.frames} frames at {float(report.fps):.3g} fps to {args.output}"
+    common.err(f"wrote {report.frames} frames at {float(report.fps):.3g} fps to {args.output}"
             + (", audio copied" if report.audio_copied else "")
             + (f"; no face in {report.frames_without_face} frame(s)" if report.frames_without_face else ""))
-    return cli.EXIT_OK
+    return common.EXIT_OK

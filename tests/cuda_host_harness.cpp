@@ -45,12 +45,9 @@ float __shfl_xor_sync(unsigned, float value, int lane_mask) {
 
 float rsqrtf(float value) { return 1.f / std::sqrt(value); }
 
-namespace at {
-template <class T>
-using opmath_type = T;
-}
-
 namespace mmfs_fast {
+template <class T>
+using acc_type = T;  // csrc/common.h's accumulation type; double here
 struct Strides4 {
   int64_t n, c, y, x;
 };

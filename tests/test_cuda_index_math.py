@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from mmfs_fast.ops import _cuda
 from mmfs_fast.ops.bias_act import bias_act_ref
-from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS, modulated_conv2d_ref
+from mmfs_fast.ops._common import DEMOD_EPS
+from mmfs_fast.ops.modulated_conv2d import modulated_conv2d_ref
 from mmfs_fast.ops.upfirdn2d import upfirdn2d_ref
 
 THREADS = 256

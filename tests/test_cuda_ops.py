@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mmfs_fast.ops import _backend, _cuda, bias_act, default_fir, modulated_conv2d, upfirdn2d
+from mmfs_fast.ops._torch_target import TORCH_TARGET
 
 pytestmark = pytest.mark.skipif(_backend.cuda_extension() is None,
                                 reason="mmfs_fast._C is not built (no nvcc or CPU-only torch at install time)")
@@ -83,8 +84,9 @@ def make_tensors(shapes, constants, device, dtype, channels_last=False, seed=0):
 
 def test_extension_reports_its_build():
     info = _backend.cuda_extension().build_info()
-    assert set(info) == {"arch_list", "nvcc_flags", "cxx_flags", "cuda_version", "torch_version"}
+    assert set(info) == {"arch_list", "nvcc_flags", "cxx_flags", "cuda_version", "torch_version", "torch_target"}
     assert info["arch_list"] and "-O3" in info["nvcc_flags"]
+    assert info["torch_target"] == ".".join(map(str, TORCH_TARGET))
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -116,7 +118,7 @@ def test_auto_order_is_per_op(monkeypatch, recwarn):
     monkeypatch.setattr(_backend, "can_run", lambda impl, x: True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     x = torch.zeros(1)
-    assert _backend.available("modulated_conv2d", _backend.IMPLS, x) == ["ref", "triton", "cuda"]
+    assert _backend.available("modulated_conv2d", _backend.IMPLS, x) == ["ref", "cuda"]
     assert _backend.available("bias_act", _backend.IMPLS, x) == ["cuda", "triton", "ref"]
     assert _backend.resolve("modulated_conv2d", "auto", _backend.IMPLS, x) == "ref"
     assert not [w for w in recwarn if "falls back" in str(w.message)]
@@ -139,6 +141,17 @@ def op_samples(device="meta"):
         ("modulated_conv2d", (x, weight, styles, True, False, 1, 1)),
         ("modulated_conv2d", (x_cl, weight, styles, True, True, 2, 0)),
     ]
+
+
+@pytest.mark.parametrize("sample", range(len(op_samples())))
+def test_cuda_kernels_are_reached_through_the_stable_abi(sample):
+    """Without a GPU: each op's registered CUDA kernel, called on CPU tensors, unboxes its
+    arguments through the stable ABI and raises its own check as a RuntimeError naming the op."""
+    name, args = op_samples("cpu")[sample]
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(RuntimeError, match=rf"mmfs_fast::{name}: \w+ must be a CUDA tensor, got one on cpu"):
+        getattr(torch.ops.mmfs_fast, name).default.redispatch(cuda_only, *args)
 
 
 @pytest.mark.parametrize("sample", range(len(op_samples())))

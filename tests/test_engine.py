@@ -8,7 +8,8 @@ import threading
 import pytest
 import torch
 
-from mmfs_fast.engine import Engine, LRUCache, _ModulatedConv, prepare_stylizer
+from mmfs_fast.engine import Engine, LRUCache
+from mmfs_fast.models.inference import _ModulatedConv, prepare_stylizer
 from mmfs_fast.models.layers import ModulatedConv2d
 from mmfs_fast.models.stylizer import Stylizer
 
@@ -198,7 +199,7 @@ def test_bad_requests_fail_alone(stylizer):
     nan_w = torch.randn(10, DIM)
     nan_w[3, 4] = float("nan")
     good_w = torch.randn(10, DIM)
-    with Engine(stylizer, device="cpu", max_batch=8, max_wait_ms=200) as engine:
+    with Engine(stylizer, device="cpu", max_batch=8, max_wait_ms=200, check_finite=True) as engine:
         futures = {
             "seed": engine.submit(x[0], 3),
             "wrong size": engine.submit(torch.zeros(3, 32, 32), 3),
@@ -231,11 +232,15 @@ def test_close_drains_and_refuses_new_work(stylizer):
         engine.submit(faces(1)[0], 0)
 
 
-def test_direct_calls_reject_bad_input(engine):
+def test_direct_calls_reject_bad_input(engine, stylizer):
     with pytest.raises(ValueError, match="shape"):
         engine.stylize(faces(2), torch.randn(3, 10, DIM))
-    with pytest.raises(ValueError, match="NaN"):
-        engine.stylize(faces(1) * float("inf"), torch.randn(1, 10, DIM))
+    checking = Engine(stylizer, device="cpu", check_finite=True)
+    with pytest.raises(ValueError, match="faces contains NaN"):
+        checking.stylize(faces(1) * float("inf"), torch.randn(1, 10, DIM))
+    with pytest.raises(ValueError, match="w_plus contains NaN"):
+        checking.stylize(faces(1), torch.full((1, 10, DIM), float("nan")))
+    assert engine.stylize(faces(1), torch.full((1, 10, DIM), float("nan"))).isnan().all()  # unchecked: NaN out
     with pytest.raises(ValueError, match="noise"):
         engine.stylize(faces(1), torch.randn(1, 10, DIM), noise="loud")
     with pytest.raises(ValueError, match="seeds"):
@@ -266,10 +271,14 @@ def test_style_caches_hit_and_stay_bounded(clip_setup):
     engine.style_from_text(["c"])
     assert len(engine.text_cache) == 2
     refs = faces(3, seed=7)
-    w = engine.style_from_image(refs)
+    w = engine.style_from_image(refs, keys=["r0", "r1", "r2"])
     assert engine.image_cache.stats() == {"size": 2, "capacity": 2, "hits": 0, "misses": 3}
-    torch.testing.assert_close(engine.style_from_image(refs[2:].clone()), w[2:])  # same bytes, new tensor: a hit
+    torch.testing.assert_close(engine.style_from_image(refs[2:].clone(), keys=["r2"]), w[2:])  # the key: a hit
     assert engine.image_cache.stats()["hits"] == 1
+    torch.testing.assert_close(engine.style_from_image(refs[2:]), w[2:])  # no key: computed, not cached
+    assert engine.image_cache.stats()["hits"] == 1 and engine.image_cache.stats()["misses"] == 3
+    with pytest.raises(ValueError, match="2 keys for 3 images"):
+        engine.style_from_image(refs, keys=["a", "b"])
 
 
 @torch.no_grad()
@@ -289,11 +298,13 @@ def test_bf16_error_within_twice_the_plain_model_cast_to_bf16(stylizer):
 def test_fp16_modulation_is_safe_where_the_plain_fp16_layer_overflows(upsample, fused):
     torch.manual_seed(0)
     layer = ModulatedConv2d(16, 8, 3, DIM, upsample=upsample).eval()  # the op: per-sample weights
-    layer.modulation.bias.fill_(400.0)  # styles ~400: Σ(W·s)² ≈ 400² exceeds fp16's 65504
+    # styles ~1e5 exceed fp16's 65504 (the demodulation itself is fp32 everywhere: see
+    # test_ops_ref's test_demodulation_stays_fp32)
+    layer.modulation.bias.fill_(1e5)
     x, w = torch.randn(2, 16, 8, 8), torch.randn(2, DIM)
     ref = layer(x, w)
     plain = copy.deepcopy(layer).half()(x.half(), w.half()).float()
-    assert not torch.allclose(plain, ref, atol=0.1)  # the plain cast demodulates by rsqrt(inf) = 0
+    assert not torch.allclose(plain, ref, atol=0.1, equal_nan=True)  # the plain cast's styles are inf
     prepared = _ModulatedConv(layer, torch.float16, fused)(x.half(), w)
     assert prepared.dtype == torch.float16
     torch.testing.assert_close(prepared.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())

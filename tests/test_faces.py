@@ -225,27 +225,27 @@ def test_paste_back_checks_its_inputs(astronaut):
 @pytest.fixture
 def small_random_mmfs(monkeypatch):
     """The CLI's model loader, returning a small random model (the default one is 512²)."""
-    from mmfs_fast import cli
+    from mmfs_fast.commands import common
     from mmfs_fast.models import StylizerConfig
 
-    real_load = cli.load_mmfs
-    monkeypatch.setattr(cli, "load_mmfs", lambda args: real_load(args, StylizerConfig(size=64, ngf=4, style_dim=32)))
+    real_load = common.load_mmfs
+    monkeypatch.setattr(common, "load_mmfs", lambda args: real_load(args, StylizerConfig(size=64, ngf=4, style_dim=32)))
 
 
 def test_cli_stylize_align(tmp_path, astronaut, small_random_mmfs):
     import argparse
 
-    from mmfs_fast import cli
+    from mmfs_fast.commands import common
 
     parser = argparse.ArgumentParser()
-    cli.add_model_options(parser)
+    common.add_model_options(parser)
     faces.add_align_options(parser)
     Image.fromarray(astronaut).save(tmp_path / "astronaut.png")
     Image.fromarray(np.full((80, 80, 3), 128, np.uint8)).save(tmp_path / "blank.png")
     args = parser.parse_args(["--random-init", "--device", "cpu", "--align", "--paste-back"])
     args.out, args.seed, args.text, args.ref, args.noise, args.batch_size = tmp_path / "out", 5, None, None, "random", 4
     files = [(tmp_path / "astronaut.png", "astronaut"), (tmp_path / "blank.png", "blank")]
-    assert faces.run_stylize_align(args, files) == cli.EXIT_OK
+    assert faces.run_stylize_align(args, files) == common.EXIT_OK
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["astronaut.png", "astronaut_face0.png"]
     assert Image.open(tmp_path / "out" / "astronaut.png").size == (512, 512)
 

@@ -1,4 +1,6 @@
 """Stage IV fine-tuning loop: learning, frozen parts, EMA, resume, real encoders and the CLI."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,7 +62,7 @@ def faces():
 
 
 def run(stylizer, faces, dino=None, **kw):
-    kw = {"text": "pop art", "batch_size": 2, "lr": 2e-3, "progress": False, **kw}
+    kw = {"text": "pop art", "batch_size": 2, "lr": 2e-3, "decay_steps": 0, "progress": False, **kw}
     return finetune(stylizer, StandInCLIP(), dino or StandInDINO(), faces, **kw)
 
 
@@ -75,7 +77,7 @@ def test_ten_steps_reduce_the_loss_and_train_only_the_decoder(stylizer, faces):
     before = {k: v.clone() for k, v in stylizer.state_dict().items()}
     result = run(stylizer, faces[:2], steps=10)
     totals = [h["total"] for h in result.history]
-    assert len(totals) == 10 and set(result.history[0]) == {"total", "structure", "clip"}
+    assert len(totals) == 10 and set(result.history[0]) == {"total", "structure", "clip", "lr"}
     assert sum(totals[-3:]) / 3 < totals[0] - 0.1
     frozen, decoder = split_params(result.stylizer)
     assert all(torch.equal(v, before[k]) for k, v in frozen.items())
@@ -94,21 +96,23 @@ def test_ema_arithmetic(stylizer, faces):
 
 
 def test_resume_after_an_interruption_is_bit_exact(stylizer, faces, tmp_path):
-    reference = run(stylizer, faces, ref_image=faces[0], text=None, steps=4)
-    assert set(reference.history[0]) == {"total", "structure", "clip", "projection"}
+    """Mid-run, with the official schedule's decay and the train-mode clip_mapper's dropout."""
+    official = {"steps": 2, "decay_steps": 2}
+    reference = run(stylizer, faces, ref_image=faces[0], text=None, **official)
+    assert set(reference.history[0]) == {"total", "structure", "clip", "projection", "lr"}
     # one DINO call per face chunk, then one per step: interrupted during step 4, saved after step 2
     interrupting = StandInDINO(interrupt_after=2 + 4)
     with pytest.raises(KeyboardInterrupt):
-        run(stylizer, faces, dino=interrupting, ref_image=faces[0], text=None, steps=4,
-            checkpoint_dir=tmp_path, checkpoint_every=2)
+        run(stylizer, faces, dino=interrupting, ref_image=faces[0], text=None, checkpoint_dir=tmp_path,
+            checkpoint_every=2, **official)
     assert torch.load(tmp_path / STATE_FILE, weights_only=True)["step"] == 2
-    resumed = run(stylizer, faces, ref_image=faces[0], text=None, steps=4, checkpoint_dir=tmp_path,
-                  checkpoint_every=2)
+    resumed = run(stylizer, faces, ref_image=faces[0], text=None, checkpoint_dir=tmp_path, checkpoint_every=2,
+                  **official)
     assert resumed.history == reference.history
     for (k, a), b in zip(resumed.stylizer.state_dict().items(), reference.stylizer.state_dict().values()):
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="another prompt or settings"):
-        run(stylizer, faces, ref_image=faces[0], text=None, steps=4, lr=1e-3, checkpoint_dir=tmp_path)
+        run(stylizer, faces, ref_image=faces[0], text=None, lr=1e-3, checkpoint_dir=tmp_path, **official)
 
 
 def test_losses_read_back_in_batches_lose_no_step(stylizer, faces, tmp_path):
@@ -124,6 +128,10 @@ def test_clear_errors(stylizer, faces, tmp_path):
     for prompt in ({"text": "  "}, {"text": None}, {"text": "a", "ref_image": faces[0]}):
         with pytest.raises(ValueError, match="prompt"):
             run(stylizer, faces, steps=1, **prompt)
+    for bad, message in (({"decay_steps": -1}, "decay_steps"), ({"steps": 0}, "steps"), ({"ema": 1.0}, "ema"),
+                         ({"capture": True}, "CUDA")):
+        with pytest.raises(ValueError, match=message):
+            run(stylizer, faces, **{"steps": 1, **bad})
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="junk.png"):
@@ -144,8 +152,9 @@ def save_png(path, seed):
     return path
 
 
-def test_cli_one_shot_with_real_encoders(tmp_path):
-    """Random-initialised ViT-B CLIP and DINO, a style_dim-512 tiny Stylizer, one step."""
+def test_cli_one_shot_with_real_encoders(tmp_path, capsys):
+    """Random-initialised ViT-B CLIP and DINO, a style_dim-512 tiny Stylizer, one step (the
+    variants' flags: no decay, fixed style, antialiased DINO input)."""
     from mmfs_fast.cli import main
 
     torch.manual_seed(0)
@@ -156,9 +165,11 @@ def test_cli_one_shot_with_real_encoders(tmp_path):
     ref = save_png(tmp_path / "style.png", 9)
     out = tmp_path / "tuned.pt"
     code = main(["finetune", "--ckpt", str(tmp_path / "tiny.safetensors"), "--faces", str(tmp_path / "faces"),
-                 "--ref", str(ref), "--steps", "1", "--batch-size", "1", "--out", str(out), "--random-init",
+                 "--ref", str(ref), "--steps", "1", "--decay-steps", "0", "--fixed-style", "--dino-antialias",
+                 "--batch-size", "1", "--out", str(out), "--random-init",
                  "--preview", str(tmp_path / "preview.png"), "--device", "cpu"])
     assert code == 0
+    assert re.search(r"1 steps, [0-9.]+ steps/s; saved", capsys.readouterr().err)
     tuned = Stylizer.from_checkpoint(out)
     assert set(torch.load(out, weights_only=True)) == {"G_ema_model"}
     frozen, decoder = split_params(tuned)

@@ -8,7 +8,7 @@ import torch
 
 import naive
 from mmfs_fast.ops import backends, bias_act, default_fir, modulated_conv2d, upfirdn2d
-from mmfs_fast.ops.upfirdn2d import adjoint_pads
+from mmfs_fast.ops._common import adjoint_pads
 
 
 def rand(*shape, seed=0):

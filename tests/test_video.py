@@ -171,24 +171,24 @@ def test_tracker_holds_a_missed_face_then_drops_it():
 def test_cli_video_subcommand(tmp_path, clip, monkeypatch):
     import argparse
 
-    from mmfs_fast import cli
+    from mmfs_fast.commands import common
     from mmfs_fast.models import StylizerConfig
 
-    real_load = cli.load_mmfs
+    real_load = common.load_mmfs
     # a small random model: the default random one is 512²
-    monkeypatch.setattr(cli, "load_mmfs", lambda args: real_load(args, StylizerConfig(size=64, ngf=4, style_dim=32)))
+    monkeypatch.setattr(common, "load_mmfs", lambda args: real_load(args, StylizerConfig(size=64, ngf=4, style_dim=32)))
     parser = argparse.ArgumentParser()
     video.add_cli_parser(parser.add_subparsers())
     out = tmp_path / "styled.mp4"
     args = parser.parse_args(["video", str(clip), str(out), "--random-init", "--device", "cpu", "--seed", "1"])
-    assert args.func(args) == cli.EXIT_OK
+    assert args.func(args) == common.EXIT_OK
     frames, facts, audio = read_clip(out)
     assert len(frames) == FRAMES and facts["rate"] == FPS and len(audio) > 0
 
     (tmp_path / "notes.mp4").write_text("not a video")
     for name, problem in [("missing.mp4", "No such file"), ("notes.mp4", "Invalid data")]:
         args = parser.parse_args(["video", str(tmp_path / name), str(out), "--random-init"])
-        with pytest.raises(cli.UsageError, match=f"not a readable video .*{problem}"):
+        with pytest.raises(common.UsageError, match=f"not a readable video .*{problem}"):
             args.func(args)
 
 

@@ -1,6 +1,7 @@
 """What the CLIP and DINO wrappers share: weight-file handling, freezing, resizing."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -53,13 +54,13 @@ def check_images(x: torch.Tensor) -> None:
         raise TypeError(f"images must be floating point in [-1, 1], got {x.dtype}")
 
 
-def resize(x: torch.Tensor, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """Bilinear antialiased resize of images in [-1, 1] to [0, 1] at ``size``, returned in ``dtype``.
+def resize(x: torch.Tensor, size: tuple[int, int], dtype: torch.dtype, antialias: bool = True) -> torch.Tensor:
+    """Bilinear resize of images in [-1, 1] to [0, 1] at ``size``, returned in ``dtype``.
 
     Computed in at least fp32, before the cast to the encoder's dtype: the CPU has no
     antialiased resize for bf16, and the 224² output is small."""
     acc = torch.promote_types(x.dtype, torch.float32)
-    out = F.interpolate(x.to(acc) * 0.5 + 0.5, size=size, mode="bilinear", align_corners=False, antialias=True)
+    out = F.interpolate(x.to(acc) * 0.5 + 0.5, size=size, mode="bilinear", align_corners=False, antialias=antialias)
     return out.to(dtype)
 
 
@@ -74,3 +75,10 @@ class Normalize:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+def without_autocast(device: torch.device):
+    """A context computing in the tensors' own precision even inside an autocast region."""
+    if not torch.amp.is_autocast_available(device.type):  # e.g. meta tensors
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmfs_fast.encoders._common import Normalize, check_images, check_weights, freeze, load_weights, resize
+from mmfs_fast.encoders._common import (Normalize, check_images, check_weights, freeze, load_weights, resize,
+                                       without_autocast)
 
 MODEL_NAME = "vit_base_patch8_224.dino"
 PATCH = 8
@@ -57,7 +58,12 @@ class DINOEncoder:
     """Frozen DINO ViT-B/8: no parameter gradients, but differentiable w.r.t. input images."""
 
     def __init__(self, weights: str | Path | None = None, *, random_init: bool = False, device="cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, antialias: bool = False):
+        """``antialias``: how images are resized to DINO's input. False (the default) is the official
+        MMFS code's resize (torchvision 0.12's tensor ``Resize``, which does not antialias), so
+        the structure loss and its gradient are the ones the published models were trained
+        with; True low-pass filters first, which weighs every source pixel instead of aliasing
+        512² detail into the 224² input: pick it for new training runs, not to reproduce."""
         import timm
 
         path = check_weights("DINO", weights, random_init, HOW_TO_GET)
@@ -66,12 +72,13 @@ class DINOEncoder:
         if path is not None:
             load_weights(MODEL_NAME, lambda p: _load_weights(model, p), path, HOW_TO_GET)
         self.model = freeze(model, device, dtype)
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype, self.antialias = torch.device(device), dtype, antialias
         self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD, self.device, dtype)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x)
-        return self.normalize(resize(x.to(self.device), input_size(*x.shape[-2:]), self.dtype))
+        size = input_size(*x.shape[-2:])
+        return self.normalize(resize(x.to(self.device), size, self.dtype, antialias=self.antialias))
 
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] → (B, N, 768) float32 keys of the last block, CLS
@@ -88,6 +95,8 @@ class DINOEncoder:
         return F.linear(last.norm1(tokens), k_weight, k_bias).float()
 
     def self_similarity(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, N) cosine self-similarity of the last block's keys."""
+        """(B, N, N) cosine self-similarity of the last block's keys; in fp32 under autocast too
+        (a loss statistic: bf16 keeps 3 digits of similarities the loss compares)."""
         k = F.normalize(self.keys(x), dim=-1)
-        return k @ k.transpose(1, 2)
+        with without_autocast(k.device):
+            return k @ k.transpose(1, 2)

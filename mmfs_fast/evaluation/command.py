@@ -66,7 +66,7 @@ def main(args) -> int:
     import warnings
 
     from mmfs_fast.api import MMFS
-    from mmfs_fast.cli import EXIT_OK, EXIT_SOME_FAILED, RANDOM_INIT_BANNER, UsageError, err
+    from mmfs_fast.commands.common import EXIT_OK, EXIT_SOME_FAILED, RANDOM_INIT_BANNER, UsageError, err
     from mmfs_fast.encoders import EncoderWeightsError
     from mmfs_fast.evaluation.report import write_report
     from mmfs_fast.evaluation.runner import MetricNetworks, evaluate

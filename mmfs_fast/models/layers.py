@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmfs_fast.ops import bias_act, default_fir, modulated_conv2d, upfirdn2d
-from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS, blur_pads
+from mmfs_fast.ops import bias_act, blur_pads, default_fir, demodulation, modulated_conv2d, upfirdn2d, weight_energy
 
 FIR_SIZE = default_fir().shape[0]  # every resampling uses the [1, 3, 3, 1] FIR
 
@@ -139,6 +138,12 @@ class ResBlock(nn.Module):
         return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)
 
 
+def modconv_impl(impl: str) -> str:
+    """The modulated_conv2d op's backend for a layer on ``impl``: a model on triton runs the op,
+    which has no triton kernel, on "auto"."""
+    return "auto" if impl == "triton" else impl
+
+
 def set_fused_modconv(module: nn.Module, fused: bool | None) -> None:
     """How every ModulatedConv2d of ``module`` runs: True, the modulated_conv2d op (per-sample
     weights, the official computation); False, :func:`shared_weight_conv` plus demodulation;
@@ -186,15 +191,12 @@ class ModulatedConv2d(nn.Module):
             # The op applies the ×4 of the upsampling blur itself; it takes the unit-sum FIR.
             fir = self.blur.kernel / 4 if self.upsample else None
             return modulated_conv2d(x, weight, styles, demodulate=self.demodulate,
-                                    up=2 if self.upsample else 1, fir=fir, impl=self.impl)
+                                    up=2 if self.upsample else 1, fir=fir, impl=modconv_impl(self.impl))
         out = shared_weight_conv(x, styles, weight, (self.blur.kernel, self.blur.pad) if self.upsample else None,
                                  self.impl)
         if not self.demodulate:
             return out
-        # Σ_{i,taps} (W·s)² = s² · Σ_taps W², in at least fp32 and elementwise, which autocast leaves alone
-        acc = torch.promote_types(styles.dtype, torch.float32)
-        energy = (styles.to(acc).square()[:, None, :] * weight.to(acc).square().sum((2, 3))[None]).sum(-1)
-        return out * torch.rsqrt(energy + DEMOD_EPS).to(out.dtype)[:, :, None, None]
+        return out * demodulation(styles, weight_energy(weight)).to(out.dtype)[:, :, None, None]
 
 
 class NoiseInjection(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 NoiseSpec = str | list | tuple
+NOISE_MODES = ("random", "zero")  # the named modes; a list of maps is the explicit form
 
 
 def make_noises(noise: NoiseSpec, batch: int, resolutions: list[int], device, dtype,

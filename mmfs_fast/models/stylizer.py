@@ -72,6 +72,10 @@ class Stylizer(nn.Module):
         r = self.feature_size
         return [r] + [r * 2 ** (i // 2 + 1) for i in range(2 * N_UPSAMPLINGS)]
 
+    @property
+    def feature_channels(self) -> int:
+        return 8 * self.config.ngf
+
     def _param(self) -> torch.Tensor:
         return self.decoder0.conv.weight
 
@@ -110,13 +114,18 @@ class Stylizer(nn.Module):
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Encoder features + (B, 10, style_dim) w+ → image in [-1, 1]."""
         r = self.feature_size
-        self._check_input("feat", feat, (None, 8 * self.config.ngf, r, r))
+        self._check_input("feat", feat, (None, self.feature_channels, r, r))
         self._check_input("w_plus", w_plus, (feat.shape[0], N_LATENT, self.config.style_dim))
         noises = make_noises(noise, feat.shape[0], self.noise_resolutions, feat.device, feat.dtype, generator)
+        return self.synthesize(feat, w_plus, noises).clamp(-1, 1)
+
+    def synthesize(self, feat: torch.Tensor, w_plus: torch.Tensor,
+                   noises: list[torch.Tensor | None] | None) -> torch.Tensor:
+        """The decoder on checked inputs, unclamped: one noise map (or None) per conv, or None
+        for no noise at all."""
         blocks = [(getattr(self, f"decoder{i}a"), getattr(self, f"decoder{i}b"), getattr(self, f"to_rgb{i}"))
                   for i in range(1, N_UPSAMPLINGS + 1)]
-        rgb = synthesize(self.decoder0, self.to_rgb0, blocks, feat, w_plus, noises)
-        return rgb.clamp(-1, 1)
+        return synthesize(self.decoder0, self.to_rgb0, blocks, feat, w_plus, noises or [None] * N_CONVS)
 
     def style_from_z(self, z: torch.Tensor, mixing: bool = False,
                      generator: torch.Generator | None = None) -> torch.Tensor:

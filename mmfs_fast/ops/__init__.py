@@ -5,7 +5,8 @@ from mmfs_fast.ops import bias_act as _bias_act_module
 from mmfs_fast.ops import modulated_conv2d as _modulated_conv2d_module
 from mmfs_fast.ops import upfirdn2d as _upfirdn2d_module
 from mmfs_fast.ops.bias_act import bias_act
-from mmfs_fast.ops.modulated_conv2d import default_fir, modulated_conv2d
+from mmfs_fast.ops._common import blur_pads, default_fir, demodulation, weight_energy
+from mmfs_fast.ops.modulated_conv2d import modulated_conv2d
 from mmfs_fast.ops.upfirdn2d import upfirdn2d
 
 _MODULES = {
@@ -22,4 +23,25 @@ def backends() -> dict[str, list[str]]:
             for op, module in _MODULES.items()}
 
 
-__all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "default_fir", "backends"]
+def cuda_extension_report() -> dict:
+    """The CUDA extension: whether it loaded (else why not), the torch it was built against and
+    the one it runs with, and which of its ops have a CUDA kernel registered."""
+    import torch
+
+    from mmfs_fast.ops import _cuda
+
+    extension = _backend.cuda_extension()
+    build = extension.build_info() if extension is not None else None
+    return {
+        "loaded": extension is not None,
+        "off_because": _backend.cuda_extension_off(),
+        "built_with_torch": build["torch_version"] if build else None,
+        "runs_with_torch": torch.__version__,
+        "supports_torch": f">={build['torch_target']}" if build else None,
+        "cuda_kernels": {op: extension is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"mmfs_fast::{op}", "CUDA") for op in _cuda.OPS},
+    }
+
+
+__all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "default_fir", "blur_pads", "demodulation", "weight_energy",
+           "backends", "cuda_extension_report"]

@@ -8,60 +8,95 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
+import re
 import warnings
+from pathlib import Path
 from typing import Collection
 
 import torch
 
+from mmfs_fast.ops._torch_target import TORCH_TARGET
+
 IMPLS = ("ref", "cuda", "triton")
-# "auto" order for CUDA tensors, fastest first: measured (bench/results/), not assumed.
-FASTEST_FIRST = ("cuda", "triton", "ref")
-# modulated_conv2d: cuDNN's grouped convolution (ref) beat both kernels on an H200 (512², the
-# fp16 Engine's guided stylization with the op, ref / triton / cuda: 4.0 / 7.0 / 25.6 ms at
-# batch 1, 105 / 189 / 703 ms at batch 32; fine-tuning, bf16 autocast, batch 8: 0.31 s/step
-# on cuda, 0.16 s on fp32 ref). The cuda op has since been rebuilt around one shared-weight
-# cuDNN convolution, the form that measured 3.0 / 67 ms there in the Engine; it moves up once
-# it is measured as an op (bench/test_bench_ops.py).
-FASTEST_FIRST_PER_OP = {"modulated_conv2d": ("ref", "triton", "cuda")}
+# "auto" order for CUDA tensors, fastest first: measured, not assumed. bench/test_bench_ops.py
+# writes it on a GPU; bench/cost_model.py reads the same file.
+WINNERS_FILE = Path(__file__).with_name("winners.json")
+_WINNERS = json.loads(WINNERS_FILE.read_text())
+FASTEST_FIRST = tuple(_WINNERS["default"])
+FASTEST_FIRST_PER_OP = {op: tuple(entry["order"]) for op, entry in _WINNERS["ops"].items()}
 # what the kernels are built for; float64 (gradient checks) goes to ref under "auto"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_HOW_TO_GET = {
-    "cuda": (
-        "the CUDA extension mmfs_fast._C is not built; reinstall on a machine with nvcc and a "
-        "CUDA build of torch: CUDA_HOME=/usr/local/cuda pip install --no-build-isolation ."
-    ),
-    "triton": (
-        "Triton is not installed (pip install triton), or the tensor is on the CPU and "
-        "TRITON_INTERPRET=1 is not set"
-    ),
-}
+_NOT_BUILT = ("mmfs_fast._C is not built (at install time torch was a CPU-only build or nvcc was not found; "
+              "pip install -v . prints which): install on a machine with nvcc and a CUDA build of torch, "
+              "CUDA_HOME=/usr/local/cuda pip install .")
+_NO_TRITON = ("Triton is not installed (pip install triton), or the tensor is on the CPU and "
+              "TRITON_INTERPRET=1 is not set")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(2, 11) from '2.11.0+cu130'."""
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+
+
+def _why_it_does_not_load(error: ImportError) -> str:
+    """One line for the usual reasons a built extension fails to load, instead of the loader's."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    rebuild = "rebuild it against this torch: pip install --no-build-isolation ."
+    missing = re.search(r"([\w.+-]+\.so[\w.]*): cannot open shared object file", message)
+    if missing:
+        return (f"it needs {missing.group(1)}, which torch {torch.__version__} (CUDA {torch.version.cuda}) does "
+                f"not provide: it was built for another CUDA version; {rebuild}")
+    undefined = re.search(r"undefined symbol: (\S+)", message)
+    if undefined:
+        return (f"torch {torch.__version__} lacks {undefined.group(1)}, which the extension calls (it was built "
+                f"against a newer stable ABI than this torch has); {rebuild}")
+    return f"{message}; {rebuild}"
 
 
 def _load_cuda_extension():
-    if importlib.util.find_spec("mmfs_fast._C") is None:
-        return None
-    try:
-        from mmfs_fast import _C
-    except ImportError as e:  # built, but against another torch or CUDA: say so instead of hiding it
-        warnings.warn(f"mmfs_fast: the CUDA extension is installed but does not load ({e}); the cuda backend "
-                      "is off. Rebuild it against this torch: pip install --no-build-isolation .", RuntimeWarning)
-        return None
-    return _C
+    """(the module, None), or (None, why the cuda backend is off, in one line)."""
+    spec = importlib.util.find_spec("mmfs_fast._C")
+    if spec is None:
+        return None, _NOT_BUILT
+    target = ".".join(map(str, TORCH_TARGET))
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} is a CPU-only build, and the extension's kernels need a CUDA build"
+    elif _release(torch.__version__) < TORCH_TARGET:
+        why = (f"torch {torch.__version__} is older than {target}, the oldest release whose stable ABI the "
+               f"extension uses: pip install 'torch>={target}'")
+    else:
+        try:
+            from mmfs_fast import _C
+        except ImportError as e:  # built for another CUDA or a newer torch: say so instead of the loader's words
+            why = _why_it_does_not_load(e)
+        else:
+            return _C, None
+    # lineno 0: the warning names the library and shows no source line, so it stays one line
+    warnings.warn_explicit(f"mmfs_fast: the CUDA extension is installed but off: {why}. The triton and ref "
+                           "backends remain.", RuntimeWarning, filename=spec.origin, lineno=0)
+    return None, f"the CUDA extension is installed but off: {why}"
 
 
 # Settled once at import: the checks below then read constants, which torch.compile
 # (fullgraph=True) traces through without a graph break. Finding triton's spec does
 # not import it (slow); kernels/ import it on first use.
-_CUDA_EXTENSION = _load_cuda_extension()
+_CUDA_EXTENSION, _CUDA_EXTENSION_OFF = _load_cuda_extension()
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_HOW_TO_GET = {"cuda": _CUDA_EXTENSION_OFF or "the cuda backend runs CUDA tensors only", "triton": _NO_TRITON}
 
 
 def cuda_extension():
     """The compiled extension module (importing it registers torch.ops.mmfs_fast.*), or None
-    when it was not built."""
+    when it was not built or does not load here."""
     return _CUDA_EXTENSION
+
+
+def cuda_extension_off() -> str | None:
+    """Why the cuda backend is off, in one line; None when the extension loaded."""
+    return _CUDA_EXTENSION_OFF
 
 
 def triton_installed() -> bool:

@@ -9,7 +9,7 @@ its own derivative, and modulated_conv2d's backward, like its forward, runs its
 convolutions on cuDNN.
 
 The public functions at the bottom have the signatures of the ``ref`` functions of the op
-modules. Those modules import this one, so it imports from them only inside functions.
+modules, which import this one; what both need comes from :mod:`mmfs_fast.ops._common`.
 """
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ import torch
 from torch.library import register_autograd, register_fake
 
 from mmfs_fast.ops import _backend
+from mmfs_fast.ops._common import adjoint_pads, blur_pads, demodulation, output_size, weight_energy
 
 _ops = torch.ops.mmfs_fast
+# the ops csrc/bindings.cpp defines
+OPS = ("upfirdn2d", "bias_act", "bias_act_grad", "modulated_conv2d")
 
 
 def _empty_with_layout_of(x: torch.Tensor, shape) -> torch.Tensor:
@@ -33,8 +36,6 @@ def _empty_with_layout_of(x: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _upfirdn2d_fake(x, kernel, up, down, pad):
-    from mmfs_fast.ops.upfirdn2d import output_size
-
     x0, x1, y0, y1 = pad
     kh, kw = kernel.shape
     n, c, h, w = x.shape
@@ -49,8 +50,6 @@ def _upfirdn2d_setup(ctx, inputs, output):
 
 def _upfirdn2d_backward(ctx, grad):
     """The FIR taps are constants (registered buffers): only x gets a gradient."""
-    from mmfs_fast.ops.upfirdn2d import adjoint_pads
-
     kernel, = ctx.saved_tensors
     pad = adjoint_pads(ctx.in_size, ctx.out_size, kernel.shape, ctx.up, ctx.down, ctx.pad)
     return _ops.upfirdn2d(grad, kernel.flip((0, 1)), ctx.down, ctx.up, pad), None, None, None, None
@@ -120,14 +119,12 @@ def _modulated_conv2d_backward(ctx, grad):
     """out = demod · conv(x · s, W): a plain batched convolution with a shared weight between
     two per-channel scalings, so cuDNN computes the convolution gradients; the demodulation
     terms are (B, O) x (O, I) products. Every step is differentiable."""
-    from mmfs_fast.ops.modulated_conv2d import DEMOD_EPS
-
     x, weight, styles, out = ctx.saved_tensors
     acc = torch.promote_types(x.dtype, torch.float32)  # fp32 sums for fp16/bf16 activations
     s = styles.to(x.dtype)[:, :, None, None]
     if ctx.demodulate:
-        weight_sq = weight.to(acc).square().sum((2, 3))  # (O, I)
-        demod = torch.rsqrt(styles.to(acc).square() @ weight_sq.T + DEMOD_EPS)  # (B, O)
+        weight_sq = weight_energy(weight).to(acc)  # (O, I)
+        demod = demodulation(styles, weight_sq).to(acc)  # (B, O)
         # out = demod · undemodulated, so d loss / d demod = sum(grad · out) / demod.
         grad_demod = (grad.to(acc) * out.to(acc)).sum((2, 3)) / demod
         grad = grad * demod.to(grad.dtype)[:, :, None, None]
@@ -183,8 +180,6 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, alpha: float,
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool,
                      up: int, down: int, padding: int, fir: torch.Tensor) -> torch.Tensor:
     """up=2: transposed conv (stride 2), then the FIR blur ×4; down=2: blur, then conv stride 2."""
-    from mmfs_fast.ops.modulated_conv2d import blur_pads
-
     if up == 1 and down == 1:
         return _ops.modulated_conv2d(x, weight, styles, demodulate, False, 1, padding)
     p0, p1 = blur_pads(fir.shape[0], weight.shape[2], up, down)

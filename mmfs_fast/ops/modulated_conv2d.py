@@ -7,38 +7,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmfs_fast.ops import _backend, _cuda, _triton
-from mmfs_fast.ops.upfirdn2d import as_2d_kernel, upfirdn2d_ref
-
-DEMOD_EPS = 1e-8
-
-
-def default_fir(device=None, dtype=torch.float32) -> torch.Tensor:
-    """outer([1, 3, 3, 1]) normalised to sum 1, the FIR of every MMFS resampling.
-
-    Filled in on the device: a tensor made from host values is copied over, which a
-    CUDA-graph capture forbids, and modulated_conv2d makes this one on every call
-    without an explicit ``fir``."""
-    taps = torch.ones(4, device=device, dtype=dtype)
-    taps.narrow(0, 1, 2).fill_(3.0)
-    kernel = torch.outer(taps, taps)
-    return kernel / kernel.sum()
-
-
-def blur_pads(fir_size: int, k: int, up: int, down: int) -> tuple[int, int]:
-    """(pad0, pad1) of the FIR blur that keeps the official output size."""
-    if up == 2:
-        p = (fir_size - 2) - (k - 1)
-        return ((p + 1) // 2 + 1, p // 2 + 1)
-    p = (fir_size - 2) + (k - 1)
-    return ((p + 1) // 2, p // 2)
+from mmfs_fast.ops import _backend, _cuda
+from mmfs_fast.ops._common import as_2d_kernel, blur_pads, default_fir, demodulation, weight_energy
+from mmfs_fast.ops.upfirdn2d import upfirdn2d_ref
 
 
 def modulate_weight(weight: torch.Tensor, styles: torch.Tensor, demodulate: bool) -> torch.Tensor:
     """(B, O, I, k, k) per-sample weights: W · s, then divided by their norm if demodulating."""
     w = weight[None] * styles[:, None, :, None, None]
     if demodulate:
-        w = w * torch.rsqrt(w.square().sum(dim=(2, 3, 4), keepdim=True) + DEMOD_EPS)
+        w = w * demodulation(styles, weight_energy(weight)).to(w.dtype)[:, :, None, None, None]
     return w
 
 
@@ -63,7 +41,7 @@ def modulated_conv2d_ref(x: torch.Tensor, weight: torch.Tensor, styles: torch.Te
     return out.reshape(b, o, out.shape[2], out.shape[3])
 
 
-IMPLEMENTATIONS = {"ref": modulated_conv2d_ref, "cuda": _cuda.modulated_conv2d, "triton": _triton.modulated_conv2d}
+IMPLEMENTATIONS = {"ref": modulated_conv2d_ref, "cuda": _cuda.modulated_conv2d}
 
 
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool = True,

@@ -10,40 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfs_fast.ops import _backend, _cuda, _triton
-
-
-def parse_pad(pad: int | Sequence[int]) -> tuple[int, int, int, int]:
-    """``pad`` as (x0, x1, y0, y1): an int pads every side, (p0, p1) both axes alike."""
-    if isinstance(pad, int):
-        return (pad, pad, pad, pad)
-    pad = tuple(int(p) for p in pad)
-    if len(pad) == 2:
-        return (pad[0], pad[1], pad[0], pad[1])
-    if len(pad) == 4:
-        return pad
-    raise ValueError(f"upfirdn2d: pad must be an int, (p0, p1) or (x0, x1, y0, y1); got {pad!r}")
-
-
-def as_2d_kernel(kernel: torch.Tensor) -> torch.Tensor:
-    """A 1-D kernel is separable: it stands for its outer product with itself."""
-    if kernel.ndim == 1:
-        return torch.outer(kernel, kernel)
-    if kernel.ndim != 2:
-        raise ValueError(f"upfirdn2d: kernel must be 1-D or 2-D, got shape {tuple(kernel.shape)}")
-    return kernel
-
-
-def output_size(in_size: int, k: int, up: int, down: int, pad0: int, pad1: int) -> int:
-    return (in_size * up + pad0 + pad1 - k) // down + 1
-
-
-def adjoint_pads(in_size: tuple[int, int], out_size: tuple[int, int], kernel_size: tuple[int, int], up: int,
-                 down: int, pad: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    """Pads (x0, x1, y0, y1) that make ``upfirdn2d(dy, flipped kernel, up=down, down=up)``
-    the input gradient of ``upfirdn2d(x, kernel, up, down, pad)``; sizes are (H, W)."""
-    (h, w), (out_h, out_w), (kh, kw) = in_size, out_size, kernel_size
-    return (kw - pad[0] - 1, w * up - out_w * down + pad[0] - up + 1,
-            kh - pad[2] - 1, h * up - out_h * down + pad[2] - up + 1)
+from mmfs_fast.ops._common import as_2d_kernel, output_size, parse_pad
 
 
 def _check(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int, pad: tuple[int, int, int, int]) -> None:
@@ -75,7 +42,6 @@ def upfirdn2d_ref(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int,
         x = x.reshape(n, c, h * up, w * up)
     if x0 == x1 >= 0 and y0 == y1 >= 0:
         # every blur MMFS runs: the convolution pads by itself, without a padded copy of x
-        # (the copy and its zero fill were 4% of the Engine's 512² fp32 stylization on 2 CPU cores)
         padding = (y0, x0)
     else:
         x = F.pad(x, (max(x0, 0), max(x1, 0), max(y0, 0), max(y1, 0)))

@@ -181,10 +181,10 @@ class Service:
             raise RequestError(422, f"image: {len(found)} faces found, at most {MAX_FACES} per photo")
         return photo, found, faces.align(photo, [f.quad for f in found], self.engine.config.size)
 
-    def submit(self, crops: torch.Tensor, style, noise: str) -> Future:
+    def submit(self, crops: torch.Tensor, style, noise: str, style_key=None) -> Future:
         """One Future of the (N, 3, S, S) stylized crops: each crop is its own engine request,
         so they share micro-batches."""
-        parts = [self.engine.submit(crop, style, noise) for crop in crops]
+        parts = [self.engine.submit(crop, style, noise, style_key) for crop in crops]
         combined: Future = Future()
         pending, lock = [len(parts)], threading.Lock()
 
@@ -437,8 +437,10 @@ def _add_routes(app: FastAPI, auth) -> None:
             else:
                 crops = (await run_in_threadpool(service.load_face, files["image"]))[None]
             style = await _style(service, options, files)
+            # a reference is cached by its upload's bytes, hashed here on the host
+            style_key = style_id_of("ref", files["reference"]) if "reference" in files else None
             start = time.perf_counter()
-            future = service.submit(crops, style, options.noise)
+            future = service.submit(crops, style, options.noise, style_key)
         except BaseException:
             service.release()
             raise

@@ -18,14 +18,14 @@ SHUTDOWN_MARGIN_S = 5
 
 def add_cli_parser(sub) -> None:
     """The ``serve`` subcommand (registered by mmfs_fast.cli)."""
-    from mmfs_fast import cli
+    from mmfs_fast.commands import common
     from mmfs_fast.serve.app import ServeSettings
 
     defaults = ServeSettings()
     p = sub.add_parser("serve", help="HTTP stylization service (FastAPI on uvicorn; needs the 'serve' extra)",
                        description="Serve POST /v1/stylize, POST /v1/styles, /healthz, /readyz, /metrics and "
                                    "the OpenAPI docs (/docs).")
-    cli.add_model_options(p)
+    common.add_model_options(p)
     p.set_defaults(dtype=None, func=run_server)  # the engine's default: fp16 on CUDA, fp32 on the CPU
     p.add_argument("--no-clip", action="store_true",
                    help="with --random-init: no random CLIP (seed and registered styles only; faster start)")
@@ -66,59 +66,61 @@ def load_engine(ckpt=None, clip_weights=None, random_init=False, clip=True, devi
                 impl="auto", **engine_options):
     """The Engine of a checkpoint, with CLIP when ``clip_weights`` are given (or random
     with ``random_init``, unless ``clip=False``)."""
-    from mmfs_fast.api import ENGINE_PRECISIONS, MMFS, parse_dtype
-    from mmfs_fast.engine import Engine
+    import torch
 
+    from mmfs_fast.engine import Engine
+    from mmfs_fast.loading import default_device, load_clip, load_stylizer
+    from mmfs_fast.precision import precision_name
+
+    device = torch.device(device) if device is not None else default_device()
     # the Engine prepares its own low-precision copy from the fp32 weights
-    mmfs = MMFS.load(ckpt, clip_weights, device=device, dtype="float32", impl=impl,
-                     random_init=random_init, engine=False)
-    encoder = mmfs.clip if clip_weights is not None or (random_init and clip) else None
-    precision = ENGINE_PRECISIONS[parse_dtype(precision)] if precision is not None else None
-    return Engine(mmfs.stylizer, clip=encoder, precision=precision, device=mmfs.device, impl=impl,
-                  **engine_options)
+    stylizer = load_stylizer(ckpt, device, impl=impl, random_init=random_init)
+    encoder = load_clip(clip_weights, device) if clip_weights is not None or (random_init and clip) else None
+    precision = precision_name(precision) if precision is not None else None
+    return Engine(stylizer, clip=encoder, precision=precision, device=device, impl=impl, **engine_options)
 
 
 def run_server(args) -> int:
     import uvicorn
 
-    from mmfs_fast import cli
+    from mmfs_fast.commands import common
     from mmfs_fast.models import CheckpointError
     from mmfs_fast.encoders import EncoderWeightsError
     from mmfs_fast.serve.app import ServeSettings, create_app
 
     if args.ckpt is None and not args.random_init:
-        raise cli.UsageError("no weights: pass --ckpt <MMFS checkpoint>, or --random-init for a random model")
+        raise common.UsageError("no weights: pass --ckpt <MMFS checkpoint>, or --random-init for a random model")
     try:
         settings = ServeSettings(token=read_token(args.token_file), max_queue=args.max_queue,
                                  request_timeout=args.request_timeout,
                                  max_upload_bytes=int(args.max_upload_mb * 2 ** 20), max_pixels=args.max_pixels,
                                  max_styles=args.max_styles, warmup=not args.no_warmup)
         if args.random_init:
-            cli.err(cli.RANDOM_INIT_BANNER)
+            common.err(common.RANDOM_INIT_BANNER)
             warnings.filterwarnings("ignore", message="mmfs_fast: RANDOM-INITIALISED")
         engine = load_engine(args.ckpt, args.clip_weights, args.random_init, clip=not args.no_clip,
                              device=args.device, precision=args.dtype, impl=args.impl,
                              cuda_graphs=not args.no_cuda_graphs, max_batch=args.max_batch,
                              max_wait_ms=args.max_wait_ms)
     except (CheckpointError, EncoderWeightsError, ValueError, RuntimeError, TypeError) as e:
-        raise cli.UsageError(str(e)) from e
+        raise common.UsageError(str(e)) from e
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
-        cli.err(f"warning: serving on {args.host} without authentication (set ${TOKEN_ENV} or --token-file)")
+        common.err(f"warning: serving on {args.host} without authentication (set ${TOKEN_ENV} or --token-file)")
     app = create_app(lambda: engine, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=int(settings.request_timeout) + SHUTDOWN_MARGIN_S)
-    return cli.EXIT_OK
+    return common.EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m mmfs_fast.serve [options]``: the same as ``mmfs-fast serve [options]``."""
-    from mmfs_fast import cli
+    from mmfs_fast.commands import common
 
     parser = argparse.ArgumentParser(prog="python -m mmfs_fast.serve")
     add_cli_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
-    except cli.UsageError as e:
+    except common.UsageError as e:
         print(f"mmfs-fast serve: error: {e}", file=sys.stderr)
-        return cli.EXIT_USAGE
+        return common.EXIT_USAGE

@@ -1,0 +1,128 @@
+"""The cost model (bench/cost_model.py) and the structural gates it gives CI: what one 512²
+guided stylization launches on the Engine's CUDA path, counted on fake CUDA tensors (no GPU,
+no memory). A change that adds a kernel, a memory pass, a host sync or a layout copy fails
+here; a change that removes some must lower the bound (the values are today's)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import cost_model as cm  # noqa: E402
+
+# today's totals of the 512² guided stylization (fp16, Engine defaults), per batch size
+GUIDED_BOUNDS = {
+    1: {"kernels": 220, "bytes_per_image": 3.104e9, "cudnn_transposes": 56},
+    32: {"kernels": 220, "bytes_per_image": 3.064e9, "cudnn_transposes": 56},
+}
+
+
+def record(fn) -> list[cm.Kernel]:
+    with cm.fake_cuda() as recorder:
+        with recorder.record() as kernels:
+            fn()
+    return kernels
+
+
+# -- the counting, against closed-form costs ------------------------------------------------
+
+def test_convolution_costs_its_closed_form():
+    def fn():
+        x = torch.empty(2, 16, 32, 32, device="cuda", dtype=torch.float16)
+        w = torch.empty(8, 16, 3, 3, device="cuda", dtype=torch.float16)
+        torch.nn.functional.conv2d(x, w, padding=1)
+
+    (conv,) = record(fn)
+    assert conv.op == "convolution" and conv.kernels == 1 and conv.tensor_cores and conv.dtype == "fp16"
+    assert conv.flops == 2 * (2 * 8 * 32 * 32) * 16 * 9
+    # in + weight + out, and the NCHW↔NHWC transposes of input and output (2 passes each)
+    io = (2 * 16 * 32 * 32 + 8 * 16 * 9 + 2 * 8 * 32 * 32) * 2
+    assert conv.transpose_bytes == 2 * (2 * 16 * 32 * 32 + 2 * 8 * 32 * 32) * 2
+    assert conv.bytes == io + conv.transpose_bytes and conv.cudnn_transposes == 2
+
+
+def test_convolution_bias_is_a_pass_of_its_own_and_channels_last_has_no_transposes():
+    def fn():
+        x = torch.empty(1, 16, 8, 8, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+        w = torch.empty(8, 16, 1, 1, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+        torch.nn.functional.conv2d(x, w, torch.empty(8, device="cuda", dtype=torch.float16))
+
+    kernels = record(fn)
+    conv = next(k for k in kernels if k.op == "convolution")
+    assert conv.kernels == 2 and conv.cudnn_transposes == 0
+    # the input's .to(channels_last); a 1×1 weight's NHWC is the same memory order, no conversion
+    assert sum(k.layout_conversions for k in kernels) == 1
+
+
+def test_elementwise_bytes_count_a_broadcast_input_once():
+    def fn():
+        x = torch.empty(4, 8, 16, 16, device="cuda")
+        noise = torch.empty(1, 1, 16, 16, device="cuda").expand(4, 1, 16, 16)
+        x.add_(noise)
+
+    (add,) = record(fn)
+    assert add.kernels == 1 and add.bytes == (4 * 8 * 256 + 256 + 4 * 8 * 256) * 4
+
+
+def test_host_reads_are_syncs_and_permuted_copies_are_layout_conversions():
+    def fn():
+        x = torch.empty(2, 3, 4, 5, device="cuda")
+        bool(torch.isfinite(x).all())
+        x.permute(0, 2, 3, 1).contiguous()
+        x.cpu()
+        x.sum(dim=1).tolist()  # one wait for the reduction, however many elements it reads
+
+    kernels = record(fn)
+    assert sum(k.syncs for k in kernels) == 3
+    assert sum(k.layout_conversions for k in kernels) == 1
+
+
+def test_custom_op_is_one_kernel_with_its_declared_cost():
+    from mmfs_fast.ops import _backend, bias_act
+
+    if not _backend.installed("cuda"):
+        pytest.skip("the CUDA extension is not built here: its ops are not registered")
+
+    def fn():
+        x = torch.empty(2, 8, 4, 4, device="cuda", dtype=torch.float16)
+        bias_act(x, torch.empty(8, device="cuda", dtype=torch.float16))
+
+    (op,) = record(fn)
+    assert op.op == "bias_act" and op.kernels == 1 and op.bytes == (2 * 2 * 8 * 16 + 8) * 2
+
+
+def test_roofline_takes_the_slower_of_compute_and_memory():
+    peak = cm.peaks.peak_for("H200")
+    c = cm.Constants(memory_efficiency=0.5, compute_efficiency=0.25, cudnn_transposes=1.0)
+    memory_bound = cm.Kernel("add", "x", bytes=4.8e9, flops=1e9)
+    compute_bound = cm.Kernel("convolution", "x", bytes=1e6, flops=989.4e12, dtype="fp16", tensor_cores=True)
+    assert cm.kernel_seconds(memory_bound, peak, c) == pytest.approx(4.8e9 / (4800e9 * 0.5))
+    assert cm.kernel_seconds(compute_bound, peak, c) == pytest.approx(4.0)
+
+
+# -- the gates --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def guided():
+    """Totals of the 512² guided stylization at batch 1 and 32 on the Engine's CUDA path."""
+    with cm.fake_cuda() as recorder:
+        models = cm.build_models(with_dino=False, with_clip=False)
+        return {batch: cm.totals(cm.count(recorder, models, "guided_stylization", batch)) for batch in GUIDED_BOUNDS}
+
+
+@pytest.mark.parametrize("batch", sorted(GUIDED_BOUNDS))
+def test_guided_stylization_launches_no_more_kernels_and_moves_no_more_bytes(guided, batch):
+    bound, got = GUIDED_BOUNDS[batch], guided[batch]
+    assert got["kernels"] <= bound["kernels"], f"{got['kernels']} kernels > {bound['kernels']}: a pass was added"
+    assert got["bytes"] / batch <= bound["bytes_per_image"], "more bytes per image: a pass or a copy was added"
+    assert got["cudnn_transposes"] <= bound["cudnn_transposes"]
+    assert got["layout_conversions"] == 0, "an explicit layout copy on the Engine's path"
+    assert got["flops"] / batch == pytest.approx(172.0e9, rel=0.01)  # the convolutions' work, SPEC's model
+
+
+@pytest.mark.parametrize("batch", sorted(GUIDED_BOUNDS))
+def test_guided_stylization_never_waits_for_the_device(guided, batch):
+    assert guided[batch]["syncs"] == 0
