@@ -27,6 +27,7 @@ OPTIONAL_SUBCOMMANDS = {
     "serve": ("mmfs_fast.serve", "HTTP stylization service (FastAPI on uvicorn; needs the 'serve' extra)",
               "serve"),
     "export": ("mmfs_fast.export", "export to ONNX or an AOTInductor package, for use outside Python", "export"),
+    "eval": ("mmfs_fast.evaluation", "quality metrics: FID, ArcFace distance, LPIPS diversity, CLIP scores", "clip"),
 }
 
 
