@@ -112,6 +112,9 @@ class Engine:
         self.image_cache = LRUCache(style_cache_size)
         self._batcher = Batcher(self, max_batch or (buckets[-1] if buckets else DEFAULT_BUCKETS[-1]), max_wait_ms)
 
+    #: styles stay in fp32 whatever the render precision: fp16 styles can overflow the demodulation
+    style_dtype = torch.float32
+
     @property
     def buckets(self) -> tuple[int, ...] | None:
         return self._executor.buckets
