@@ -24,6 +24,7 @@ from mmfs_fast.engine import Engine, PlainRenderer
 from mmfs_fast.loading import default_device, load_clip, load_stylizer
 from mmfs_fast.precision import PRECISIONS, default_precision, precision_name
 from mmfs_fast.models import N_LATENT, Stylizer, StylizerConfig
+from mmfs_fast.models.noise import NOISE_MODES
 from mmfs_fast.models.stylizer import z_from_seeds
 from mmfs_fast.validation import check_finite, check_tensor
 
@@ -216,14 +217,20 @@ class MMFS:
                     for _ in range(count)]
         return [torch.cat(maps).to(device=self.device, dtype=self.dtype) for maps in zip(*per_face)]
 
+    def _noise_maps(self, noise, count: int, generator: torch.Generator | None = None):
+        """A drawn mode (models/noise.py's NOISE_MODES) as maps drawn on the CPU: "random" one
+        set per face, "fixed" one set for them all; "zero" and explicit maps pass through."""
+        if isinstance(noise, str) and noise in ("random", "fixed"):
+            return self.random_noise(count if noise == "random" else 1, generator)
+        return noise
+
     def render(self, faces: torch.Tensor, w_plus: Style, noise="random") -> torch.Tensor:
         """The batched step: faces (B, 3, size, size) in [-1, 1] + w+ (B or 1, 10, style_dim)
         → float32 images (B, 3, size, size) in [-1, 1], on the Engine when there is one.
-        ``noise``: "random", "zero" or one (B, 1, r, r) map per conv (:meth:`random_noise`)."""
+        ``noise``: "random", "fixed", "zero" (see :data:`~mmfs_fast.models.noise.NOISE_MODES`)
+        or one (B or 1, 1, r, r) map per conv (:meth:`random_noise`)."""
         w_plus = self._check_w_plus(w_plus).expand(faces.shape[0], -1, -1)
-        if isinstance(noise, str) and noise == "random":
-            noise = self.random_noise(faces.shape[0])
-        return self.renderer.stylize(faces, w_plus, noise)
+        return self.renderer.stylize(faces, w_plus, self._noise_maps(noise, faces.shape[0]))
 
     def stylize_iter(self, images, seed: int | None = None, text: str | None = None, ref=None,
                      w_plus: Style | None = None, noise: str = "random", batch_size: int = 8,
@@ -231,8 +238,8 @@ class MMFS:
         """Yield ``(index, image)`` in input order, one batch at a time; the image is a
         (3, size, size) CPU float tensor in [-1, 1]. With ``skip_errors`` an unreadable input
         yields ``(index, ImageError)`` instead and the others go on."""
-        if noise not in ("random", "zero"):
-            raise ValueError(f"noise must be 'random' or 'zero', got {noise!r}")
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(images, torch.Tensor) and images.ndim == 4:
@@ -246,6 +253,8 @@ class MMFS:
         if style.shape[0] not in (1, len(images)):
             raise ValueError(f"{style.shape[0]} styles for {len(images)} images: give one style or one per image")
         generator = _seeded_generator(seed) if seed is not None else None
+        if noise == "fixed":  # one draw for the whole call, whatever the batching
+            noise = self.random_noise(1, generator)
         with tqdm(total=len(images), unit="img", disable=not progress) as bar:
             for start in range(0, len(images), batch_size):
                 faces, results = {}, {}
@@ -259,8 +268,8 @@ class MMFS:
                 if faces:
                     indices = list(faces)
                     w = style if style.shape[0] == 1 else style[indices]
-                    noise_maps = self.random_noise(len(faces), generator) if noise == "random" else noise
-                    out = self.render(torch.stack([f.to(self.device) for f in faces.values()]), w, noise_maps)
+                    out = self.render(torch.stack([f.to(self.device) for f in faces.values()]), w,
+                                      self._noise_maps(noise, len(faces), generator))
                     results.update(zip(indices, out.cpu()))
                 yield from sorted(results.items())
                 bar.update(min(batch_size, len(images) - start))
@@ -271,7 +280,8 @@ class MMFS:
         """Stylize faces (paths, PIL images, numpy arrays or (3, size, size) tensors in [-1, 1],
         or one (N, 3, size, size) tensor) with one style: ``seed``, ``text``, ``ref`` (reference
         image) or ``w_plus``; with none of them a random seed. ``seed`` also seeds the noise
-        maps of any style.
+        maps of any style. ``noise``: "random" (one draw per face), "fixed" (one draw shared by
+        every face) or "zero" (none).
 
         Returns a (N, 3, size, size) CPU tensor in [-1, 1], or a list of PIL images with
         ``output="pil"``. Unreadable inputs raise :class:`mmfs_fast.io.ImageError`.
