@@ -22,8 +22,8 @@ def make_noises(noise: NoiseSpec, batch: int, resolutions: list[int], device, dt
             return [None] * len(resolutions)
         if noise in ("random", "fixed"):
             drawn = batch if noise == "random" else 1
-            return [torch.randn(drawn, 1, r, r, device=device, dtype=dtype, generator=generator).expand(batch, -1, -1, -1)
-                    for r in resolutions]
+            return [torch.randn(drawn, 1, r, r, device=device, dtype=dtype, generator=generator)
+                    .expand(batch, -1, -1, -1) for r in resolutions]
         raise ValueError(f"noise must be one of {NOISE_MODES} or a list of tensors, got {noise!r}")
     noise = list(noise)
     if len(noise) != len(resolutions):
