@@ -13,8 +13,8 @@ from torch.library import wrap_triton
 
 from mmfs_fast.kernels._config import autotune_configs
 
-# Output tile sizes: MMFS planes run from 8×8 (encoder end) to 512×512; GPU timing
-# of these candidates is pending (no GPU in the session that wrote them).
+# Output tile sizes: MMFS planes run from 8×8 (encoder end) to 512×512, so the autotuner
+# chooses per shape among small and large tiles.
 _CONFIGS = autotune_configs(
     full=[{"BLOCK": b, "num_warps": w} for b, w in ((128, 4), (256, 4), (512, 4), (1024, 8))],
     interpreted={"BLOCK": 64, "num_warps": 1})

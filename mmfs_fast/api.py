@@ -20,11 +20,13 @@ import torch
 from tqdm import tqdm
 
 from mmfs_fast import io
-from mmfs_fast.engine import Engine
+from mmfs_fast.engine import Engine, PlainRenderer
 from mmfs_fast.loading import default_device, load_clip, load_stylizer
 from mmfs_fast.precision import PRECISIONS, default_precision, precision_name
 from mmfs_fast.models import N_LATENT, Stylizer, StylizerConfig
+from mmfs_fast.models.noise import NOISE_MODES
 from mmfs_fast.models.stylizer import z_from_seeds
+from mmfs_fast.validation import check_finite, check_tensor
 
 Style = torch.Tensor
 
@@ -47,25 +49,26 @@ class MMFS:
     :class:`mmfs_fast.encoders.CLIPEncoder`; :meth:`load` builds it. With an ``engine``
     it must be a CLIPEncoder: the engine computes the text and tensor-image styles with it.
 
-    With an engine, MMFS keeps no Stylizer of its own (only ``stylizer``'s config): the
-    engine's prepared copy computes every style (in fp32) and renders.
+    Every style and image comes from one renderer: the ``engine`` (whose prepared copy of the
+    Stylizer computes the styles in fp32), else a :class:`~mmfs_fast.engine.PlainRenderer`
+    over ``stylizer`` itself. ``check_finite`` (plain renderer; an engine has its own flag)
+    makes :meth:`render` reject NaN/Inf inputs at the cost of a device→host sync.
     """
 
     def __init__(self, stylizer: Stylizer, clip=None, *, engine: Engine | None = None, random_clip: bool = False,
-                 max_pixels: int | None = None):
-        self.config = stylizer.config
-        self.engine = engine
-        self._stylizer = stylizer.eval() if engine is None else None
-        self._clip = None
+                 max_pixels: int | None = None, check_finite: bool = False):
+        self.renderer = engine if engine is not None else PlainRenderer(stylizer, check_finite=check_finite)
+        self.config = self.renderer.config
         if clip is not None:
-            self._set_clip(clip)
+            self.renderer.clip = clip
         self.max_pixels = max_pixels  # input images above it are rejected (None: see mmfs_fast.io)
         # a random CLIP is only for demos/tests, and large: build it on first use
         self._random_clip = random_clip and clip is None
 
     @classmethod
     def load(cls, ckpt=None, clip_weights=None, device=None, dtype=None, impl: str = "auto",
-             random_init: bool = False, config: StylizerConfig | None = None, engine: bool = True) -> "MMFS":
+             random_init: bool = False, config: StylizerConfig | None = None, engine: bool = True,
+             check_finite: bool = False) -> "MMFS":
         """Load a Stylizer checkpoint (official .pt/.pth, bare state dict, StyleGAN2 or our
         safetensors) and, for text/reference styles, CLIP weights (OpenAI ViT-B-32.pt).
 
@@ -76,23 +79,29 @@ class MMFS:
 
         ``random_init=True`` builds whatever has no weights with random parameters (the
         Stylizer from ``config`` when ``ckpt`` is None; CLIP when ``clip_weights`` is None),
-        with a loud warning: for demos and tests only.
+        with a loud warning: for demos and tests only. ``check_finite``: :meth:`render`
+        rejects NaN/Inf inputs (one device→host sync per call).
         """
         device = torch.device(device) if device is not None else default_device()
         precision = precision_name(dtype) if dtype is not None else default_precision(device) if engine else "fp32"
         model_dtype = torch.float32 if engine else PRECISIONS[precision]  # the Engine keeps its own cast copy
         stylizer = load_stylizer(ckpt, device, model_dtype, impl, random_init, config)
         clip = load_clip(clip_weights, device, model_dtype) if clip_weights is not None else None
-        if engine:
-            engine = Engine(stylizer, clip, precision=precision, device=device, impl=impl)
-        return cls(stylizer, clip, engine=engine or None, random_clip=random_init)
+        fast = Engine(stylizer, clip, precision=precision, device=device, impl=impl,
+                      check_finite=check_finite) if engine else None
+        return cls(stylizer, clip, engine=fast, random_clip=random_init, check_finite=check_finite)
 
     # -- properties -------------------------------------------------------------
+    @property
+    def engine(self) -> Engine | None:
+        """The Engine that renders, or None on the reference path (``engine=False``)."""
+        return self.renderer if isinstance(self.renderer, Engine) else None
+
     @property
     def stylizer(self) -> Stylizer:
         """The model; with an engine, the engine's prepared copy (mapping network and
         clip_mapper in fp32, the rest in the engine's precision)."""
-        return self.engine.model if self.engine is not None else self._stylizer
+        return self.renderer.model
 
     @property
     def size(self) -> int:
@@ -105,26 +114,25 @@ class MMFS:
 
     @property
     def device(self) -> torch.device:
-        return self.engine.device if self.engine is not None else self._stylizer.decoder0.conv.weight.device
+        return self.renderer.device
 
     @property
     def dtype(self) -> torch.dtype:
         """Of the styles: float32 with an engine (which renders in its own precision), else the Stylizer's."""
-        return torch.float32 if self.engine is not None else self._stylizer.decoder0.conv.weight.dtype
+        return self.renderer.style_dtype
 
     @property
     def clip(self):
-        if self._clip is None:
+        """The renderer's CLIP encoder (with ``random_clip``, built on first use)."""
+        self._require_clip()
+        return self.renderer.clip
+
+    def _require_clip(self) -> None:
+        if self.renderer.clip is None:
             if not self._random_clip:
                 raise RuntimeError("text and reference-image styles need CLIP: "
                                    "MMFS.load(..., clip_weights='ViT-B-32.pt')")
-            self._set_clip(load_clip(None, self.device, self.dtype))
-        return self._clip
-
-    def _set_clip(self, clip) -> None:
-        self._clip = clip
-        if self.engine is not None:
-            self.engine.clip = clip
+            self.renderer.clip = load_clip(None, self.device, self.dtype)
 
     # -- styles -----------------------------------------------------------------
     def style_from_seed(self, seed: int | Sequence[int]) -> Style:
@@ -132,38 +140,24 @@ class MMFS:
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
         for s in seeds:
             _check_seed(s)
-        z = z_from_seeds(seeds, self.style_dim)
-        if self.engine is not None:
-            return self.engine.style_from_z(z)
-        with torch.no_grad():
-            return self._stylizer.style_from_z(z.to(device=self.device, dtype=self.dtype)).contiguous()
+        return self.renderer.style_from_z(z_from_seeds(seeds, self.style_dim))
 
     def style_from_text(self, text: str | Sequence[str]) -> Style:
         """w+ (B, 10, style_dim) of one prompt or a list of prompts, through CLIP and the clip_mapper."""
         texts = [text] if isinstance(text, str) else list(text)
-        clip = self.clip  # built on first use (random_clip), also for the engine
-        if self.engine is not None:
-            return self.engine.style_from_text(texts)
-        with torch.no_grad():
-            return self._map_clip(clip.encode_text(texts))
+        self._require_clip()
+        return self.renderer.style_from_text(texts)
 
     def style_from_image(self, image) -> Style:
         """w+ (B, 10, style_dim) of reference images: a path, PIL image or numpy array (CLIP's
         standard preprocessing), a list of them, or a (B, 3, H, W) / (3, H, W) tensor in [-1, 1]."""
+        self._require_clip()
+        if isinstance(image, torch.Tensor):
+            return self.renderer.style_from_image(image[None] if image.ndim == 3 else image)
+        images = image if isinstance(image, (list, tuple)) else [image]
         with torch.no_grad():
-            if isinstance(image, torch.Tensor):
-                x = image[None] if image.ndim == 3 else image
-                clip = self.clip  # built on first use (random_clip), also for the engine
-                if self.engine is not None:
-                    return self.engine.style_from_image(x)
-                return self._map_clip(clip.encode_image(x.to(self.device)))
-            images = image if isinstance(image, (list, tuple)) else [image]
-            return self._map_clip(self.clip.encode_pil([io.open_rgb(i, self.max_pixels) for i in images]))
-
-    def _map_clip(self, feats: torch.Tensor) -> Style:
-        if self.engine is not None:
-            return self.engine.style_from_clip(feats)
-        return self._stylizer.map_clip(feats.to(device=self.device, dtype=self.dtype))
+            feats = self.clip.encode_pil([io.open_rgb(i, self.max_pixels) for i in images])
+        return self.renderer.style_from_clip(feats)
 
     def style(self, seed: int | None = None, text: str | None = None, ref=None,
               w_plus: torch.Tensor | None = None) -> Style:
@@ -180,14 +174,10 @@ class MMFS:
         return self.style_from_seed(random.randrange(2 ** 31) if seed is None else seed)
 
     def _check_w_plus(self, w_plus) -> Style:
-        if not isinstance(w_plus, torch.Tensor):
-            raise TypeError(f"w_plus must be a torch.Tensor, got {type(w_plus).__name__}")
-        w_plus = w_plus[None] if w_plus.ndim == 2 else w_plus
-        if w_plus.ndim != 3 or w_plus.shape[1:] != (N_LATENT, self.style_dim):
-            raise ValueError(f"w_plus must have shape (B, {N_LATENT}, {self.style_dim}) or "
-                             f"({N_LATENT}, {self.style_dim}), got {tuple(w_plus.shape)}")
-        if not torch.isfinite(w_plus).all():
-            raise ValueError("w_plus contains NaN or Inf")
+        """(B, 10, D) or (10, D), checked on the host (no sync), on the device in the style dtype."""
+        if isinstance(w_plus, torch.Tensor) and w_plus.ndim == 2:
+            w_plus = w_plus[None]
+        check_tensor("w_plus", w_plus, (None, N_LATENT, self.style_dim))
         return w_plus.to(device=self.device, dtype=self.dtype)
 
     @staticmethod
@@ -227,17 +217,20 @@ class MMFS:
                     for _ in range(count)]
         return [torch.cat(maps).to(device=self.device, dtype=self.dtype) for maps in zip(*per_face)]
 
+    def _noise_maps(self, noise, count: int, generator: torch.Generator | None = None):
+        """A drawn mode (models/noise.py's NOISE_MODES) as maps drawn on the CPU: "random" one
+        set per face, "fixed" one set for them all; "zero" and explicit maps pass through."""
+        if isinstance(noise, str) and noise in ("random", "fixed"):
+            return self.random_noise(count if noise == "random" else 1, generator)
+        return noise
+
     def render(self, faces: torch.Tensor, w_plus: Style, noise="random") -> torch.Tensor:
         """The batched step: faces (B, 3, size, size) in [-1, 1] + w+ (B or 1, 10, style_dim)
         → float32 images (B, 3, size, size) in [-1, 1], on the Engine when there is one.
-        ``noise``: "random", "zero" or one (B, 1, r, r) map per conv (:meth:`random_noise`)."""
+        ``noise``: "random", "fixed", "zero" (see :data:`~mmfs_fast.models.noise.NOISE_MODES`)
+        or one (B or 1, 1, r, r) map per conv (:meth:`random_noise`)."""
         w_plus = self._check_w_plus(w_plus).expand(faces.shape[0], -1, -1)
-        if isinstance(noise, str) and noise == "random":
-            noise = self.random_noise(faces.shape[0])
-        if self.engine is not None:
-            return self.engine.stylize(faces, w_plus, noise)
-        with torch.no_grad():
-            return self._stylizer(faces.to(device=self.device, dtype=self.dtype), w_plus=w_plus, noise=noise).float()
+        return self.renderer.stylize(faces, w_plus, self._noise_maps(noise, faces.shape[0]))
 
     def stylize_iter(self, images, seed: int | None = None, text: str | None = None, ref=None,
                      w_plus: Style | None = None, noise: str = "random", batch_size: int = 8,
@@ -245,8 +238,8 @@ class MMFS:
         """Yield ``(index, image)`` in input order, one batch at a time; the image is a
         (3, size, size) CPU float tensor in [-1, 1]. With ``skip_errors`` an unreadable input
         yields ``(index, ImageError)`` instead and the others go on."""
-        if noise not in ("random", "zero"):
-            raise ValueError(f"noise must be 'random' or 'zero', got {noise!r}")
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(images, torch.Tensor) and images.ndim == 4:
@@ -255,9 +248,13 @@ class MMFS:
         if not images:
             raise ValueError("no images to stylize")
         style = self.style(seed, text, ref, w_plus)
+        if w_plus is not None:  # the images come back to the host anyway, so this read costs little
+            check_finite(w_plus=w_plus)
         if style.shape[0] not in (1, len(images)):
             raise ValueError(f"{style.shape[0]} styles for {len(images)} images: give one style or one per image")
         generator = _seeded_generator(seed) if seed is not None else None
+        if noise == "fixed":  # one draw for the whole call, whatever the batching
+            noise = self.random_noise(1, generator)
         with tqdm(total=len(images), unit="img", disable=not progress) as bar:
             for start in range(0, len(images), batch_size):
                 faces, results = {}, {}
@@ -271,8 +268,8 @@ class MMFS:
                 if faces:
                     indices = list(faces)
                     w = style if style.shape[0] == 1 else style[indices]
-                    noise_maps = self.random_noise(len(faces), generator) if noise == "random" else noise
-                    out = self.render(torch.stack([f.to(self.device) for f in faces.values()]), w, noise_maps)
+                    out = self.render(torch.stack([f.to(self.device) for f in faces.values()]), w,
+                                      self._noise_maps(noise, len(faces), generator))
                     results.update(zip(indices, out.cpu()))
                 yield from sorted(results.items())
                 bar.update(min(batch_size, len(images) - start))
@@ -283,7 +280,8 @@ class MMFS:
         """Stylize faces (paths, PIL images, numpy arrays or (3, size, size) tensors in [-1, 1],
         or one (N, 3, size, size) tensor) with one style: ``seed``, ``text``, ``ref`` (reference
         image) or ``w_plus``; with none of them a random seed. ``seed`` also seeds the noise
-        maps of any style.
+        maps of any style. ``noise``: "random" (one draw per face), "fixed" (one draw shared by
+        every face) or "zero" (none).
 
         Returns a (N, 3, size, size) CPU tensor in [-1, 1], or a list of PIL images with
         ``output="pil"``. Unreadable inputs raise :class:`mmfs_fast.io.ImageError`.

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mmfs_fast.commands.common import (EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, add_model_options, err,
                                        expand_inputs, load_mmfs, style_args)
+from mmfs_fast.models.noise import NOISE_MODES
 
 # subcommands that other modules provide through ``add_cli_parser(subparsers)``:
 # name → (module, help, pip extra that brings its dependencies)
@@ -45,7 +46,8 @@ def add_stylize_parser(sub) -> None:
     style.add_argument("--text", help="text prompt style (needs CLIP)")
     style.add_argument("--ref", help="reference image style (needs CLIP)")
     p.add_argument("--seed", type=int, help="random style seed (and noise seed)")
-    p.add_argument("--noise", default="random", choices=["random", "zero"])
+    p.add_argument("--noise", default="random", choices=NOISE_MODES,
+                   help="random: one draw per face (default); fixed: one draw for every face; zero: no noise")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-pixels", type=int,
                    help="reject larger input images (default $MMFS_FAST_MAX_PIXELS or 50,000,000)")

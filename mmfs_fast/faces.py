@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmfs_fast.models.noise import NOISE_MODES
+
 StylizeBatch = Callable[[torch.Tensor], torch.Tensor]
 
 EXTRA_HINT = "pip install 'mmfs_fast[faces]' (dlib-bin, face-recognition-models, av)"
@@ -257,13 +259,16 @@ def stylize_in_batches(stylize_batch: StylizeBatch, faces: torch.Tensor, batch_s
 
 def mmfs_stylize_batch(mmfs, w_plus: torch.Tensor, noise: str = "fixed", seed: int = 0) -> StylizeBatch:
     """A ``stylize_batch`` that renders every face with :class:`mmfs_fast.MMFS` in one style.
-    ``noise``: "fixed" draws one set of noise maps (from ``seed``) and reuses it for every
-    face, so a video does not flicker; "zero" uses none; "random" draws new maps per call."""
-    if noise not in ("fixed", "zero", "random"):
-        raise ValueError(f"noise must be 'fixed', 'zero' or 'random', got {noise!r}")
-    if noise == "fixed":
-        noise = mmfs.random_noise(1, torch.Generator().manual_seed(seed))
-    return lambda faces: mmfs.render(faces, w_plus, noise)
+    ``noise`` (one of :data:`~mmfs_fast.models.noise.NOISE_MODES`), drawn from ``seed`` so a
+    run repeats exactly: "fixed" draws one set of maps and reuses it for every face of every
+    call, so a video does not flicker; "random" draws new maps per face; "zero" uses none."""
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+    generator = torch.Generator().manual_seed(seed)
+    if noise == "random":
+        return lambda faces: mmfs.render(faces, w_plus, mmfs.random_noise(len(faces), generator))
+    maps = mmfs.random_noise(1, generator) if noise == "fixed" else noise
+    return lambda faces: mmfs.render(faces, w_plus, maps)
 
 
 # -- photos ----------------------------------------------------------------------------------
@@ -332,9 +337,9 @@ def add_align_options(parser) -> None:
     add_detector_options(group)
 
 
-def cli_setup(args, noise: str) -> tuple[FaceDetector, object, StylizeBatch]:
-    """The face detector, the model and a one-style ``stylize_batch`` of a CLI run
-    (``mmfs-fast stylize --align`` or ``video``); problems become usage errors."""
+def cli_setup(args) -> tuple[FaceDetector, object, StylizeBatch]:
+    """The face detector, the model and a one-style ``stylize_batch`` (noise ``args.noise``) of a
+    CLI run (``mmfs-fast stylize --align`` or ``video``); problems become usage errors."""
     from mmfs_fast import io
     from mmfs_fast.commands import common
 
@@ -348,7 +353,7 @@ def cli_setup(args, noise: str) -> tuple[FaceDetector, object, StylizeBatch]:
         w_plus = mmfs.style(**style)
     except io.ImageError as e:  # the --ref image
         raise common.UsageError(str(e)) from e
-    return detector, mmfs, mmfs_stylize_batch(mmfs, w_plus, noise, seed=style["seed"] or 0)
+    return detector, mmfs, mmfs_stylize_batch(mmfs, w_plus, args.noise, seed=style["seed"] or 0)
 
 
 def run_stylize_align(args, files: list[tuple[Path, str]]) -> int:
@@ -356,8 +361,7 @@ def run_stylize_align(args, files: list[tuple[Path, str]]) -> int:
     from mmfs_fast import io
     from mmfs_fast.commands import common
 
-    # one noise draw for every face, from the seed, so a run repeats exactly
-    detector, mmfs, stylize_batch = cli_setup(args, "zero" if args.noise == "zero" else "fixed")
+    detector, mmfs, stylize_batch = cli_setup(args)
     failed = no_face = written = 0
     for path, result in stylize_photo_files(files, stylize_batch, Path(args.out), mmfs.size, args.batch_size,
                                             args.paste_back, detector):

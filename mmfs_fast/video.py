@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from mmfs_fast.faces import (Face, FaceDetector, StylizeBatch, align, paste_back, quad_side, require,
                              stylize_in_batches)
+from mmfs_fast.models.noise import NOISE_MODES
 
 DEFAULT_FPS = Fraction(30)
 
@@ -263,7 +264,8 @@ def add_cli_parser(sub) -> None:
     style.add_argument("--text", help="text prompt style (needs CLIP)")
     style.add_argument("--ref", help="reference image style (needs CLIP)")
     p.add_argument("--seed", type=int, help="random style seed (and noise seed)")
-    p.add_argument("--noise", default="fixed", choices=["fixed", "zero"],
+    # "random" (NOISE_MODES' third) would redraw the noise every frame: the video would flicker
+    p.add_argument("--noise", default="fixed", choices=[m for m in NOISE_MODES if m != "random"],
                    help="fixed: one noise draw for every frame (default); zero: no noise")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crf", type=int, default=18, help="x264 quality: lower is better (default 18)")
@@ -291,7 +293,7 @@ def run_video(args) -> int:
                 raise common.UsageError(f"{args.input}: no video stream")
     except av.FFmpegError as e:
         raise common.UsageError(f"{args.input}: not a readable video ({e})") from e
-    detector, mmfs, stylize_batch = cli_setup(args, args.noise)
+    detector, mmfs, stylize_batch = cli_setup(args)
     report = stylize_video(args.input, args.output, stylize_batch, mmfs.size, args.batch_size, detector,
                            QuadTracker(min_cutoff=args.smoothing), args.detect_every)
     common.err(f"wrote {report.frames} frames at {float(report.fps):.3g} fps to {args.output}"

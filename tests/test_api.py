@@ -325,3 +325,28 @@ def test_engine_renders_like_the_reference_path(ckpt, mmfs, faces):
     assert 0 < error < 0.02  # bf16 rounding: near, not equal
     with pytest.raises(ValueError, match="unsupported dtype"):
         MMFS.load(ckpt, device="cpu", dtype="float64")
+
+
+def test_noise_modes_random_fixed_zero(mmfs, reference, faces):
+    """NOISE_MODES, one vocabulary: "random" one draw per face, "fixed" one draw for every face."""
+    from mmfs_fast.models.noise import NOISE_MODES, make_noises
+
+    assert NOISE_MODES == ("random", "fixed", "zero")
+    same = [faces[0]] * 3
+    fixed = mmfs.stylize(same, seed=4, noise="fixed", batch_size=2)
+    torch.testing.assert_close(fixed[1:], fixed[:1].expand(2, -1, -1, -1), rtol=0, atol=1e-5)
+    drawn = mmfs.stylize(same, seed=4, noise="random")
+    assert not torch.allclose(drawn[0], drawn[1])
+    # "fixed" is the seed's first face's draw, shared: the first face matches under either mode
+    torch.testing.assert_close(fixed[0], drawn[0], rtol=0, atol=1e-5)
+    zero = mmfs.stylize(same, seed=4, noise="zero")
+    assert not torch.allclose(fixed, zero)
+    x, w = torch.stack([lanczos_tensor(f) for f in same]), mmfs.style_from_seed(4)
+    maps = mmfs.random_noise(1, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = reference(x, w_plus=w.expand(3, -1, -1), noise=[m.expand(3, -1, -1, -1) for m in maps])
+    torch.testing.assert_close(fixed, want.clamp(-1, 1), rtol=0, atol=1e-4)
+    shared = make_noises("fixed", 3, [4, 8], "cpu", torch.float32, torch.Generator().manual_seed(0))
+    assert all(n.shape[0] == 3 and torch.equal(n[0], n[2]) for n in shared)
+    with pytest.raises(ValueError, match="noise must be one of"):
+        mmfs.stylize(same, noise="sometimes")

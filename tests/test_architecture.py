@@ -10,8 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmfs_fast
-from mmfs_fast import Engine
-from mmfs_fast.models import Stylizer
+from mmfs_fast import MMFS, Engine
+from mmfs_fast.models import Stylizer, StylizerConfig
 
 ROOT = Path(mmfs_fast.__file__).parent
 OPTIONAL = ("mmfs_fast.kernels", "mmfs_fast.serve", "mmfs_fast.video", "mmfs_fast.faces", "mmfs_fast._C")
@@ -43,8 +43,6 @@ def imports_of(name: str, path: Path, files: dict[str, Path]) -> set[str]:
                 parts = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
             for alias in node.names:
-                if base in files and any(files[base].parent.glob(f"{alias.name}.*.so")):
-                    continue  # the compiled extension: it imports nothing of ours
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base)
     return {m for m in found if m in files and m != name}
 
@@ -125,12 +123,30 @@ SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzer
 
 
 class FailOnSync(TorchDispatchMode):
-    """Fails on the ops that read a tensor's value back to the host (a sync on a GPU)."""
+    """Fails on the ops that read a tensor's value back to the host (a sync on a GPU), and on
+    the reads that bypass the dispatcher (``tolist``, ``numpy``)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in SYNC_OPS:
             raise AssertionError(f"device→host read: {func}")
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+        for name in self._saved:
+            setattr(torch.Tensor, name, _fail_on_read(name))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+
+def _fail_on_read(name):
+    def read(*args, **kwargs):
+        raise AssertionError(f"device→host read: Tensor.{name}")
+    return read
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +163,36 @@ def test_a_render_makes_no_host_sync(engine):
         engine.stylize(faces, w_plus, noise="random")
         engine.style_from_z(torch.randn(2, 16))
     torch.testing.assert_close(out, engine.stylize(faces, w_plus))
-    with pytest.raises(AssertionError, match="device→host"), FailOnSync():  # the mode does catch a read
-        torch.isfinite(faces).all().item()
+    for read in (lambda: torch.isfinite(faces).all().item(), lambda: torch.isfinite(faces).all().tolist()):
+        with pytest.raises(AssertionError, match="device→host"), FailOnSync():  # the mode does catch a read
+            read()
+    checking = Engine(engine.model, device="cpu", check_finite=True)
+    with pytest.raises(AssertionError, match="device→host"), FailOnSync():  # ... and the opt-in check's read
+        checking.stylize(faces, w_plus)
+
+
+@pytest.mark.parametrize("engine", [True, False], ids=["engine", "plain"])
+@torch.no_grad()
+def test_the_api_renders_without_host_sync(engine):
+    config = StylizerConfig(size=32, ngf=4, style_dim=16, n_mlp=1)
+    with pytest.warns(UserWarning, match="RANDOM-INITIALISED"):
+        mmfs = MMFS.load(random_init=True, config=config, device="cpu", engine=engine)
+        checking = MMFS.load(random_init=True, config=config, device="cpu", engine=engine, check_finite=True)
+    faces, w_plus = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(1, 10, 16)
+    with FailOnSync():
+        rendered = mmfs.render(faces, w_plus, noise="zero")
+        mmfs.render(faces, w_plus[0])  # a (10, D) style, random noise
+        seeded = mmfs.stylize(list(faces), seed=3, batch_size=1)  # the copy back to the host is its one sync
+        mmfs.style(w_plus=w_plus)
+    torch.testing.assert_close(rendered, mmfs.render(faces, w_plus, noise="zero"))
+    torch.testing.assert_close(seeded, mmfs.stylize(faces, seed=3))
+    with pytest.raises(AssertionError, match="device→host"), FailOnSync():  # the opt-in check reads
+        checking.render(faces, w_plus)
+    with pytest.raises(ValueError, match="w_plus contains NaN"):
+        checking.render(faces, torch.full((1, 10, 16), float("nan")))
+    assert mmfs.render(faces, torch.full((1, 10, 16), float("nan"))).isnan().all()  # unchecked: NaN out
+    with pytest.raises(ValueError, match="w_plus contains NaN"):  # stylize comes back to the host: it checks
+        mmfs.stylize(list(faces), w_plus=torch.full((1, 10, 16), float("nan")))
 
 
 @pytest.mark.gpu
@@ -158,10 +202,14 @@ def test_a_gpu_render_makes_no_host_sync():
     torch.manual_seed(0)
     engine = Engine(Stylizer(size=64, ngf=8, style_dim=64, n_mlp=1, clip_mapper=False), cuda_graphs=False)
     faces, w_plus = torch.rand(2, 3, 64, 64, device="cuda") * 2 - 1, torch.randn(2, 10, 64, device="cuda")
+    mmfs = MMFS(Stylizer(size=64, ngf=8, style_dim=64, n_mlp=1, clip_mapper=False), engine=engine)
     engine.stylize(faces, w_plus)  # first-call work (cuDNN autotuning) outside the check
+    mmfs.render(faces, w_plus)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         engine.stylize(faces, w_plus)
+        mmfs.render(faces, w_plus, noise="zero")
+        mmfs.render(faces, w_plus[:1])  # one style for every face, random noise drawn on the host
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -53,7 +53,7 @@ class Engine:
             weights, backend ``impl``) instead of the default unfused form, conv(x·s, W)
             through cuDNN with one weight for the whole batch (see README "Performance").
         channels_last: keep weights and activations in NHWC. Default: on the CPU, where oneDNN's
-            convolutions are faster in it; off on CUDA until measured there (bench config
+            convolutions are faster in it; off on CUDA, where no result shows it wins (bench config
             mmfs-fast-channels-last).
         cudnn_benchmark: let cuDNN time its algorithms for each new shape (once, while warming
             up: the engine's shapes are static) instead of choosing them by heuristics; set only
@@ -111,6 +111,9 @@ class Engine:
         self.text_cache = LRUCache(style_cache_size)
         self.image_cache = LRUCache(style_cache_size)
         self._batcher = Batcher(self, max_batch or (buckets[-1] if buckets else DEFAULT_BUCKETS[-1]), max_wait_ms)
+
+    #: styles stay in fp32 whatever the render precision: fp16 styles can overflow the demodulation
+    style_dtype = torch.float32
 
     @property
     def buckets(self) -> tuple[int, ...] | None:

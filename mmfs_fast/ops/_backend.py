@@ -69,11 +69,11 @@ def _load_cuda_extension():
                f"extension uses: pip install 'torch>={target}'")
     else:
         try:
-            from mmfs_fast import _C
+            import mmfs_fast._C as extension  # the compiled submodule, named whole
         except ImportError as e:  # built for another CUDA or a newer torch: say so instead of the loader's words
             why = _why_it_does_not_load(e)
         else:
-            return _C, None
+            return extension, None
     # lineno 0: the warning names the library and shows no source line, so it stays one line
     warnings.warn_explicit(f"mmfs_fast: the CUDA extension is installed but off: {why}. The triton and ref "
                            "backends remain.", RuntimeWarning, filename=spec.origin, lineno=0)
