@@ -1,5 +1,7 @@
+import importlib
 import json
 import os
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -11,10 +13,11 @@ DATA = Path(__file__).parent / "data"
 
 def _import_triton_for_the_interpreter() -> bool:
     """Without a GPU the triton tests run through the Triton interpreter, which must be
-    on when triton is first imported (triton.language decorates its own helpers then).
-    Import it here, before any test module can, with TRITON_INTERPRET=1 set for the
-    import only: test_triton_ops.py sets it again while its own tests run. Returns
-    whether triton is ready for the interpreter."""
+    on when triton and the kernel modules are first imported (triton.jit and the
+    autotune config lists read it then, and triton.language decorates its own helpers).
+    Import them here, before any test module can (test_architecture imports every
+    module), with TRITON_INTERPRET=1 set for the import only: test_triton_ops.py sets it
+    again while its own tests run. Returns whether triton is ready for the interpreter."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     if torch.cuda.is_available() or "triton" in sys.modules:
@@ -25,6 +28,9 @@ def _import_triton_for_the_interpreter() -> bool:
             import triton  # noqa: F401
         except ImportError:
             return False
+        import mmfs_fast.kernels
+        for module in pkgutil.iter_modules(mmfs_fast.kernels.__path__, "mmfs_fast.kernels."):
+            importlib.import_module(module.name)
     return True
 
 
