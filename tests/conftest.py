@@ -26,15 +26,26 @@ def _import_triton_for_the_interpreter() -> bool:
         env.setenv("TRITON_INTERPRET", "1")
         try:
             import triton  # noqa: F401
+
+            import mmfs_fast.kernels
         except ImportError:
             return False
-        import mmfs_fast.kernels
         for module in pkgutil.iter_modules(mmfs_fast.kernels.__path__, "mmfs_fast.kernels."):
             importlib.import_module(module.name)
     return True
 
 
 TRITON_INTERPRETABLE = _import_triton_for_the_interpreter()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: a second intra-op thread only spins, and on a busy
+    machine costs 10×."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -58,13 +58,7 @@ def _smooth_image(rng: np.random.Generator, width: int, height: int) -> Image.Im
     return Image.fromarray(small).resize((width, height), Image.BICUBIC)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread only spins, and on a busy machine costs 10×."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
