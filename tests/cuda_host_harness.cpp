@@ -1,14 +1,23 @@
-// Runs the CUDA kernels of csrc/ on the CPU: tests/test_cuda_index_math.py cuts the kernels
-// out of the .cu files into kernels.inc, and this file gives them what they use of CUDA.
-// A block's threads are real threads that meet at __syncthreads (a std::barrier), so the
-// kernels' shared-memory phases run as on a GPU; blocks run one after another. Instantiated
-// for double data (the float weights and taps stay float, as in csrc/).
+// Runs the CUDA kernels of csrc/ and their launch plans on the CPU. The host-side index math
+// (output sizes, argument checks, layout rules, kernel choice, grids, kernel parameters) is
+// csrc/*_index.h itself; tests/test_cuda_index_math.py cuts the kernels out of the .cu files
+// into kernels.inc, and this file gives them what they use of CUDA. A block's threads are
+// real threads that meet at __syncthreads (a std::barrier), so the kernels' shared-memory
+// phases run as on a GPU; blocks run one after another. Instantiated for double data (the
+// float weights and taps stay float, as in csrc/).
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <deque>
+#include <exception>
+#include <optional>
 #include <thread>
 #include <vector>
+
+#include "bias_act_index.h"
+#include "index_math.h"
+#include "upfirdn2d_index.h"
 
 #define __global__
 #define __device__
@@ -17,7 +26,7 @@
 #define __launch_bounds__(threads)
 #define __shared__ static  // one block at a time: static storage is that block's shared memory
 
-constexpr int kThreads = 256;  // csrc/common.h's block size
+using mmfs_fast::kThreads;
 
 struct Dim {
   unsigned x = 0, y = 0, z = 0;
@@ -48,9 +57,6 @@ float rsqrtf(float value) { return 1.f / std::sqrt(value); }
 namespace mmfs_fast {
 template <class T>
 using acc_type = T;  // csrc/common.h's accumulation type; double here
-struct Strides4 {
-  int64_t n, c, y, x;
-};
 #include "kernels.inc"
 }  // namespace mmfs_fast
 
@@ -87,27 +93,73 @@ void launch(Dim grid, Kernel&& kernel) {
 
 Strides4 strides(const int64_t* s) { return {s[0], s[1], s[2], s[3]}; }
 
+IntArray ints(const int64_t* values, int64_t count) { return IntArray(values, size_t(count)); }
+
+// Runs body; a check that fails (STD_TORCH_CHECK throws) comes back as 1 and its message.
+template <class Body>
+int reporting(char* error, size_t error_size, Body&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(error, error_size, "%s", e.what());
+    return 1;
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-// tiled: 0 for the generic kernel, else the tiled kernel for (up, down).
-void upfirdn2d(const double* x, const float* taps, double* out, const int64_t* in_stride,
-               const int64_t* out_stride, const int* sizes, int tiled, unsigned grid_x, unsigned grid_y,
-               unsigned grid_z) {
-  // sizes: channels, planes, in_h, in_w, out_h, out_w, up, down, pad_x0, pad_y0, kernel_h, kernel_w
-  const Upfirdn2dParams p{strides(in_stride), strides(out_stride), sizes[0], sizes[1], sizes[2], sizes[3],
-                          sizes[4], sizes[5], sizes[6], sizes[7], sizes[8], sizes[9], sizes[10], sizes[11]};
-  const Dim grid{grid_x, grid_y, grid_z};
-  if (!tiled) {
-    launch(grid, [&] { upfirdn2d_generic_kernel<double>(x, taps, out, p); });
-  } else if (p.up == 2) {
-    launch(grid, [&] { upfirdn2d_tiled_kernel<double, 2, 1>(x, taps, out, p); });
-  } else if (p.down == 2) {
-    launch(grid, [&] { upfirdn2d_tiled_kernel<double, 1, 2>(x, taps, out, p); });
-  } else {
-    launch(grid, [&] { upfirdn2d_tiled_kernel<double, 1, 1>(x, taps, out, p); });
-  }
+bool output_is_channels_last(const int64_t* sizes, const int64_t* strides, int64_t rank) {
+  return mmfs_fast::output_is_channels_last(ints(sizes, rank), ints(strides, rank));
+}
+
+bool walks_in_memory_order(const int64_t* sizes, const int64_t* strides, int64_t rank) {
+  return mmfs_fast::walks_in_memory_order(ints(sizes, rank), ints(strides, rank));
+}
+
+bool same_strides(const int64_t* a, const int64_t* b, int64_t rank) {
+  return mmfs_fast::same_strides(ints(a, rank), ints(b, rank));
+}
+
+// out_hw: the output's height and width.
+int upfirdn2d_output_size(const int64_t* x, int64_t x_rank, const int64_t* kernel, int64_t kernel_rank, int64_t up,
+                          int64_t down, const int64_t* pad, int64_t pad_count, int64_t* out_hw, char* error,
+                          size_t error_size) {
+  return reporting(error, error_size, [&] {
+    const Upfirdn2dSize size =
+        mmfs_fast::upfirdn2d_output_size(ints(x, x_rank), ints(kernel, kernel_rank), up, down, ints(pad, pad_count));
+    out_hw[0] = size.h, out_hw[1] = size.w;
+  });
+}
+
+// plan: tiled (1 or 0), grid x, y, z.
+void upfirdn2d_plan(const int64_t* x, const int64_t* x_strides, const int64_t* out, const int64_t* out_strides,
+                    const int64_t* kernel, int64_t up, int64_t down, const int64_t* pad, unsigned* plan) {
+  const Upfirdn2dLaunch launch = upfirdn2d_launch(
+      upfirdn2d_params(ints(x, 4), ints(x_strides, 4), ints(out, 4), ints(out_strides, 4), ints(kernel, 2), up, down,
+                       ints(pad, 4)));
+  plan[0] = launch.tiled, plan[1] = launch.grid_x, plan[2] = launch.grid_y, plan[3] = launch.grid_z;
+}
+
+// The kernel upfirdn2d.cu's launch() picks, on its grid; max_grid_z > 0 caps gridDim.z lower
+// than CUDA does, so that a few planes take the loop that more than 65535 planes take.
+void upfirdn2d(const double* x_data, const float* taps, double* out_data, const int64_t* x, const int64_t* x_strides,
+               const int64_t* out, const int64_t* out_strides, const int64_t* kernel, int64_t up, int64_t down,
+               const int64_t* pad, unsigned max_grid_z) {
+  const Upfirdn2dParams p = upfirdn2d_params(ints(x, 4), ints(x_strides, 4), ints(out, 4), ints(out_strides, 4),
+                                             ints(kernel, 2), up, down, ints(pad, 4));
+  Upfirdn2dLaunch plan = upfirdn2d_launch(p);
+  if (max_grid_z > 0) plan.grid_z = std::min(plan.grid_z, max_grid_z);
+  const Dim grid{plan.grid_x, plan.grid_y, plan.grid_z};
+  dispatch_upfirdn2d(
+      plan, p, [&] { launch(grid, [&] { upfirdn2d_generic_kernel<double>(x_data, taps, out_data, p); }); },
+      [&](auto up, auto down) {
+        launch(grid, [&] {
+          upfirdn2d_tiled_kernel<double, decltype(up)::value, decltype(down)::value>(x_data, taps, out_data, p);
+        });
+      });
 }
 
 void demod(const float* weight, const float* styles, float* out, int batch, int out_channels, int in_channels,
@@ -122,15 +174,27 @@ void scale_channels(const double* src, const int64_t* src_stride, const float* s
   launch({blocks, 1, 1}, [&] { scale_channels_kernel<double>(src, scale, dst, p); });
 }
 
-void bias_act(const double* x, const double* bias, const double* grad, double* out, int64_t numel,
-              int64_t channel_stride, int64_t channels, double slope, double gain, double clamp, bool has_clamp,
-              unsigned blocks) {
-  const BiasActParams p{numel, channel_stride, channels, slope, gain, clamp, bias != nullptr, has_clamp};
-  if (grad != nullptr) {
-    launch({blocks, 1, 1}, [&] { bias_act_kernel<double, true>(x, bias, grad, out, p); });
-  } else {
-    launch({blocks, 1, 1}, [&] { bias_act_kernel<double, false>(x, bias, grad, out, p); });
-  }
+// bias_act.cu's run(): the checks, the parameters, the kernel on its grid; x is walked as it
+// is (the caller copies it when walks_in_memory_order says no). grad null: the forward.
+// max_blocks > 0 caps the grid, so that the grid-stride loop takes several rounds.
+int bias_act(const double* x_data, const double* bias, const double* grad, double* out, const int64_t* sizes,
+             const int64_t* strides, int64_t rank, int64_t dim, double slope, double gain, double clamp,
+             bool has_clamp, unsigned max_blocks, char* error, size_t error_size) {
+  return reporting(error, error_size, [&] {
+    const std::optional<double> clamp_value = has_clamp ? std::optional<double>(clamp) : std::nullopt;
+    const char* op = grad != nullptr ? "mmfs_fast::bias_act_grad" : "mmfs_fast::bias_act";
+    check_bias_act_args(op, ints(sizes, rank), dim, clamp_value);
+    const BiasActParams p =
+        bias_act_params(ints(sizes, rank), ints(strides, rank), dim, bias != nullptr, slope, gain, clamp_value);
+    if (p.numel == 0) return;
+    unsigned blocks = grid_stride_blocks(p.numel);
+    if (max_blocks > 0) blocks = std::min(blocks, max_blocks);
+    if (grad != nullptr) {
+      launch({blocks, 1, 1}, [&] { bias_act_kernel<double, true>(x_data, bias, grad, out, p); });
+    } else {
+      launch({blocks, 1, 1}, [&] { bias_act_kernel<double, false>(x_data, bias, grad, out, p); });
+    }
+  });
 }
 
 }  // extern "C"
