@@ -220,6 +220,9 @@ def layout_cases():
         "strided": x[:, :, ::2], "nhwc_strided": layout(x, True)[:, :, :, ::2], "nhwc_empty": layout(rand(0, 3, 4, 5), True),
         "chwn": x.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0), "3d": rand(4, 5, 6),
         "3d_transposed": rand(4, 5, 6).transpose(0, 2), "1d": rand(7), "2d_transposed": rand(6, 5).t(),
+        # a size-1 dim's stride is arbitrary: torch ignores it in both layouts
+        "nchw_odd_stride_1": torch.empty_strided((2, 3, 1, 5), (15, 5, 99, 1)),
+        "nhwc_odd_stride_1": torch.empty_strided((2, 3, 1, 5), (15, 1, 99, 3)),
     }
 
 
