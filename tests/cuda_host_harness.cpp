@@ -1,14 +1,15 @@
 // Runs the CUDA kernels of csrc/ and their launch plans on the CPU. The host-side index math
 // (output sizes, argument checks, layout rules, kernel choice, grids, kernel parameters) is
 // csrc/*_index.h itself; tests/test_cuda_index_math.py cuts the kernels out of the .cu files
-// into kernels.inc, and this file gives them what they use of CUDA. A block's threads are
-// real threads that meet at __syncthreads (a std::barrier), so the kernels' shared-memory
-// phases run as on a GPU; blocks run one after another. Instantiated for double data (the
-// float weights and taps stay float, as in csrc/).
+// into kernels.inc, and this file gives them what they use of CUDA. For kernels that share
+// memory or shuffle, a block's threads are real threads that meet at __syncthreads (a
+// std::barrier), so the shared-memory phases run as on a GPU; blocks run one after another.
+// Instantiated for double data (the float weights and taps stay float, as in csrc/).
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <exception>
 #include <optional>
@@ -17,6 +18,7 @@
 
 #include "bias_act_index.h"
 #include "index_math.h"
+#include "modulated_conv2d_index.h"
 #include "upfirdn2d_index.h"
 
 #define __global__
@@ -35,7 +37,13 @@ thread_local Dim threadIdx, blockIdx;
 Dim gridDim, blockDim;
 std::barrier<>* block_barrier = nullptr;
 
-void __syncthreads() { block_barrier->arrive_and_wait(); }
+void __syncthreads() {
+  if (block_barrier == nullptr) {  // launch_serial's threads cannot meet
+    std::fprintf(stderr, "cuda_host_harness: a kernel launched with launch_serial calls __syncthreads\n");
+    std::abort();
+  }
+  block_barrier->arrive_and_wait();
+}
 
 // Warp shuffles through a per-warp exchange buffer, each warp's lanes meeting at their own
 // barrier (whole warps may leave a kernel early, as on a GPU).
@@ -91,7 +99,21 @@ void launch(Dim grid, Kernel&& kernel) {
   for (auto& thread : threads) thread.join();
 }
 
-Strides4 strides(const int64_t* s) { return {s[0], s[1], s[2], s[3]}; }
+// For kernels whose threads never meet (no __syncthreads, no shuffles): each block's threads
+// run one after another, without the cost of starting 256 threads per launch.
+template <class Kernel>
+void launch_serial(Dim grid, Kernel&& kernel) {
+  gridDim = grid;
+  blockDim = {kThreads, 1, 1};
+  block_barrier = nullptr;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x)
+        for (unsigned t = 0; t < kThreads; ++t) {
+          blockIdx = {x, y, z}, threadIdx = {t, 0, 0};
+          kernel();
+        }
+}
 
 IntArray ints(const int64_t* values, int64_t count) { return IntArray(values, size_t(count)); }
 
@@ -154,7 +176,7 @@ void upfirdn2d(const double* x_data, const float* taps, double* out_data, const 
   if (max_grid_z > 0) plan.grid_z = std::min(plan.grid_z, max_grid_z);
   const Dim grid{plan.grid_x, plan.grid_y, plan.grid_z};
   dispatch_upfirdn2d(
-      plan, p, [&] { launch(grid, [&] { upfirdn2d_generic_kernel<double>(x_data, taps, out_data, p); }); },
+      plan, p, [&] { launch_serial(grid, [&] { upfirdn2d_generic_kernel<double>(x_data, taps, out_data, p); }); },
       [&](auto up, auto down) {
         launch(grid, [&] {
           upfirdn2d_tiled_kernel<double, decltype(up)::value, decltype(down)::value>(x_data, taps, out_data, p);
@@ -162,16 +184,32 @@ void upfirdn2d(const double* x_data, const float* taps, double* out_data, const 
       });
 }
 
-void demod(const float* weight, const float* styles, float* out, int batch, int out_channels, int in_channels,
-           int taps) {
-  const unsigned blocks = (int64_t(batch) * out_channels * kWarpSize + kThreads - 1) / kThreads;
-  launch({blocks, 1, 1}, [&] { demod_kernel(weight, styles, out, batch, out_channels, in_channels, taps); });
+// out_hw: the output's height and width.
+int modulated_conv2d_output_size(const int64_t* x, int64_t x_rank, const int64_t* weight, int64_t weight_rank,
+                                 const int64_t* styles, int64_t styles_rank, bool transposed, int64_t stride,
+                                 int64_t padding, int64_t* out_hw, char* error, size_t error_size) {
+  return reporting(error, error_size, [&] {
+    const ModulatedConv2dSize size = mmfs_fast::modulated_conv2d_output_size(
+        ints(x, x_rank), ints(weight, weight_rank), ints(styles, styles_rank), transposed, stride, padding);
+    out_hw[0] = size.h, out_hw[1] = size.w;
+  });
 }
 
-void scale_channels(const double* src, const int64_t* src_stride, const float* scale, double* dst, int64_t numel,
-                    int channels, int height, int width, bool channels_last, unsigned blocks) {
-  const ScaleParams p{strides(src_stride), numel, channels, height, width, channels_last};
-  launch({blocks, 1, 1}, [&] { scale_channels_kernel<double>(src, scale, dst, p); });
+void demod(const float* weight, const float* styles, float* out, int batch, int out_channels, int in_channels,
+           int taps) {
+  launch({demod_blocks(batch, out_channels), 1, 1},
+         [&] { demod_kernel(weight, styles, out, batch, out_channels, in_channels, taps); });
+}
+
+// modulated_conv2d.cu's scale_channels(): scale null is a layout copy. max_blocks > 0 caps
+// the grid, so that the grid-stride loop takes several rounds.
+void scale_channels(const double* src, const int64_t* src_strides, const float* scale, double* dst,
+                    const int64_t* dst_sizes, const int64_t* dst_strides, unsigned max_blocks) {
+  const ScaleParams p = scale_params(ints(src_strides, 4), ints(dst_sizes, 4), ints(dst_strides, 4));
+  if (p.numel == 0) return;
+  unsigned blocks = grid_stride_blocks(p.numel);
+  if (max_blocks > 0) blocks = std::min(blocks, max_blocks);
+  launch_serial({blocks, 1, 1}, [&] { scale_channels_kernel<double>(src, scale, dst, p); });
 }
 
 // bias_act.cu's run(): the checks, the parameters, the kernel on its grid; x is walked as it
@@ -190,9 +228,9 @@ int bias_act(const double* x_data, const double* bias, const double* grad, doubl
     unsigned blocks = grid_stride_blocks(p.numel);
     if (max_blocks > 0) blocks = std::min(blocks, max_blocks);
     if (grad != nullptr) {
-      launch({blocks, 1, 1}, [&] { bias_act_kernel<double, true>(x_data, bias, grad, out, p); });
+      launch_serial({blocks, 1, 1}, [&] { bias_act_kernel<double, true>(x_data, bias, grad, out, p); });
     } else {
-      launch({blocks, 1, 1}, [&] { bias_act_kernel<double, false>(x_data, bias, grad, out, p); });
+      launch_serial({blocks, 1, 1}, [&] { bias_act_kernel<double, false>(x_data, bias, grad, out, p); });
     }
   });
 }

@@ -1,16 +1,15 @@
 """The index math of csrc/ checked on the CPU, without a GPU, on the compiled sources.
 
 The kernels' own source, cut out of the .cu files, and the host-side index math of
-csrc/index_math.h, csrc/upfirdn2d_index.h and csrc/bias_act_index.h (output sizes, argument
+csrc/index_math.h and csrc/*_index.h (output sizes, argument
 checks, layout rules, kernel choice, grids, kernel parameters), which the .cu files call, are
 built for the CPU with tests/cuda_host_harness.cpp (g++, real threads meeting at
 __syncthreads) and compared with the ref ops, with torch's layout predicates and with the
 grids CUDA's limits dictate.
 
 What stays in Python is the glue of each host function that allocates tensors: it calls the
-harness in the order the .cu does (output size, layout, kernel). modulated_conv2d.cu's host
-function around cuDNN (modconv_host, below) is a transcription: its kernels are compiled,
-the convolution between them is F.conv2d. The backward formulas of mmfs_fast/ops/_cuda.py
+harness in the order the .cu does (output size, layout, kernels), and modulated_conv2d()'s cuDNN
+call between its kernels is F.conv2d in float64. The backward formulas of mmfs_fast/ops/_cuda.py
 are checked with gradcheck/gradgradcheck around the compiled kernels.
 """
 import ctypes
@@ -70,9 +69,11 @@ SIGNATURES = {  # name: (argument types, result type)
                         ctypes.POINTER(ctypes.c_uint)], None),
     "upfirdn2d": ([VOID, VOID, VOID, I64P, I64P, I64P, I64P, I64P, ctypes.c_int64, ctypes.c_int64, I64P,
                    ctypes.c_uint], None),
+    "modulated_conv2d_output_size": ([I64P, ctypes.c_int64, I64P, ctypes.c_int64, I64P, ctypes.c_int64, ctypes.c_bool,
+                                      ctypes.c_int64, ctypes.c_int64, I64P, ctypes.c_char_p, ctypes.c_size_t],
+                                     ctypes.c_int),
     "demod": ([VOID, VOID, VOID, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int], None),
-    "scale_channels": ([VOID, I64P, VOID, VOID, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                        ctypes.c_bool, ctypes.c_uint], None),
+    "scale_channels": ([VOID, I64P, VOID, VOID, I64P, I64P, ctypes.c_uint], None),
     "bias_act": ([VOID, VOID, VOID, VOID, I64P, I64P, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
                   ctypes.c_double, ctypes.c_double, ctypes.c_bool, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t],
                  ctypes.c_int),
@@ -122,6 +123,10 @@ class Harness:
     def same_strides(self, a, b):
         return a.dim() == b.dim() and self.library.same_strides(ints(a.stride()), ints(b.stride()), a.dim())
 
+    def empty_with_layout_of(self, x, shape):
+        """common.h's empty_with_layout_of, filled with NaN."""
+        return nans(shape, self.output_is_channels_last(x))
+
     # upfirdn2d.cu
 
     def upfirdn2d_output_size(self, x_shape, kernel_shape, up, down, pad):
@@ -142,7 +147,7 @@ class Harness:
     def upfirdn2d(self, x, kernel, up, down, pad, max_grid_z=0):
         """upfirdn2d(): the output size and checks, the output's layout, launch()'s kernel on its grid."""
         out_h, out_w = self.upfirdn2d_output_size(x.shape, kernel.shape, up, down, pad)
-        out = nans((x.shape[0], x.shape[1], out_h, out_w), self.output_is_channels_last(x))
+        out = self.empty_with_layout_of(x, (x.shape[0], x.shape[1], out_h, out_w))
         if out.numel() == 0:
             return out
         x = x.detach()
@@ -178,19 +183,24 @@ class Harness:
 
     # modulated_conv2d.cu
 
+    def modulated_conv2d_output_size(self, x_shape, weight_shape, styles_shape, transposed, stride, padding):
+        out_hw = ints([0, 0])
+        self._checked(self.library.modulated_conv2d_output_size, ints(x_shape), len(x_shape), ints(weight_shape),
+                      len(weight_shape), ints(styles_shape), len(styles_shape), transposed, stride, padding, out_hw)
+        return tuple(out_hw)
+
     def demod(self, weight, styles, batch, out_channels, in_channels, taps):
         demod = torch.full((batch * out_channels,), math.nan)
         self.library.demod(data(weight), data(styles), data(demod), batch, out_channels, in_channels, taps)
         return unwritten(demod)
 
-    def scale_channels(self, src, scale, dst):
-        """scale_channels(): dst, dense in one layout, is walked in its memory order."""
-        out = nans(dst.shape, not dst.is_contiguous())
-        n, c, h, w = dst.shape
+    def scale_channels(self, src, scale, dst, max_blocks=2):
+        """Fills dst (from empty_with_layout_of) with src · scale[n, c], or copies src into dst's
+        layout when scale is None. max_blocks: see bias_act."""
         src = src.detach()
-        self.library.scale_channels(data(src), ints(src.stride()), data(scale), data(out), out.numel(), c, h, w,
-                                    not dst.is_contiguous(), 2)  # 2 blocks: the grid-stride loop takes several rounds
-        return unwritten(out)
+        self.library.scale_channels(data(src), ints(src.stride()), data(scale), data(dst), ints(dst.shape),
+                                    ints(dst.stride()), max_blocks)
+        return unwritten(dst)
 
 
 @pytest.fixture(scope="module")
@@ -333,20 +343,22 @@ def test_upfirdn2d_output_size_at_the_edge_of_empty(harness):
 
 
 def modconv_host(x, weight, styles, demodulate, transposed, stride, padding, harness):
-    """A transcription of modulated_conv2d(): modulation (scale_channels_kernel), the cuDNN
-    convolution (here F.conv2d / F.conv_transpose2d in float64), demodulation (demod_kernel,
-    scale_channels_kernel), the kernels compiled."""
+    """modulated_conv2d() on the compiled index math and kernels, with F.conv2d /
+    F.conv_transpose2d in float64 for its cuDNN call: the output size and checks, modulation
+    (scale_channels_kernel), the convolution, demodulation (demod_kernel, scale_channels_kernel)."""
     batch, in_channels = x.shape[:2]
     out_channels, k = weight.shape[0], weight.shape[2]
+    out_hw = harness.modulated_conv2d_output_size(x.shape, weight.shape, styles.shape, transposed, stride, padding)
+    out = harness.empty_with_layout_of(x, (batch, out_channels, *out_hw))
     styles_f = styles.detach().float().contiguous()
-    modulated = harness.scale_channels(x, styles_f, _cuda._empty_with_layout_of(x, x.shape))
+    modulated = harness.scale_channels(x, styles_f, harness.empty_with_layout_of(x, x.shape))
     if transposed:
         conv = F.conv_transpose2d(modulated, weight.transpose(0, 1), stride=stride, padding=padding)
     else:
         conv = F.conv2d(modulated, weight, stride=stride, padding=padding)
-    out = _cuda._empty_with_layout_of(x, conv.shape)
+    assert conv.shape == out.shape, "the op's output size is not the convolution's"
     if not demodulate:
-        return conv if conv.stride() == out.stride() else harness.scale_channels(conv, None, out)
+        return conv if harness.same_strides(conv, out) else harness.scale_channels(conv, None, out)
     demod = harness.demod(weight.detach().float().contiguous(), styles_f, batch, out_channels, in_channels, k * k)
     return harness.scale_channels(conv, demod, out)
 
@@ -397,10 +409,31 @@ def test_modconv_kernel_matches_ref(harness, batch, in_channels, out_channels, k
 def test_scale_channels_copies_into_the_other_layout(harness, to_channels_last):
     """No scale: the copy modulated_conv2d makes when cuDNN's output layout is not the op's."""
     src = layout(rand(2, 5, 4, 3), not to_channels_last)
-    dst = torch.empty(2, 5, 4, 3, dtype=torch.float64,
-                      memory_format=torch.channels_last if to_channels_last else torch.contiguous_format)
+    dst = nans((2, 5, 4, 3), to_channels_last)
+    strides = dst.stride()
     got = harness.scale_channels(src, None, dst)
-    assert torch.equal(got, src) and got.stride() == dst.stride()
+    assert torch.equal(got, src) and got.stride() == strides
+
+
+def test_modconv_output_size_at_the_edge_of_empty(harness):
+    assert harness.modulated_conv2d_output_size((1, 2, 3, 4), (1, 2, 5, 5), (1, 2), False, 2, 1) == (1, 1)
+    assert harness.modulated_conv2d_output_size((1, 2, 1, 1), (1, 2, 1, 1), (1, 2), True, 3, 0) == (1, 1)
+
+
+@pytest.mark.parametrize("x_shape,weight_shape,styles_shape,transposed,stride,padding,message", [
+    ((2, 3, 4), (4, 3, 3, 3), (2, 3), False, 1, 1, "expected x (B, I, H, W), weight (O, I, k, k) and styles (B, I)"),
+    ((2, 3, 4, 4), (4, 2, 3, 3), (2, 3), False, 1, 1, "weight [4, 2, 3, 3] must be (O, 3, k, k)"),
+    ((2, 3, 4, 4), (4, 3, 3, 3), (1, 3), False, 1, 1, "styles must be (2, 3), got [1, 3]"),
+    ((2, 3, 4, 4), (4, 3, 3, 3), (2, 3), False, 0, 1, "stride must be >= 1 and padding >= 0, got 0 and 1"),
+    # 2 + 2 - 5 = -1 rows, which C's division by the stride would round up to one output row
+    ((2, 3, 2, 4), (4, 3, 5, 5), (2, 3), False, 2, 1, "leaves an empty output"),
+    ((2, 3, 1, 4), (4, 3, 1, 1), (2, 3), True, 1, 1, "leaves an empty output"),
+])
+def test_modconv_checks_name_the_problem(harness, x_shape, weight_shape, styles_shape, transposed, stride, padding,
+                                         message):
+    with pytest.raises(RuntimeError, match="mmfs_fast::modulated_conv2d: ") as error:
+        harness.modulated_conv2d_output_size(x_shape, weight_shape, styles_shape, transposed, stride, padding)
+    assert message in str(error.value)
 
 
 # ---------------------------------------------------------------- bias_act.cu
