@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-// Index helpers the kernels and the host code share.
+// Marks the helpers that both the kernels and the host code call.
 #ifdef __CUDACC__
 #define MMFS_FAST_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -23,7 +23,8 @@ namespace mmfs_fast {
 
 using IntArray = torch::headeronly::IntHeaderOnlyArrayRef;
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;  // threads per block, every kernel
+constexpr int kWarp = 32;
 constexpr int64_t kMaxGridYZ = 65535;  // gridDim.y's and gridDim.z's limit
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

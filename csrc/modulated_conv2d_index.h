@@ -7,8 +7,6 @@
 
 namespace mmfs_fast {
 
-constexpr int kWarp = 32;
-
 struct ModulatedConv2dSize {
   int64_t h, w;
 };

@@ -29,6 +29,7 @@
 #define __shared__ static  // one block at a time: static storage is that block's shared memory
 
 using mmfs_fast::kThreads;
+using mmfs_fast::kWarp;
 
 struct Dim {
   unsigned x = 0, y = 0, z = 0;
@@ -47,12 +48,11 @@ void __syncthreads() {
 
 // Warp shuffles through a per-warp exchange buffer, each warp's lanes meeting at their own
 // barrier (whole warps may leave a kernel early, as on a GPU).
-constexpr int kWarpSize = 32;
 std::deque<std::barrier<>>* warp_barriers = nullptr;  // a deque: barriers do not move
-float warp_exchange[kThreads / kWarpSize][kWarpSize];
+float warp_exchange[kThreads / kWarp][kWarp];
 
 float __shfl_xor_sync(unsigned, float value, int lane_mask) {
-  const unsigned warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const unsigned warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   warp_exchange[warp][lane] = value;
   (*warp_barriers)[warp].arrive_and_wait();
   const float other = warp_exchange[warp][lane ^ lane_mask];
@@ -81,7 +81,7 @@ void launch(Dim grid, Kernel&& kernel) {
   std::barrier<> barrier(kThreads);
   block_barrier = &barrier;
   std::deque<std::barrier<>> warps;
-  for (int w = 0; w < kThreads / kWarpSize; ++w) warps.emplace_back(kWarpSize);
+  for (int w = 0; w < kThreads / kWarp; ++w) warps.emplace_back(kWarp);
   warp_barriers = &warps;
   std::vector<std::thread> threads;
   for (unsigned t = 0; t < kThreads; ++t) {
