@@ -1,11 +1,10 @@
 """The index math of csrc/ checked on the CPU, without a GPU, on the compiled sources.
 
-The kernels' own source, cut out of the .cu files, and the host-side index math of
-csrc/index_math.h and csrc/*_index.h (output sizes, argument
-checks, layout rules, kernel choice, grids, kernel parameters), which the .cu files call, are
-built for the CPU with tests/cuda_host_harness.cpp (g++, real threads meeting at
-__syncthreads) and compared with the ref ops, with torch's layout predicates and with the
-grids CUDA's limits dictate.
+The kernels' own source, cut out of the .cu files, and the host-side index math the .cu files
+call (csrc/index_math.h and csrc/*_index.h: output sizes, argument checks, layout rules, kernel
+choice, grids, kernel parameters) are built for the CPU with tests/cuda_host_harness.cpp (g++;
+kernels that share memory run on real threads meeting at __syncthreads) and compared with the
+ref ops, with torch's layout predicates and with the grids that CUDA's limits dictate.
 
 What stays in Python is the glue of each host function that allocates tensors: it calls the
 harness in the order the .cu does (output size, layout, kernels), and modulated_conv2d()'s cuDNN
@@ -227,7 +226,8 @@ def layout_cases():
         "nchw": x, "nhwc": layout(x, True), "nhwc_1x1": layout(rand(2, 3, 1, 1), True),
         "nhwc_one_channel": layout(rand(2, 1, 4, 5), True), "nhwc_batch_1": layout(rand(1, 3, 4, 5), True),
         "nhwc_one_row": layout(rand(2, 3, 1, 5), True), "transposed_hw": x.transpose(2, 3),
-        "strided": x[:, :, ::2], "nhwc_strided": layout(x, True)[:, :, :, ::2], "nhwc_empty": layout(rand(0, 3, 4, 5), True),
+        "strided": x[:, :, ::2], "nhwc_strided": layout(x, True)[:, :, :, ::2],
+        "nhwc_empty": layout(rand(0, 3, 4, 5), True),
         "chwn": x.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0), "3d": rand(4, 5, 6),
         "3d_transposed": rand(4, 5, 6).transpose(0, 2), "1d": rand(7), "2d_transposed": rand(6, 5).t(),
         # a size-1 dim's stride is arbitrary: torch ignores it in both layouts
