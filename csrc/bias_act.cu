@@ -2,19 +2,12 @@
 // linear, relu and lrelu are one activation, z > 0 ? z : slope * z, with slope 1, 0 and
 // alpha; its derivative is piecewise constant, so the gradient kernel is also its own
 // derivative with respect to the incoming gradient (the second-order backward).
+#include "bias_act_index.h"
 #include "common.h"
 #include "ops.h"
 
 namespace mmfs_fast {
 namespace {
-
-struct BiasActParams {
-  int64_t numel;
-  int64_t channel_stride;  // memory distance between consecutive channels (bias entries)
-  int64_t channels;
-  double slope, gain, clamp;
-  bool has_bias, has_clamp;
-};
 
 // kGrad: out = d(bias_act)/dx * grad, else out = bias_act(x). The order of the roundings
 // follows the ref op's autograd: clamp mask, then gain, then the activation's slope.
@@ -41,17 +34,14 @@ __global__ void __launch_bounds__(kThreads)
 // x itself when the kernel can walk it in memory order, else a contiguous copy; the
 // fake kernel in mmfs_fast/ops/_cuda.py makes the same choice.
 Tensor dense(const Tensor& x) {
-  return x.is_contiguous() || is_channels_last(x) ? x : torch::stable::contiguous(x);
+  return walks_in_memory_order(x.sizes(), x.strides()) ? x : torch::stable::contiguous(x);
 }
 
 template <bool kGrad>
 Tensor run(const char* op, const Tensor* grad_in, const Tensor& x_in, const std::optional<Tensor>& bias,
            double slope, double gain, std::optional<double> clamp, int64_t dim) {
   check_cuda_float(x_in, op, "x");
-  STD_TORCH_CHECK(x_in.dim() >= 1, op, ": x must have at least one dimension");
-  STD_TORCH_CHECK(dim >= 0 && dim < x_in.dim(), op, ": dim ", dim, " is out of range for a ", x_in.dim(),
-                  "-D tensor");
-  STD_TORCH_CHECK(!clamp.has_value() || *clamp >= 0, op, ": clamp must be >= 0, got ", clamp.value_or(0));
+  check_bias_act_args(op, x_in.sizes(), dim, clamp);
   if (bias.has_value()) {
     check_cuda_float(*bias, op, "bias");
     check_same_device(x_in, *bias, op, "bias");
@@ -67,9 +57,7 @@ Tensor run(const char* op, const Tensor* grad_in, const Tensor& x_in, const std:
                     ": grad must match x in shape and dtype, got ", shape_of(*grad_in), " ", grad_in->scalar_type(),
                     " and ", shape_of(x_in), " ", x_in.scalar_type());
     // The kernel walks grad and x with the same offsets.
-    bool same_strides = true;
-    for (int64_t d = 0; d < x.dim(); ++d) same_strides = same_strides && grad_in->stride(d) == x.stride(d);
-    if (same_strides) {
+    if (same_strides(grad_in->strides(), x.strides())) {
       grad = *grad_in;
     } else {
       grad = torch::stable::empty_like(x);
@@ -81,8 +69,7 @@ Tensor run(const char* op, const Tensor* grad_in, const Tensor& x_in, const std:
   // The ref op adds the bias in x's dtype.
   const Tensor bias_x =
       bias.has_value() ? torch::stable::contiguous(torch::stable::to(*bias, x.scalar_type())) : Tensor();
-  const BiasActParams params{x.numel(), x.size(dim) > 1 ? x.stride(dim) : 1, x.size(dim), slope, gain,
-                             clamp.value_or(0), bias.has_value(), clamp.has_value()};
+  const BiasActParams params = bias_act_params(x.sizes(), x.strides(), dim, bias.has_value(), slope, gain, clamp);
   const cudaStream_t stream = current_stream(x);
   MMFS_FAST_DISPATCH_FLOATING(x.scalar_type(), "bias_act", [&] {
     bias_act_kernel<scalar_t, kGrad><<<grid_stride_blocks(x.numel()), kThreads, 0, stream>>>(

@@ -16,23 +16,14 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <sstream>
 #include <string>
+
+#include "index_math.h"
 
 namespace mmfs_fast {
 
 using torch::stable::Tensor;
 using ScalarType = torch::headeronly::ScalarType;
-
-constexpr int kThreads = 256;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Blocks for a grid-stride loop over `work` items; more would only queue up.
-inline unsigned grid_stride_blocks(int64_t work) {
-  return static_cast<unsigned>(std::clamp<int64_t>(ceil_div(work, kThreads), 1, int64_t(1) << 20));
-}
 
 // What the kernels accumulate in: fp32 for the 16-bit types, else the type itself.
 template <typename T>
@@ -65,46 +56,23 @@ inline cudaStream_t current_stream(const Tensor& t) {
   return static_cast<cudaStream_t>(stream);
 }
 
-// Element strides of an (N, C, H, W) tensor, so that kernels read any layout in place.
-struct Strides4 {
-  int64_t n, c, y, x;
-};
-
-inline Strides4 strides4(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+inline Strides4 strides4(const Tensor& t) { return strides4(t.strides()); }
 
 // "[2, 3, 8, 8]", for error messages.
-inline std::string shape_of(const Tensor& t) {
-  std::ostringstream out;
-  out << "[";
-  for (int64_t d = 0; d < t.dim(); ++d) out << (d ? ", " : "") << t.size(d);
-  out << "]";
-  return out.str();
-}
+inline std::string shape_of(const Tensor& t) { return format_ints(t.sizes()); }
 
 inline std::string device_of(const Tensor& t) {
   return t.is_cuda() ? "cuda:" + std::to_string(t.get_device_index()) : (t.is_cpu() ? "cpu" : "a non-CUDA device");
 }
 
-// torch's is_contiguous(memory_format=channels_last) for 4-D tensors (the stable Tensor
-// only answers for the default layout): strides grow over c, x, y, n, sizes of 1 ignored.
-inline bool is_channels_last(const Tensor& t) {
-  if (t.dim() != 4) return false;
-  int64_t expected = 1;
-  for (const int d : {1, 3, 2, 0}) {
-    if (t.size(d) == 1) continue;
-    if (t.stride(d) != expected) return false;
-    expected *= t.size(d);
-  }
-  return true;
-}
+inline bool is_channels_last(const Tensor& t) { return is_channels_last(t.sizes(), t.strides()); }
 
-// Outputs are channels_last exactly when the input is channels_last and not also
-// contiguous; the fake kernels in mmfs_fast/ops/_cuda.py apply the same rule.
+// The layout rule of index_math.h's output_is_channels_last.
 inline Tensor empty_with_layout_of(const Tensor& x, torch::headeronly::IntHeaderOnlyArrayRef shape) {
-  const bool channels_last = is_channels_last(x) && !x.is_contiguous();
   return torch::stable::empty(shape, x.scalar_type(), std::nullopt, x.device(), std::nullopt,
-                              channels_last ? torch::headeronly::MemoryFormat::ChannelsLast
-                                            : torch::headeronly::MemoryFormat::Contiguous);
+                              output_is_channels_last(x.sizes(), x.strides())
+                                  ? torch::headeronly::MemoryFormat::ChannelsLast
+                                  : torch::headeronly::MemoryFormat::Contiguous);
 }
 
 inline bool is_kernel_float(ScalarType t) {

@@ -9,6 +9,7 @@
 // stable shim's dispatcher entry point (torch_call_dispatcher), as torch/csrc/stable/ops.h does
 // for the ops it wraps, so the convolution is still cuDNN's and the ABI still the stable one.
 #include "common.h"
+#include "modulated_conv2d_index.h"
 #include "ops.h"
 
 #include <array>
@@ -17,7 +18,6 @@ namespace mmfs_fast {
 namespace {
 
 constexpr float kDemodEps = 1e-8f;  // DEMOD_EPS of mmfs_fast/ops/_common.py
-constexpr int kWarp = 32;
 
 // demod[b, o] = rsqrt(sum_{i, t} (W[o, i, t] * styles[b, i])^2 + eps), one warp per (b, o):
 // mirrors mmfs_fast.ops._common.demodulation.
@@ -36,13 +36,6 @@ __global__ void __launch_bounds__(kThreads)
   for (int offset = kWarp / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (lane == 0) demod[warp] = rsqrtf(sum + kDemodEps);
 }
-
-struct ScaleParams {
-  Strides4 src_stride;
-  int64_t numel;
-  int channels, height, width;
-  bool channels_last;  // the layout dst is dense in, and so the order it is walked in
-};
 
 // dst[n, c, y, x] = src[n, c, y, x] * scale[n, c] (scale may be null: a layout copy), walking
 // dst in memory order so its writes coalesce; src may have any strides.
@@ -74,8 +67,7 @@ __global__ void __launch_bounds__(kThreads)
 // scale is undefined.
 void scale_channels(const Tensor& src, const Tensor& scale, const Tensor& dst) {
   if (dst.numel() == 0) return;
-  const ScaleParams params{strides4(src), dst.numel(), int(dst.size(1)), int(dst.size(2)), int(dst.size(3)),
-                           !dst.is_contiguous()};
+  const ScaleParams params = scale_params(src.strides(), dst.sizes(), dst.strides());
   const cudaStream_t stream = current_stream(dst);
   const auto launch = [&](auto scalar) {
     using scalar_t = decltype(scalar);
@@ -120,35 +112,11 @@ Tensor modulated_conv2d(const Tensor& x, const Tensor& weight, const Tensor& sty
   check_same_device(x, weight, op, "weight");
   check_same_device(x, styles, op, "styles");
   STD_TORCH_CHECK(x.scalar_type() != ScalarType::Double, op, ": x must be float32, float16 or bfloat16, got float64");
-  STD_TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && styles.dim() == 2, op,
-                  ": expected x (B, I, H, W), weight (O, I, k, k) and styles (B, I), got ", shape_of(x), ", ",
-                  shape_of(weight), ", ", shape_of(styles));
+  const ModulatedConv2dSize size =
+      modulated_conv2d_output_size(x.sizes(), weight.sizes(), styles.sizes(), transposed, stride, padding);
   const int64_t batch = x.size(0), in_channels = x.size(1), out_channels = weight.size(0), k = weight.size(2);
-  STD_TORCH_CHECK(weight.size(1) == in_channels && weight.size(3) == k && k >= 1, op, ": weight ", shape_of(weight),
-                  " must be (O, ", in_channels, ", k, k)");
-  STD_TORCH_CHECK(styles.size(0) == batch && styles.size(1) == in_channels, op, ": styles must be (", batch, ", ",
-                  in_channels, "), got ", shape_of(styles));
-  STD_TORCH_CHECK(in_channels >= 1 && out_channels >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op,
-                  ": x and weight must have channels and pixels, got x ", shape_of(x), " and weight ",
-                  shape_of(weight));
-  STD_TORCH_CHECK(stride >= 1 && padding >= 0, op, ": stride must be >= 1 and padding >= 0, got ", stride, " and ",
-                  padding);
-  // the kernels index channels and pixels with int, samples and elements with int64
-  STD_TORCH_CHECK(std::max({in_channels, out_channels, x.size(2), x.size(3)}) < (int64_t(1) << 31) &&
-                      out_channels * in_channels * k * k < (int64_t(1) << 31),
-                  op, ": sizes out of range: x ", shape_of(x), ", weight ", shape_of(weight));
-  const auto out_size = [&](int64_t in) {
-    return transposed ? (in - 1) * stride - 2 * padding + k : (in + 2 * padding - k) / stride + 1;
-  };
-  const int64_t out_h = out_size(x.size(2)), out_w = out_size(x.size(3));
-  STD_TORCH_CHECK(out_h >= 1 && out_w >= 1 && (transposed || x.size(2) + 2 * padding >= k) &&
-                      (transposed || x.size(3) + 2 * padding >= k),
-                  op, ": input ", shape_of(x), " with kernel ", k, ", stride ", stride, ", padding ", padding,
-                  " leaves an empty output");
-  STD_TORCH_CHECK(out_h < (int64_t(1) << 31) && out_w < (int64_t(1) << 31), op, ": output of ", out_h, "x", out_w,
-                  " is too large");
 
-  const int64_t out_shape[] = {batch, out_channels, out_h, out_w};
+  const int64_t out_shape[] = {batch, out_channels, size.h, size.w};
   Tensor out = empty_with_layout_of(x, out_shape);
   if (out.numel() == 0) return out;
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
@@ -160,9 +128,7 @@ Tensor modulated_conv2d(const Tensor& x, const Tensor& weight, const Tensor& sty
   const Tensor conv = convolution(modulated, transposed ? torch::stable::transpose(weight_x, 0, 1) : weight_x, stride,
                                   padding, transposed);
   if (!demodulate) {
-    bool same_strides = true;
-    for (int64_t d = 0; d < 4; ++d) same_strides = same_strides && conv.stride(d) == out.stride(d);
-    if (same_strides) return conv;
+    if (same_strides(conv.strides(), out.strides())) return conv;
     scale_channels(conv, Tensor(), out);
     return out;
   }
@@ -170,8 +136,7 @@ Tensor modulated_conv2d(const Tensor& x, const Tensor& weight, const Tensor& sty
   const Tensor weight_f = torch::stable::contiguous(torch::stable::to(weight, ScalarType::Float));
   const int64_t demod_shape[] = {batch, out_channels};
   Tensor demod = torch::stable::empty(demod_shape, ScalarType::Float, std::nullopt, x.device());
-  const int64_t threads = batch * out_channels * kWarp;
-  demod_kernel<<<ceil_div(threads, kThreads), kThreads, 0, current_stream(x)>>>(
+  demod_kernel<<<demod_blocks(batch, out_channels), kThreads, 0, current_stream(x)>>>(
       weight_f.const_data_ptr<float>(), styles_f.const_data_ptr<float>(), demod.mutable_data_ptr<float>(),
       int(batch), int(out_channels), int(in_channels), int(k * k));
   STD_CUDA_KERNEL_LAUNCH_CHECK();

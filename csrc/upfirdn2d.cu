@@ -2,27 +2,13 @@
 // and decimation in one pass. A shared-memory tiled kernel covers the 4x4 FIR with
 // (up, down) in {(1, 1), (2, 1), (1, 2)}, everything MMFS does in forward and backward;
 // a one-thread-per-output kernel covers any other up/down/pad and kernels up to 32x32.
+// The output size, the checks and the launch plan are in upfirdn2d_index.h.
 #include "common.h"
 #include "ops.h"
+#include "upfirdn2d_index.h"
 
 namespace mmfs_fast {
 namespace {
-
-constexpr int kMaxKernelSize = 32;
-
-struct Upfirdn2dParams {
-  Strides4 in_stride, out_stride;
-  int channels, planes;  // planes = N * C
-  int in_h, in_w, out_h, out_w;
-  int up, down, pad_x0, pad_y0;
-  int kernel_h, kernel_w;
-};
-
-__device__ __forceinline__ int floor_div(int a, int b) { return (a >= 0 ? a : a - b + 1) / b; }
-
-// Output (oy, ox) reads upsampled-and-padded samples oy * down + t: tap t meets an input
-// sample when oy * down + t - pad0 is a multiple of up; this is the first such t.
-__device__ __forceinline__ int first_tap(int upsampled, int up) { return ((-upsampled) % up + up) % up; }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -52,9 +38,6 @@ __global__ void __launch_bounds__(kThreads)
     out[n * p.out_stride.n + c * p.out_stride.c + oy * p.out_stride.y + ox * p.out_stride.x] = scalar_t(acc);
   }
 }
-
-constexpr int kTile = 32;     // output tile edge of the tiled kernel
-constexpr int kFirSize = 4;   // its FIR size
 
 // Each block stages the input samples its kTile x kTile outputs need (zeros outside the
 // image) and the flipped taps in shared memory, then each thread computes 4 outputs.
@@ -110,31 +93,16 @@ void launch(const Tensor& x, const Tensor& taps, Tensor& out, const Upfirdn2dPar
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   const float* taps_data = taps.const_data_ptr<float>();
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-  const bool tiled = p.kernel_h == kFirSize && p.kernel_w == kFirSize && p.up * p.down <= 2 &&
-                     ceil_div(p.out_h, kTile) <= 65535;  // gridDim.y's limit
-  if (tiled) {
-    const dim3 grid(ceil_div(p.out_w, kTile), ceil_div(p.out_h, kTile), std::min(p.planes, 65535));
-    if (p.up == 2) {
-      upfirdn2d_tiled_kernel<scalar_t, 2, 1><<<grid, kThreads, 0, stream>>>(x_data, taps_data, out_data, p);
-    } else if (p.down == 2) {
-      upfirdn2d_tiled_kernel<scalar_t, 1, 2><<<grid, kThreads, 0, stream>>>(x_data, taps_data, out_data, p);
-    } else {
-      upfirdn2d_tiled_kernel<scalar_t, 1, 1><<<grid, kThreads, 0, stream>>>(x_data, taps_data, out_data, p);
-    }
-  } else {
-    const int64_t total = int64_t(p.planes) * p.out_h * p.out_w;
-    upfirdn2d_generic_kernel<scalar_t><<<grid_stride_blocks(total), kThreads, 0, stream>>>(
-        x_data, taps_data, out_data, p);
-  }
+  const Upfirdn2dLaunch plan = upfirdn2d_launch(p);
+  const dim3 grid(plan.grid_x, plan.grid_y, plan.grid_z);
+  dispatch_upfirdn2d(
+      plan, p,
+      [&] { upfirdn2d_generic_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(x_data, taps_data, out_data, p); },
+      [&](auto up, auto down) {
+        upfirdn2d_tiled_kernel<scalar_t, decltype(up)::value, decltype(down)::value>
+            <<<grid, kThreads, 0, stream>>>(x_data, taps_data, out_data, p);
+      });
   STD_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-std::string pads_of(torch::headeronly::IntHeaderOnlyArrayRef pad) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < pad.size(); ++i) out << (i ? ", " : "") << pad[i];
-  out << "]";
-  return out.str();
 }
 
 }  // namespace
@@ -145,39 +113,16 @@ Tensor upfirdn2d(const Tensor& x, const Tensor& kernel, int64_t up, int64_t down
   check_cuda_float(x, op, "x");
   check_cuda_float(kernel, op, "kernel");
   check_same_device(x, kernel, op, "kernel");
-  STD_TORCH_CHECK(x.dim() == 4, op, ": x must be (N, C, H, W), got ", shape_of(x));
-  STD_TORCH_CHECK(kernel.dim() == 2, op, ": kernel must be 2-D, got ", shape_of(kernel));
-  STD_TORCH_CHECK(kernel.size(0) <= kMaxKernelSize && kernel.size(1) <= kMaxKernelSize && kernel.numel() > 0, op,
-                  ": kernel must be between 1x1 and ", kMaxKernelSize, "x", kMaxKernelSize, ", got ",
-                  shape_of(kernel));
-  STD_TORCH_CHECK(up >= 1 && down >= 1 && up <= kMaxKernelSize && down <= kMaxKernelSize, op,
-                  ": up and down must be in [1, ", kMaxKernelSize, "], got up=", up, " down=", down);
-  STD_TORCH_CHECK(pad.size() == 4, op, ": pad must be (x0, x1, y0, y1), got ", pads_of(pad));
-  for (const int64_t value : pad) {
-    STD_TORCH_CHECK(std::abs(value) < (int64_t(1) << 24), op, ": pad ", pads_of(pad), " is out of range");
-  }
-  const int64_t out_h = (x.size(2) * up + pad[2] + pad[3] - kernel.size(0)) / down + 1;
-  const int64_t out_w = (x.size(3) * up + pad[0] + pad[1] - kernel.size(1)) / down + 1;
-  STD_TORCH_CHECK(
-      x.size(2) * up + pad[2] + pad[3] >= kernel.size(0) && x.size(3) * up + pad[0] + pad[1] >= kernel.size(1), op,
-      ": input ", shape_of(x), " with kernel ", shape_of(kernel), ", up=", up, ", down=", down, ", pad=", pads_of(pad),
-      " leaves an empty output");
-  STD_TORCH_CHECK(x.size(0) * x.size(1) < (int64_t(1) << 31) && x.size(2) * up < (int64_t(1) << 24) &&
-                      x.size(3) * up < (int64_t(1) << 24),
-                  op, ": x of shape ", shape_of(x), " is too large");
+  const Upfirdn2dSize size = upfirdn2d_output_size(x.sizes(), kernel.sizes(), up, down, pad);
 
-  const int64_t out_shape[] = {x.size(0), x.size(1), out_h, out_w};
+  const int64_t out_shape[] = {x.size(0), x.size(1), size.h, size.w};
   Tensor out = empty_with_layout_of(x, out_shape);
   if (out.numel() == 0) return out;
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   // The taps as fp32, whatever x's precision: a tiny copy, queued on the stream.
   const Tensor taps = torch::stable::contiguous(torch::stable::to(kernel, ScalarType::Float));
-  const Upfirdn2dParams params{
-      strides4(x), strides4(out),
-      int(x.size(1)), int(x.size(0) * x.size(1)),
-      int(x.size(2)), int(x.size(3)), int(out_h), int(out_w),
-      int(up), int(down), int(pad[0]), int(pad[2]),
-      int(kernel.size(0)), int(kernel.size(1))};
+  const Upfirdn2dParams params =
+      upfirdn2d_params(x.sizes(), x.strides(), out.sizes(), out.strides(), kernel.sizes(), up, down, pad);
   MMFS_FAST_DISPATCH_FLOATING(x.scalar_type(), "upfirdn2d", [&] { launch<scalar_t>(x, taps, out, params); });
   return out;
 }

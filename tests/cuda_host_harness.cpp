@@ -1,14 +1,25 @@
-// Runs the CUDA kernels of csrc/ on the CPU: tests/test_cuda_index_math.py cuts the kernels
-// out of the .cu files into kernels.inc, and this file gives them what they use of CUDA.
-// A block's threads are real threads that meet at __syncthreads (a std::barrier), so the
-// kernels' shared-memory phases run as on a GPU; blocks run one after another. Instantiated
-// for double data (the float weights and taps stay float, as in csrc/).
+// Runs the CUDA kernels of csrc/ and their launch plans on the CPU. The host-side index math
+// (output sizes, argument checks, layout rules, kernel choice, grids, kernel parameters) is
+// csrc/*_index.h itself; tests/test_cuda_index_math.py cuts the kernels out of the .cu files
+// into kernels.inc, and this file gives them what they use of CUDA. For kernels that share
+// memory or shuffle, a block's threads are real threads that meet at __syncthreads (a
+// std::barrier), so the shared-memory phases run as on a GPU; blocks run one after another.
+// Instantiated for double data (the float weights and taps stay float, as in csrc/).
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <deque>
+#include <exception>
+#include <optional>
 #include <thread>
 #include <vector>
+
+#include "bias_act_index.h"
+#include "index_math.h"
+#include "modulated_conv2d_index.h"
+#include "upfirdn2d_index.h"
 
 #define __global__
 #define __device__
@@ -17,7 +28,8 @@
 #define __launch_bounds__(threads)
 #define __shared__ static  // one block at a time: static storage is that block's shared memory
 
-constexpr int kThreads = 256;  // csrc/common.h's block size
+using mmfs_fast::kThreads;
+using mmfs_fast::kWarp;
 
 struct Dim {
   unsigned x = 0, y = 0, z = 0;
@@ -26,16 +38,21 @@ thread_local Dim threadIdx, blockIdx;
 Dim gridDim, blockDim;
 std::barrier<>* block_barrier = nullptr;
 
-void __syncthreads() { block_barrier->arrive_and_wait(); }
+void __syncthreads() {
+  if (block_barrier == nullptr) {  // launch_serial's threads cannot meet
+    std::fprintf(stderr, "cuda_host_harness: a kernel launched with launch_serial calls __syncthreads\n");
+    std::abort();
+  }
+  block_barrier->arrive_and_wait();
+}
 
 // Warp shuffles through a per-warp exchange buffer, each warp's lanes meeting at their own
 // barrier (whole warps may leave a kernel early, as on a GPU).
-constexpr int kWarpSize = 32;
 std::deque<std::barrier<>>* warp_barriers = nullptr;  // a deque: barriers do not move
-float warp_exchange[kThreads / kWarpSize][kWarpSize];
+float warp_exchange[kThreads / kWarp][kWarp];
 
 float __shfl_xor_sync(unsigned, float value, int lane_mask) {
-  const unsigned warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const unsigned warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   warp_exchange[warp][lane] = value;
   (*warp_barriers)[warp].arrive_and_wait();
   const float other = warp_exchange[warp][lane ^ lane_mask];
@@ -48,9 +65,6 @@ float rsqrtf(float value) { return 1.f / std::sqrt(value); }
 namespace mmfs_fast {
 template <class T>
 using acc_type = T;  // csrc/common.h's accumulation type; double here
-struct Strides4 {
-  int64_t n, c, y, x;
-};
 #include "kernels.inc"
 }  // namespace mmfs_fast
 
@@ -67,7 +81,7 @@ void launch(Dim grid, Kernel&& kernel) {
   std::barrier<> barrier(kThreads);
   block_barrier = &barrier;
   std::deque<std::barrier<>> warps;
-  for (int w = 0; w < kThreads / kWarpSize; ++w) warps.emplace_back(kWarpSize);
+  for (int w = 0; w < kThreads / kWarp; ++w) warps.emplace_back(kWarp);
   warp_barriers = &warps;
   std::vector<std::thread> threads;
   for (unsigned t = 0; t < kThreads; ++t) {
@@ -85,52 +99,140 @@ void launch(Dim grid, Kernel&& kernel) {
   for (auto& thread : threads) thread.join();
 }
 
-Strides4 strides(const int64_t* s) { return {s[0], s[1], s[2], s[3]}; }
+// For kernels whose threads never meet (no __syncthreads, no shuffles): each block's threads
+// run one after another, without the cost of starting 256 threads per launch.
+template <class Kernel>
+void launch_serial(Dim grid, Kernel&& kernel) {
+  gridDim = grid;
+  blockDim = {kThreads, 1, 1};
+  block_barrier = nullptr;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x)
+        for (unsigned t = 0; t < kThreads; ++t) {
+          blockIdx = {x, y, z}, threadIdx = {t, 0, 0};
+          kernel();
+        }
+}
+
+IntArray ints(const int64_t* values, int64_t count) { return IntArray(values, size_t(count)); }
+
+// Runs body; a check that fails (STD_TORCH_CHECK throws) comes back as 1 and its message.
+template <class Body>
+int reporting(char* error, size_t error_size, Body&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(error, error_size, "%s", e.what());
+    return 1;
+  }
+}
 
 }  // namespace
 
 extern "C" {
 
-// tiled: 0 for the generic kernel, else the tiled kernel for (up, down).
-void upfirdn2d(const double* x, const float* taps, double* out, const int64_t* in_stride,
-               const int64_t* out_stride, const int* sizes, int tiled, unsigned grid_x, unsigned grid_y,
-               unsigned grid_z) {
-  // sizes: channels, planes, in_h, in_w, out_h, out_w, up, down, pad_x0, pad_y0, kernel_h, kernel_w
-  const Upfirdn2dParams p{strides(in_stride), strides(out_stride), sizes[0], sizes[1], sizes[2], sizes[3],
-                          sizes[4], sizes[5], sizes[6], sizes[7], sizes[8], sizes[9], sizes[10], sizes[11]};
-  const Dim grid{grid_x, grid_y, grid_z};
-  if (!tiled) {
-    launch(grid, [&] { upfirdn2d_generic_kernel<double>(x, taps, out, p); });
-  } else if (p.up == 2) {
-    launch(grid, [&] { upfirdn2d_tiled_kernel<double, 2, 1>(x, taps, out, p); });
-  } else if (p.down == 2) {
-    launch(grid, [&] { upfirdn2d_tiled_kernel<double, 1, 2>(x, taps, out, p); });
-  } else {
-    launch(grid, [&] { upfirdn2d_tiled_kernel<double, 1, 1>(x, taps, out, p); });
-  }
+bool output_is_channels_last(const int64_t* sizes, const int64_t* strides, int64_t rank) {
+  return mmfs_fast::output_is_channels_last(ints(sizes, rank), ints(strides, rank));
+}
+
+bool walks_in_memory_order(const int64_t* sizes, const int64_t* strides, int64_t rank) {
+  return mmfs_fast::walks_in_memory_order(ints(sizes, rank), ints(strides, rank));
+}
+
+bool same_strides(const int64_t* a, const int64_t* b, int64_t rank) {
+  return mmfs_fast::same_strides(ints(a, rank), ints(b, rank));
+}
+
+// out_hw: the output's height and width.
+int upfirdn2d_output_size(const int64_t* x, int64_t x_rank, const int64_t* kernel, int64_t kernel_rank, int64_t up,
+                          int64_t down, const int64_t* pad, int64_t pad_count, int64_t* out_hw, char* error,
+                          size_t error_size) {
+  return reporting(error, error_size, [&] {
+    const Upfirdn2dSize size =
+        mmfs_fast::upfirdn2d_output_size(ints(x, x_rank), ints(kernel, kernel_rank), up, down, ints(pad, pad_count));
+    out_hw[0] = size.h, out_hw[1] = size.w;
+  });
+}
+
+// plan: tiled (1 or 0), grid x, y, z.
+void upfirdn2d_plan(const int64_t* x, const int64_t* x_strides, const int64_t* out, const int64_t* out_strides,
+                    const int64_t* kernel, int64_t up, int64_t down, const int64_t* pad, unsigned* plan) {
+  const Upfirdn2dLaunch launch = upfirdn2d_launch(
+      upfirdn2d_params(ints(x, 4), ints(x_strides, 4), ints(out, 4), ints(out_strides, 4), ints(kernel, 2), up, down,
+                       ints(pad, 4)));
+  plan[0] = launch.tiled, plan[1] = launch.grid_x, plan[2] = launch.grid_y, plan[3] = launch.grid_z;
+}
+
+// The kernel upfirdn2d.cu's launch() picks, on its grid; max_grid_z > 0 caps gridDim.z lower
+// than CUDA does, so that a few planes take the loop that more than 65535 planes take.
+void upfirdn2d(const double* x_data, const float* taps, double* out_data, const int64_t* x, const int64_t* x_strides,
+               const int64_t* out, const int64_t* out_strides, const int64_t* kernel, int64_t up, int64_t down,
+               const int64_t* pad, unsigned max_grid_z) {
+  const Upfirdn2dParams p = upfirdn2d_params(ints(x, 4), ints(x_strides, 4), ints(out, 4), ints(out_strides, 4),
+                                             ints(kernel, 2), up, down, ints(pad, 4));
+  Upfirdn2dLaunch plan = upfirdn2d_launch(p);
+  if (max_grid_z > 0) plan.grid_z = std::min(plan.grid_z, max_grid_z);
+  const Dim grid{plan.grid_x, plan.grid_y, plan.grid_z};
+  dispatch_upfirdn2d(
+      plan, p, [&] { launch_serial(grid, [&] { upfirdn2d_generic_kernel<double>(x_data, taps, out_data, p); }); },
+      [&](auto up, auto down) {
+        launch(grid, [&] {
+          upfirdn2d_tiled_kernel<double, decltype(up)::value, decltype(down)::value>(x_data, taps, out_data, p);
+        });
+      });
+}
+
+// out_hw: the output's height and width.
+int modulated_conv2d_output_size(const int64_t* x, int64_t x_rank, const int64_t* weight, int64_t weight_rank,
+                                 const int64_t* styles, int64_t styles_rank, bool transposed, int64_t stride,
+                                 int64_t padding, int64_t* out_hw, char* error, size_t error_size) {
+  return reporting(error, error_size, [&] {
+    const ModulatedConv2dSize size = mmfs_fast::modulated_conv2d_output_size(
+        ints(x, x_rank), ints(weight, weight_rank), ints(styles, styles_rank), transposed, stride, padding);
+    out_hw[0] = size.h, out_hw[1] = size.w;
+  });
 }
 
 void demod(const float* weight, const float* styles, float* out, int batch, int out_channels, int in_channels,
            int taps) {
-  const unsigned blocks = (int64_t(batch) * out_channels * kWarpSize + kThreads - 1) / kThreads;
-  launch({blocks, 1, 1}, [&] { demod_kernel(weight, styles, out, batch, out_channels, in_channels, taps); });
+  launch({demod_blocks(batch, out_channels), 1, 1},
+         [&] { demod_kernel(weight, styles, out, batch, out_channels, in_channels, taps); });
 }
 
-void scale_channels(const double* src, const int64_t* src_stride, const float* scale, double* dst, int64_t numel,
-                    int channels, int height, int width, bool channels_last, unsigned blocks) {
-  const ScaleParams p{strides(src_stride), numel, channels, height, width, channels_last};
-  launch({blocks, 1, 1}, [&] { scale_channels_kernel<double>(src, scale, dst, p); });
+// modulated_conv2d.cu's scale_channels(): scale null is a layout copy. max_blocks > 0 caps
+// the grid, so that the grid-stride loop takes several rounds.
+void scale_channels(const double* src, const int64_t* src_strides, const float* scale, double* dst,
+                    const int64_t* dst_sizes, const int64_t* dst_strides, unsigned max_blocks) {
+  const ScaleParams p = scale_params(ints(src_strides, 4), ints(dst_sizes, 4), ints(dst_strides, 4));
+  if (p.numel == 0) return;
+  unsigned blocks = grid_stride_blocks(p.numel);
+  if (max_blocks > 0) blocks = std::min(blocks, max_blocks);
+  launch_serial({blocks, 1, 1}, [&] { scale_channels_kernel<double>(src, scale, dst, p); });
 }
 
-void bias_act(const double* x, const double* bias, const double* grad, double* out, int64_t numel,
-              int64_t channel_stride, int64_t channels, double slope, double gain, double clamp, bool has_clamp,
-              unsigned blocks) {
-  const BiasActParams p{numel, channel_stride, channels, slope, gain, clamp, bias != nullptr, has_clamp};
-  if (grad != nullptr) {
-    launch({blocks, 1, 1}, [&] { bias_act_kernel<double, true>(x, bias, grad, out, p); });
-  } else {
-    launch({blocks, 1, 1}, [&] { bias_act_kernel<double, false>(x, bias, grad, out, p); });
-  }
+// bias_act.cu's run(): the checks, the parameters, the kernel on its grid; x is walked as it
+// is (the caller copies it when walks_in_memory_order says no). grad null: the forward.
+// max_blocks > 0 caps the grid, so that the grid-stride loop takes several rounds.
+int bias_act(const double* x_data, const double* bias, const double* grad, double* out, const int64_t* sizes,
+             const int64_t* strides, int64_t rank, int64_t dim, double slope, double gain, double clamp,
+             bool has_clamp, unsigned max_blocks, char* error, size_t error_size) {
+  return reporting(error, error_size, [&] {
+    const std::optional<double> clamp_value = has_clamp ? std::optional<double>(clamp) : std::nullopt;
+    const char* op = grad != nullptr ? "mmfs_fast::bias_act_grad" : "mmfs_fast::bias_act";
+    check_bias_act_args(op, ints(sizes, rank), dim, clamp_value);
+    const BiasActParams p =
+        bias_act_params(ints(sizes, rank), ints(strides, rank), dim, bias != nullptr, slope, gain, clamp_value);
+    if (p.numel == 0) return;
+    unsigned blocks = grid_stride_blocks(p.numel);
+    if (max_blocks > 0) blocks = std::min(blocks, max_blocks);
+    if (grad != nullptr) {
+      launch_serial({blocks, 1, 1}, [&] { bias_act_kernel<double, true>(x_data, bias, grad, out, p); });
+    } else {
+      launch_serial({blocks, 1, 1}, [&] { bias_act_kernel<double, false>(x_data, bias, grad, out, p); });
+    }
+  });
 }
 
 }  // extern "C"

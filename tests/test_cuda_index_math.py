@@ -1,18 +1,15 @@
-"""The index math of csrc/ checked on the CPU, without a GPU, two ways.
+"""The index math of csrc/ checked on the CPU, without a GPU, on the compiled sources.
 
-Transcribed: each kernel of csrc/upfirdn2d.cu, csrc/modulated_conv2d.cu and csrc/bias_act.cu
-is written out here block by block and thread by thread (threads vectorised with numpy, C's
-truncating `/` and `%` kept). Shared-memory tiles start as NaN and every read of them is
-bounds-checked, so a too-small halo or an unloaded entry shows; outputs count their writes,
-so a missed or doubled output shows.
+The kernels' own source, cut out of the .cu files, and the host-side index math the .cu files
+call (csrc/index_math.h and csrc/*_index.h: output sizes, argument checks, layout rules, kernel
+choice, grids, kernel parameters) are built for the CPU with tests/cuda_host_harness.cpp (g++;
+kernels that share memory run on real threads meeting at __syncthreads) and compared with the
+ref ops, with torch's layout predicates and with the grids that CUDA's limits dictate.
 
-Compiled: the kernels' own source, cut out of the .cu files and built for the CPU with
-tests/cuda_host_harness.cpp (g++, real threads meeting at __syncthreads).
-
-Both run behind a transcription of the host code (output size, kernel choice, grid), read and
-write flat buffers through the tensors' strides, and are compared with the ref ops. The
-backward formulas of mmfs_fast/ops/_cuda.py are checked with gradcheck/gradgradcheck around
-the transcribed kernels.
+What stays in Python is the glue of each host function that allocates tensors: it calls the
+harness in the order the .cu does (output size, layout, kernels), and modulated_conv2d()'s cuDNN
+call between its kernels is F.conv2d in float64. The backward formulas of mmfs_fast/ops/_cuda.py
+are checked with gradcheck/gradgradcheck around the compiled kernels.
 """
 import ctypes
 import math
@@ -21,76 +18,29 @@ import subprocess
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmfs_fast.ops import _cuda
-from mmfs_fast.ops.bias_act import bias_act_ref
 from mmfs_fast.ops._common import DEMOD_EPS
+from mmfs_fast.ops.bias_act import bias_act_ref
 from mmfs_fast.ops.modulated_conv2d import modulated_conv2d_ref
 from mmfs_fast.ops.upfirdn2d import upfirdn2d_ref
 
-THREADS = 256
+THREADS = 256  # csrc/index_math.h's kThreads
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
-
-def c_div(a, b):
-    """C's integer division (truncation toward zero), b > 0."""
-    a = np.asarray(a)
-    return np.sign(a) * (np.abs(a) // b)
-
-
-def c_mod(a, b):
-    return np.asarray(a) - b * c_div(a, b)
-
-
-def ceil_div(a, b):
-    return (a + b - 1) // b
-
-
-def flat(t: torch.Tensor) -> np.ndarray:
-    """The storage of a dense tensor, as the kernel sees it through data_ptr."""
-    assert t.storage_offset() == 0
-    return t.detach().as_strided((t.numel(),), (1,)).numpy().copy()
-
-
-class Output:
-    """A kernel's output buffer, laid out like ``tensor``; NaN until written, and each offset
-    counts its writes."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-        self.data = np.full(self.tensor.numel(), np.nan)
-        self.writes = np.zeros(self.tensor.numel(), dtype=np.int64)
-        self.strides = self.tensor.stride()
-
-    def write(self, offsets, values):
-        np.add.at(self.writes, offsets, 1)
-        self.data[offsets] = values
-
-    def result(self) -> torch.Tensor:
-        assert (self.writes == 1).all(), "some outputs were written never or twice"
-        assert not np.isnan(self.data).any(), "some outputs were never written"
-        return torch.as_strided(torch.from_numpy(self.data), self.tensor.shape, self.strides)
-
-
-def offset(strides, n, c, y, x):
-    return n * strides[0] + c * strides[1] + y * strides[2] + x * strides[3]
-
-
-# ---------------------------------------------------------------- the kernels' own source, compiled for the CPU
-
-# Where each file's kernels begin and end: the device code between them is compiled, the host code is not.
+# Where each file's kernels begin and end: the device code between them is compiled with the
+# harness; the host code after them is not (it allocates tensors and launches with <<<>>>).
 KERNEL_SPANS = {
     "upfirdn2d.cu": ("namespace {\n", "template <typename scalar_t>\nvoid launch("),
     "modulated_conv2d.cu": ("namespace {\n", "// dst (dense, from empty_with_layout_of)"),
     "bias_act.cu": ("namespace {\n", "// x itself when the kernel"),
 }
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
-def build_host_kernels(workdir: Path) -> ctypes.CDLL:
+def build_harness(workdir: Path) -> ctypes.CDLL:
     spans = []
     for name, (begin, end) in KERNEL_SPANS.items():
         source = (CSRC / name).read_text()
@@ -100,168 +50,163 @@ def build_host_kernels(workdir: Path) -> ctypes.CDLL:
     (workdir / "kernels.inc").write_text("".join(spans))
     harness = Path(__file__).with_name("cuda_host_harness.cpp")
     library = workdir / "kernels.so"
+    torch_include = Path(torch.__file__).parent / "include"  # the header-only part of torch's headers
     subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
-                    "-Wno-unknown-pragmas", f"-I{workdir}", str(harness), "-o", str(library)], check=True)
+                    "-Wno-unknown-pragmas", f"-I{workdir}", f"-I{CSRC}", f"-I{torch_include}", str(harness),
+                    "-o", str(library)], check=True)
     return ctypes.CDLL(str(library))
 
 
-def pointer(array):
-    return None if array is None else array.ctypes.data_as(ctypes.c_void_p)
+I64P, VOID, ERROR_SIZE = ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, 2048
+SIGNATURES = {  # name: (argument types, result type)
+    "output_is_channels_last": ([I64P, I64P, ctypes.c_int64], ctypes.c_bool),
+    "walks_in_memory_order": ([I64P, I64P, ctypes.c_int64], ctypes.c_bool),
+    "same_strides": ([I64P, I64P, ctypes.c_int64], ctypes.c_bool),
+    "upfirdn2d_output_size": ([I64P, ctypes.c_int64, I64P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, I64P,
+                               ctypes.c_int64, I64P, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int),
+    "upfirdn2d_plan": ([I64P, I64P, I64P, I64P, I64P, ctypes.c_int64, ctypes.c_int64, I64P,
+                        ctypes.POINTER(ctypes.c_uint)], None),
+    "upfirdn2d": ([VOID, VOID, VOID, I64P, I64P, I64P, I64P, I64P, ctypes.c_int64, ctypes.c_int64, I64P,
+                   ctypes.c_uint], None),
+    "modulated_conv2d_output_size": ([I64P, ctypes.c_int64, I64P, ctypes.c_int64, I64P, ctypes.c_int64, ctypes.c_bool,
+                                      ctypes.c_int64, ctypes.c_int64, I64P, ctypes.c_char_p, ctypes.c_size_t],
+                                     ctypes.c_int),
+    "demod": ([VOID, VOID, VOID, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int], None),
+    "scale_channels": ([VOID, I64P, VOID, VOID, I64P, I64P, ctypes.c_uint], None),
+    "bias_act": ([VOID, VOID, VOID, VOID, I64P, I64P, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
+                  ctypes.c_double, ctypes.c_double, ctypes.c_bool, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t],
+                 ctypes.c_int),
+}
 
 
-def int64s(values):
-    return np.array(values, dtype=np.int64)
+def ints(values):
+    values = [int(v) for v in values]
+    return (ctypes.c_int64 * max(len(values), 1))(*values)
 
 
-class CompiledKernels:
-    """The kernels of csrc/ built by build_host_kernels, behind the transcribed kernels' interface."""
+def data(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def nans(shape, channels_last):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.full(shape, math.nan, dtype=torch.float64).contiguous(memory_format=memory_format)
+
+
+def unwritten(out):
+    """The NaN an output buffer starts as marks what the kernel did not write."""
+    assert not out.isnan().any(), "some outputs were never written"
+    return out
+
+
+class Harness:
+    """tests/cuda_host_harness.cpp: the compiled kernels and index math of csrc/."""
 
     def __init__(self, library: ctypes.CDLL):
         self.library = library
+        for name, (argtypes, restype) in SIGNATURES.items():
+            getattr(library, name).argtypes, getattr(library, name).restype = argtypes, restype
 
-    @staticmethod
-    def _collect(out, data):
-        """Hands what the kernel wrote to ``out``: the NaN it started as marks what it did not write."""
-        out.write(np.arange(data.size), data)
+    def _checked(self, function, *args):
+        """Calls a harness function whose last two arguments report a failed check."""
+        error = ctypes.create_string_buffer(ERROR_SIZE)
+        if function(*args, error, ERROR_SIZE):
+            raise RuntimeError(error.value.decode())
 
-    def upfirdn2d_tiled(self, p, grid):
-        self._upfirdn2d(p, True, grid)
+    def output_is_channels_last(self, t):
+        return self.library.output_is_channels_last(ints(t.shape), ints(t.stride()), t.dim())
 
-    def upfirdn2d_generic(self, p, blocks):
-        self._upfirdn2d(p, False, (blocks, 1, 1))
+    def walks_in_memory_order(self, t):
+        return self.library.walks_in_memory_order(ints(t.shape), ints(t.stride()), t.dim())
 
-    def _upfirdn2d(self, p, tiled, grid):
-        sizes = np.array([p.channels, p.planes, p.in_h, p.in_w, p.out_h, p.out_w, p.up, p.down, p.pad_x0, p.pad_y0,
-                          p.kernel_h, p.kernel_w], dtype=np.int32)
-        data = np.full(p.out.data.size, np.nan)
-        in_stride, out_stride = int64s(p.x_stride), int64s(p.out.strides)
-        self.library.upfirdn2d(pointer(p.x), pointer(p.taps), pointer(data), pointer(in_stride), pointer(out_stride),
-                               pointer(sizes), ctypes.c_int(tiled), *map(ctypes.c_uint, grid))
-        self._collect(p.out, data)
+    def same_strides(self, a, b):
+        return a.dim() == b.dim() and self.library.same_strides(ints(a.stride()), ints(b.stride()), a.dim())
+
+    def empty_with_layout_of(self, x, shape):
+        """common.h's empty_with_layout_of, filled with NaN."""
+        return nans(shape, self.output_is_channels_last(x))
+
+    # upfirdn2d.cu
+
+    def upfirdn2d_output_size(self, x_shape, kernel_shape, up, down, pad):
+        out_hw = ints([0, 0])
+        self._checked(self.library.upfirdn2d_output_size, ints(x_shape), len(x_shape), ints(kernel_shape),
+                      len(kernel_shape), up, down, ints(pad), len(pad), out_hw)
+        return tuple(out_hw)
+
+    def upfirdn2d_plan(self, x, out_shape, kernel_shape, up, down, pad):
+        """(tiled, grid) for x and an output of its layout."""
+        out = torch.empty(out_shape, device="meta").contiguous(
+            memory_format=torch.channels_last if self.output_is_channels_last(x) else torch.contiguous_format)
+        plan = (ctypes.c_uint * 4)()
+        self.library.upfirdn2d_plan(ints(x.shape), ints(x.stride()), ints(out.shape), ints(out.stride()),
+                                    ints(kernel_shape), up, down, ints(pad), plan)
+        return bool(plan[0]), tuple(plan[1:])
+
+    def upfirdn2d(self, x, kernel, up, down, pad, max_grid_z=0):
+        """upfirdn2d(): the output size and checks, the output's layout, launch()'s kernel on its grid."""
+        out_h, out_w = self.upfirdn2d_output_size(x.shape, kernel.shape, up, down, pad)
+        out = self.empty_with_layout_of(x, (x.shape[0], x.shape[1], out_h, out_w))
+        if out.numel() == 0:
+            return out
+        x = x.detach()
+        taps = kernel.detach().float().contiguous()
+        self.library.upfirdn2d(data(x), data(taps), data(out), ints(x.shape), ints(x.stride()), ints(out.shape),
+                               ints(out.stride()), ints(kernel.shape), up, down, ints(pad), max_grid_z)
+        return unwritten(out)
+
+    # bias_act.cu
+
+    def bias_act(self, x, bias, slope, gain, clamp, dim, grad=None, max_blocks=2):
+        """run<kGrad>(), kGrad = grad is not None: x walked in place or copied, grad in x's strides,
+        the checks, the parameters and the kernel. max_blocks: a grid that the grid-stride loop
+        walks in several rounds, as on large tensors."""
+        x = x.detach()
+        if not self.walks_in_memory_order(x):
+            x = x.contiguous()
+        if grad is not None:
+            grad = grad.detach()
+            if not self.same_strides(grad, x):
+                grad = torch.empty_like(x).copy_(grad)
+        out = torch.full_like(x, math.nan)  # empty_like: x's strides
+        bias = None if bias is None else bias.detach().to(x.dtype).contiguous()
+        self._checked(self.library.bias_act, data(x), data(bias), data(grad), data(out), ints(x.shape),
+                      ints(x.stride()), x.dim(), dim, slope, gain, clamp or 0.0, clamp is not None, max_blocks)
+        return unwritten(out)
+
+    def bias_act_forward(self, x, bias, slope, gain, clamp, dim):
+        return self.bias_act(x, bias, slope, gain, clamp, dim)
+
+    def bias_act_grad(self, grad, x, bias, slope, gain, clamp, dim):
+        return self.bias_act(x, bias, slope, gain, clamp, dim, grad)
+
+    # modulated_conv2d.cu
+
+    def modulated_conv2d_output_size(self, x_shape, weight_shape, styles_shape, transposed, stride, padding):
+        out_hw = ints([0, 0])
+        self._checked(self.library.modulated_conv2d_output_size, ints(x_shape), len(x_shape), ints(weight_shape),
+                      len(weight_shape), ints(styles_shape), len(styles_shape), transposed, stride, padding, out_hw)
+        return tuple(out_hw)
 
     def demod(self, weight, styles, batch, out_channels, in_channels, taps):
-        demod = np.full(batch * out_channels, np.nan, dtype=np.float32)
-        self.library.demod(pointer(weight), pointer(styles), pointer(demod), batch, out_channels, in_channels, taps)
-        return demod
+        demod = torch.full((batch * out_channels,), math.nan)
+        self.library.demod(data(weight), data(styles), data(demod), batch, out_channels, in_channels, taps)
+        return unwritten(demod)
 
-    def scale_channels(self, src, src_stride, scale, out, channels, height, width, channels_last):
-        data = np.full(out.data.size, np.nan)
-        self.library.scale_channels(pointer(src), pointer(int64s(src_stride)), pointer(scale), pointer(data),
-                                    ctypes.c_int64(data.size), channels, height, width, ctypes.c_bool(channels_last),
-                                    ctypes.c_uint(2))  # 2 blocks: the grid-stride loop takes several rounds
-        self._collect(out, data)
-
-    def bias_act(self, x, bias, grad, out, channel_stride, channels, slope, gain, clamp):
-        data = np.full(x.size, np.nan)
-        self.library.bias_act(pointer(x), pointer(bias), pointer(grad), pointer(data), ctypes.c_int64(x.size),
-                              ctypes.c_int64(channel_stride), ctypes.c_int64(channels), ctypes.c_double(slope),
-                              ctypes.c_double(gain), ctypes.c_double(clamp or 0.0), ctypes.c_bool(clamp is not None),
-                              ctypes.c_uint(2))  # 2 blocks: the grid-stride loop takes several rounds
-        self._collect(out, data)
+    def scale_channels(self, src, scale, dst, max_blocks=2):
+        """Fills dst (from empty_with_layout_of) with src · scale[n, c], or copies src into dst's
+        layout when scale is None. max_blocks: see bias_act."""
+        src = src.detach()
+        self.library.scale_channels(data(src), ints(src.stride()), data(scale), data(dst), ints(dst.shape),
+                                    ints(dst.stride()), max_blocks)
+        return unwritten(dst)
 
 
 @pytest.fixture(scope="module")
-def compiled_kernels(tmp_path_factory):
+def harness(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed")
-    return CompiledKernels(build_host_kernels(tmp_path_factory.mktemp("cuda_host_kernels")))
-
-
-@pytest.fixture(params=["transcribed", "compiled"])
-def kernels(request):
-    return TRANSCRIBED if request.param == "transcribed" else request.getfixturevalue("compiled_kernels")
-
-
-# ---------------------------------------------------------------- upfirdn2d.cu
-
-TILE, FIR = 32, 4
-
-
-def kernel_floor_div(a, b):
-    a = np.asarray(a)
-    return c_div(np.where(a >= 0, a, a - b + 1), b)
-
-
-def upfirdn2d_host(x, kernel, up, down, pad, kernels=None, max_grid_z=65535):
-    """upfirdn2d() and launch(): output size, the kernel choice, the grid."""
-    n, c, h, w = x.shape
-    kh, kw = kernel.shape
-    out_h = c_div(h * up + pad[2] + pad[3] - kh, down) + 1
-    out_w = c_div(w * up + pad[0] + pad[1] - kw, down) + 1
-    out = Output(_cuda._empty_with_layout_of(x, (n, c, int(out_h), int(out_w))))
-    kernels = kernels or TRANSCRIBED
-    p = types.SimpleNamespace(x=flat(x), x_stride=x.stride(), taps=kernel.float().flatten().numpy(), out=out,
-                              channels=c, planes=n * c, in_h=h, in_w=w, out_h=int(out_h), out_w=int(out_w), up=up,
-                              down=down, pad_x0=pad[0], pad_y0=pad[2], kernel_h=kh, kernel_w=kw)
-    if kh == FIR and kw == FIR and up * down <= 2 and ceil_div(p.out_h, TILE) <= 65535:
-        grid = (ceil_div(p.out_w, TILE), ceil_div(p.out_h, TILE), min(p.planes, max_grid_z))
-        kernels.upfirdn2d_tiled(p, grid)
-    else:
-        kernels.upfirdn2d_generic(p, grid_stride_blocks(p.planes * p.out_h * p.out_w))
-    return out.result()
-
-
-def grid_stride_blocks(work):
-    return min(max(ceil_div(work, THREADS), 1), 1 << 20)
-
-
-def upfirdn2d_generic_kernel(p, blocks):
-    idx = np.arange(p.planes * p.out_h * p.out_w)  # the grid-stride loop covers each index once, on any grid
-    ox = idx % p.out_w
-    oy = (idx // p.out_w) % p.out_h
-    plane = idx // (p.out_w * p.out_h)
-    n, c = plane // p.channels, plane % p.channels
-    uy, ux = oy * p.down - p.pad_y0, ox * p.down - p.pad_x0
-    acc = np.zeros(idx.shape)
-    # for (ty = first_tap(uy, up); ty < kernel_h; ty += up), and likewise tx, for each thread
-    ty_first = c_mod(c_mod(-uy, p.up) + p.up, p.up)
-    tx_first = c_mod(c_mod(-ux, p.up) + p.up, p.up)
-    for ty in range(p.kernel_h):
-        for tx in range(p.kernel_w):
-            active = (ty >= ty_first) & ((ty - ty_first) % p.up == 0)
-            active &= (tx >= tx_first) & ((tx - tx_first) % p.up == 0)
-            iy, ix = c_div(uy + ty, p.up), c_div(ux + tx, p.up)
-            active &= (iy >= 0) & (iy < p.in_h) & (ix >= 0) & (ix < p.in_w)
-            tap = p.taps[(p.kernel_h - 1 - ty) * p.kernel_w + (p.kernel_w - 1 - tx)]
-            acc[active] += p.x[offset(p.x_stride, n, c, iy, ix)[active]] * tap
-    p.out.write(offset(p.out.strides, n, c, oy, ox), acc)
-
-
-def upfirdn2d_tiled_kernel(p, grid):
-    up, down = p.up, p.down
-    in_tile = ((TILE - 1) * down + FIR - 1) // up + 2
-    flipped = np.array([p.taps[FIR * FIR - 1 - t] for t in range(FIR * FIR)]).reshape(FIR, FIR)
-    i_load = np.arange(in_tile * in_tile)  # for (i = threadIdx.x; i < in_tile²; i += kThreads), all threads
-    i_out = np.arange(TILE * TILE)
-    for bz in range(grid[2]):
-        for by in range(grid[1]):
-            for bx in range(grid[0]):
-                oy0, ox0 = by * TILE, bx * TILE
-                iy0 = kernel_floor_div(oy0 * down - p.pad_y0, up)
-                ix0 = kernel_floor_div(ox0 * down - p.pad_x0, up)
-                for plane in range(bz, p.planes, grid[2]):
-                    n, c = plane // p.channels, plane % p.channels
-                    tile = np.full((in_tile, in_tile + 1), np.nan)
-                    iy, ix = iy0 + i_load // in_tile, ix0 + i_load % in_tile
-                    inside = (iy >= 0) & (iy < p.in_h) & (ix >= 0) & (ix < p.in_w)
-                    values = np.zeros(i_load.shape)
-                    values[inside] = p.x[offset(p.x_stride, n, c, iy, ix)[inside]]
-                    tile[i_load // in_tile, i_load % in_tile] = values
-                    oy, ox = oy0 + i_out // TILE, ox0 + i_out % TILE
-                    live = (oy < p.out_h) & (ox < p.out_w)
-                    oy, ox = oy[live], ox[live]
-                    uy, ux = oy * down - p.pad_y0, ox * down - p.pad_x0
-                    acc = np.zeros(oy.shape)
-                    for ty in range(FIR):
-                        for tx in range(FIR):
-                            hit = (c_mod(uy + ty, up) == 0) & (c_mod(ux + tx, up) == 0)
-                            row = kernel_floor_div(uy + ty, up)[hit] - iy0
-                            col = kernel_floor_div(ux + tx, up)[hit] - ix0
-                            assert ((row >= 0) & (row < in_tile) & (col >= 0) & (col < in_tile)).all(), "halo"
-                            read = tile[row, col]
-                            assert not np.isnan(read).any(), "read an unloaded tile entry"
-                            acc[hit] += read * flipped[ty, tx]
-                    p.out.write(offset(p.out.strides, n, c, oy, ox), acc)
+    return Harness(build_harness(tmp_path_factory.mktemp("cuda_host_harness")))
 
 
 def rand(*shape, seed=0):
@@ -270,6 +215,43 @@ def rand(*shape, seed=0):
 
 def layout(x, channels_last):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ---------------------------------------------------------------- layout rules (index_math.h)
+
+
+def layout_cases():
+    x = rand(2, 3, 4, 5)
+    return {
+        "nchw": x, "nhwc": layout(x, True), "nhwc_1x1": layout(rand(2, 3, 1, 1), True),
+        "nhwc_one_channel": layout(rand(2, 1, 4, 5), True), "nhwc_batch_1": layout(rand(1, 3, 4, 5), True),
+        "nhwc_one_row": layout(rand(2, 3, 1, 5), True), "transposed_hw": x.transpose(2, 3),
+        "strided": x[:, :, ::2], "nhwc_strided": layout(x, True)[:, :, :, ::2],
+        "nhwc_empty": layout(rand(0, 3, 4, 5), True),
+        "chwn": x.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0), "3d": rand(4, 5, 6),
+        "3d_transposed": rand(4, 5, 6).transpose(0, 2), "1d": rand(7), "2d_transposed": rand(6, 5).t(),
+        # a size-1 dim's stride is arbitrary: torch ignores it in both layouts
+        "nchw_odd_stride_1": torch.empty_strided((2, 3, 1, 5), (15, 5, 99, 1)),
+        "nhwc_odd_stride_1": torch.empty_strided((2, 3, 1, 5), (15, 1, 99, 3)),
+    }
+
+
+@pytest.mark.parametrize("name", list(layout_cases()))
+def test_layout_rules_match_torch(harness, name):
+    """common.h's output layout and bias_act.cu's walk-in-place choice against torch's own
+    is_contiguous, and against the fake kernels' rules in _cuda.py."""
+    t = layout_cases()[name]
+    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    assert harness.output_is_channels_last(t) == (channels_last and not t.is_contiguous())
+    assert harness.walks_in_memory_order(t) == (t.is_contiguous() or channels_last)
+    if t.dim() == 4:
+        expected = torch.empty(t.shape).contiguous(
+            memory_format=torch.channels_last if harness.output_is_channels_last(t) else torch.contiguous_format)
+        assert _cuda._empty_with_layout_of(t, t.shape).stride() == expected.stride()
+    assert harness.walks_in_memory_order(t) == (_cuda._walkable(t) is t)
+
+
+# ---------------------------------------------------------------- upfirdn2d.cu
 
 
 UPFIRDN2D_CASES = [
@@ -294,78 +276,91 @@ UPFIRDN2D_CASES = [
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("up,down,pad,kernel_shape,size", UPFIRDN2D_CASES)
-def test_upfirdn2d_kernels_match_ref(kernels, up, down, pad, kernel_shape, size, channels_last):
+def test_upfirdn2d_kernels_match_ref(harness, up, down, pad, kernel_shape, size, channels_last):
     x = layout(rand(2, 3, *size), channels_last)
     kernel = rand(*kernel_shape, seed=1).float().double()  # the kernels' taps are float32
-    got = upfirdn2d_host(x, kernel, up, down, pad, kernels)
+    got = harness.upfirdn2d(x, kernel, up, down, pad)
     torch.testing.assert_close(got, upfirdn2d_ref(x, kernel, up, down, pad), rtol=1e-12, atol=1e-12)
     # a (1, 1) image is contiguous in both layouts, and then the output is plainly contiguous
     expected_format = torch.channels_last if channels_last and size != (1, 1) else torch.contiguous_format
     assert got.is_contiguous(memory_format=expected_format)
 
 
-def test_upfirdn2d_tiled_kernel_loops_over_more_planes_than_the_grid(kernels):
+def test_upfirdn2d_tiled_kernel_loops_over_more_planes_than_the_grid(harness):
     x, kernel = rand(1, 5, 6, 7), rand(4, 4, seed=1).float().double()
-    got = upfirdn2d_host(x, kernel, 2, 1, (2, 1, 2, 1), kernels, max_grid_z=2)  # 5 planes on 2 blocks, as past 65535
+    assert harness.upfirdn2d_plan(x, (1, 5, 12, 14), (4, 4), 2, 1, (2, 1, 2, 1)) == (True, (1, 1, 5))
+    got = harness.upfirdn2d(x, kernel, 2, 1, (2, 1, 2, 1), max_grid_z=2)  # 5 planes on 2 blocks, as past 65535
     torch.testing.assert_close(got, upfirdn2d_ref(x, kernel, 2, 1, (2, 1, 2, 1)), rtol=1e-12, atol=1e-12)
+
+
+def blocks_for(work):
+    """A grid-stride grid: one thread per item, at most 2^20 blocks."""
+    return min(-(-work // THREADS), 1 << 20)
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,up,down,pad,tiled,grid", [
+    # 4x4 FIR at (up, down) = (2, 1): a 70x66 output is 3x3 tiles of 32, one grid layer per plane
+    ((2, 3, 35, 33), (4, 4), 2, 1, (2, 1, 2, 1), True, (3, 3, 6)),
+    ((1, 70000, 8, 8), (4, 4), 1, 1, (1, 1, 1, 1), True, (1, 1, 65535)),  # gridDim.z's limit: the planes loop
+    ((1, 1, 2097121, 4), (4, 4), 1, 1, (1, 1, 1, 1), True, (1, 65535, 1)),  # 2097120 rows: gridDim.y's last tile
+    ((1, 1, 2097122, 4), (4, 4), 1, 1, (1, 1, 1, 1), False, (blocks_for(2097121 * 3), 1, 1)),  # one tile past it
+    ((2, 3, 10, 11), (4, 4), 2, 2, (1, 2, 0, 3), False, (blocks_for(6 * 10 * 11), 1, 1)),
+    ((2, 3, 9, 7), (5, 3), 3, 2, (2, -1, 0, 3), False, (blocks_for(6 * 13 * 10), 1, 1)),
+    ((1, 8192, 256, 256), (3, 3), 1, 1, (1, 1, 1, 1), False, (1 << 20, 1, 1)),  # the grid-stride cap
+])
+def test_upfirdn2d_launch_plan(harness, x_shape, kernel_shape, up, down, pad, tiled, grid):
+    x = torch.empty(x_shape, device="meta")
+    out_hw = harness.upfirdn2d_output_size(x_shape, kernel_shape, up, down, pad)
+    assert harness.upfirdn2d_plan(x, (*x_shape[:2], *out_hw), kernel_shape, up, down, pad) == (tiled, grid)
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,up,down,pad,message", [
+    ((2, 3, 4, 4), (4, 4), 1, 1, (0, 0, 0, -1), "leaves an empty output"),
+    ((2, 3, 4, 4), (4, 4), 1, 1, (-1, 0, 0, 0), "leaves an empty output"),
+    ((2, 3, 4), (4, 4), 1, 1, (0, 0, 0, 0), "x must be (N, C, H, W), got [2, 3, 4]"),
+    ((2, 3, 4, 4), (4,), 1, 1, (0, 0, 0, 0), "kernel must be 2-D, got [4]"),
+    ((2, 3, 40, 40), (33, 4), 1, 1, (0, 0, 0, 0), "kernel must be between 1x1 and 32x32, got [33, 4]"),
+    ((2, 3, 4, 4), (4, 4), 0, 1, (0, 0, 0, 0), "up and down must be in [1, 32], got up=0 down=1"),
+    ((2, 3, 4, 4), (4, 4), 1, 33, (0, 0, 0, 0), "up and down must be in [1, 32], got up=1 down=33"),
+    ((2, 3, 4, 4), (4, 4), 1, 1, (0, 0, 0), "pad must be (x0, x1, y0, y1), got [0, 0, 0]"),
+    ((2, 3, 4, 4), (4, 4), 1, 1, (0, 0, 1 << 24, 0), "is out of range"),
+    ((1, 1, 1 << 23, 4), (4, 4), 2, 1, (1, 1, 1, 1), "is too large"),
+])
+def test_upfirdn2d_checks_name_the_problem(harness, x_shape, kernel_shape, up, down, pad, message):
+    with pytest.raises(RuntimeError, match="mmfs_fast::upfirdn2d: ") as error:
+        harness.upfirdn2d_output_size(x_shape, kernel_shape, up, down, pad)
+    assert message in str(error.value)
+
+
+def test_upfirdn2d_output_size_at_the_edge_of_empty(harness):
+    """One output row and column left: the emptiness check is not off by one."""
+    assert harness.upfirdn2d_output_size((2, 3, 4, 4), (4, 4), 1, 1, (0, 0, 0, 0)) == (1, 1)
+    assert harness.upfirdn2d_output_size((2, 3, 3, 4), (4, 4), 1, 1, (0, 0, 1, 0)) == (1, 1)
+    assert harness.upfirdn2d_output_size((2, 3, 4, 4), (4, 4), 1, 3, (0, 2, 0, 2)) == (1, 1)
 
 
 # ---------------------------------------------------------------- modulated_conv2d.cu
 
-def modconv_host(x, weight, styles, demodulate, transposed, stride, padding, kernels=None):
-    """modulated_conv2d(): modulation (scale_channels_kernel), the cuDNN convolution (here
-    F.conv2d / F.conv_transpose2d in float64), demodulation (demod_kernel, scale_channels_kernel)."""
-    kernels = kernels or TRANSCRIBED
+
+def modconv_host(x, weight, styles, demodulate, transposed, stride, padding, harness):
+    """modulated_conv2d() on the compiled index math and kernels, with F.conv2d /
+    F.conv_transpose2d in float64 for its cuDNN call: the output size and checks, modulation
+    (scale_channels_kernel), the convolution, demodulation (demod_kernel, scale_channels_kernel)."""
     batch, in_channels = x.shape[:2]
     out_channels, k = weight.shape[0], weight.shape[2]
-    styles_f = flat(styles.float().contiguous())
-    modulated = scale_channels_host(x, styles_f, _cuda._empty_with_layout_of(x, x.shape), kernels)
+    out_hw = harness.modulated_conv2d_output_size(x.shape, weight.shape, styles.shape, transposed, stride, padding)
+    out = harness.empty_with_layout_of(x, (batch, out_channels, *out_hw))
+    styles_f = styles.detach().float().contiguous()
+    modulated = harness.scale_channels(x, styles_f, harness.empty_with_layout_of(x, x.shape))
     if transposed:
         conv = F.conv_transpose2d(modulated, weight.transpose(0, 1), stride=stride, padding=padding)
     else:
         conv = F.conv2d(modulated, weight, stride=stride, padding=padding)
-    out = _cuda._empty_with_layout_of(x, conv.shape)
+    assert conv.shape == out.shape, "the op's output size is not the convolution's"
     if not demodulate:
-        return conv if conv.stride() == out.stride() else scale_channels_host(conv, None, out, kernels)
-    demod = kernels.demod(flat(weight.float().contiguous()), styles_f, batch, out_channels, in_channels, k * k)
-    return scale_channels_host(conv, demod, out, kernels)
-
-
-def scale_channels_host(src, scale, dst, kernels):
-    """scale_channels(): dst, dense in one layout, is walked in its memory order."""
-    out = Output(dst)
-    n, c, h, w = dst.shape
-    kernels.scale_channels(flat(src), src.stride(), scale, out, c, h, w, not dst.is_contiguous())
-    return out.result()
-
-
-def demod_kernel(weight, styles, batch, out_channels, in_channels, taps):
-    blocks = ceil_div(batch * out_channels * 32, THREADS)
-    demod = np.full(batch * out_channels, np.nan)
-    reduction = in_channels * taps
-    for warp in range(blocks * THREADS // 32):
-        if warp >= batch * out_channels:
-            continue
-        b, o = warp // out_channels, warp % out_channels
-        lane_sums = np.zeros(32)
-        for lane in range(32):
-            r = np.arange(lane, reduction, 32)
-            w = weight[o * reduction + r] * styles[b * in_channels + r // taps]
-            lane_sums[lane] = (w * w).sum()
-        demod[warp] = 1 / math.sqrt(lane_sums.sum() + 1e-8)
-    return demod.astype(np.float32)
-
-
-def scale_channels_kernel(src, src_stride, scale, out, channels, height, width, channels_last):
-    i = np.arange(out.data.size)
-    if channels_last:
-        c, x, y, n = i % channels, (i // channels) % width, (i // (channels * width)) % height, \
-            i // (channels * width * height)
-    else:
-        x, y, c, n = i % width, (i // width) % height, (i // (width * height)) % channels, \
-            i // (width * height * channels)
-    value = src[offset(src_stride, n, c, y, x)]
-    out.write(i, value if scale is None else value * scale[n * channels + c])
+        return conv if harness.same_strides(conv, out) else harness.scale_channels(conv, None, out)
+    demod = harness.demod(weight.detach().float().contiguous(), styles_f, batch, out_channels, in_channels, k * k)
+    return harness.scale_channels(conv, demod, out)
 
 
 def raw_modconv_ref(x, weight, styles, demodulate, transposed, stride, padding):
@@ -397,13 +392,13 @@ MODCONV_CASES = [
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("demodulate", [True, False], ids=["demod", "plain"])
 @pytest.mark.parametrize("batch,in_channels,out_channels,k,size,transposed,stride,padding", MODCONV_CASES)
-def test_modconv_kernel_matches_ref(kernels, batch, in_channels, out_channels, k, size, transposed, stride, padding,
+def test_modconv_kernel_matches_ref(harness, batch, in_channels, out_channels, k, size, transposed, stride, padding,
                                     demodulate, channels_last):
     x = layout(rand(batch, in_channels, *size), channels_last)
     weight = rand(out_channels, in_channels, k, k, seed=1).float().double()  # demod_kernel reads float32 copies
     styles = rand(batch, in_channels, seed=2).float().double()
     args = (demodulate, transposed, stride, padding)
-    got = modconv_host(x, weight, styles, *args, kernels)
+    got = modconv_host(x, weight, styles, *args, harness)
     want = raw_modconv_ref(x, weight, styles, *args)
     # a float32 demod: index errors are of order one
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -411,62 +406,44 @@ def test_modconv_kernel_matches_ref(kernels, batch, in_channels, out_channels, k
 
 
 @pytest.mark.parametrize("to_channels_last", [False, True], ids=["to_nchw", "to_nhwc"])
-def test_scale_channels_copies_into_the_other_layout(kernels, to_channels_last):
+def test_scale_channels_copies_into_the_other_layout(harness, to_channels_last):
     """No scale: the copy modulated_conv2d makes when cuDNN's output layout is not the op's."""
     src = layout(rand(2, 5, 4, 3), not to_channels_last)
-    dst = torch.empty(2, 5, 4, 3, dtype=torch.float64,
-                      memory_format=torch.channels_last if to_channels_last else torch.contiguous_format)
-    got = scale_channels_host(src, None, dst, kernels)
-    assert torch.equal(got, src) and got.stride() == dst.stride()
+    dst = nans((2, 5, 4, 3), to_channels_last)
+    strides = dst.stride()
+    got = harness.scale_channels(src, None, dst)
+    assert torch.equal(got, src) and got.stride() == strides
+
+
+def test_modconv_output_size_at_the_edge_of_empty(harness):
+    assert harness.modulated_conv2d_output_size((1, 2, 3, 4), (1, 2, 5, 5), (1, 2), False, 2, 1) == (1, 1)
+    assert harness.modulated_conv2d_output_size((1, 2, 1, 1), (1, 2, 1, 1), (1, 2), True, 3, 0) == (1, 1)
+
+
+@pytest.mark.parametrize("x_shape,weight_shape,styles_shape,transposed,stride,padding,message", [
+    ((2, 3, 4), (4, 3, 3, 3), (2, 3), False, 1, 1, "expected x (B, I, H, W), weight (O, I, k, k) and styles (B, I)"),
+    ((2, 3, 4, 4), (4, 2, 3, 3), (2, 3), False, 1, 1, "weight [4, 2, 3, 3] must be (O, 3, k, k)"),
+    ((2, 3, 4, 4), (4, 3, 3, 3), (1, 3), False, 1, 1, "styles must be (2, 3), got [1, 3]"),
+    ((2, 3, 4, 4), (4, 3, 3, 3), (2, 3), False, 0, 1, "stride must be >= 1 and padding >= 0, got 0 and 1"),
+    # 2 + 2 - 5 = -1 rows, which C's division by the stride would round up to one output row
+    ((2, 3, 2, 4), (4, 3, 5, 5), (2, 3), False, 2, 1, "leaves an empty output"),
+    ((2, 3, 1, 4), (4, 3, 1, 1), (2, 3), True, 1, 1, "leaves an empty output"),
+])
+def test_modconv_checks_name_the_problem(harness, x_shape, weight_shape, styles_shape, transposed, stride, padding,
+                                         message):
+    with pytest.raises(RuntimeError, match="mmfs_fast::modulated_conv2d: ") as error:
+        harness.modulated_conv2d_output_size(x_shape, weight_shape, styles_shape, transposed, stride, padding)
+    assert message in str(error.value)
 
 
 # ---------------------------------------------------------------- bias_act.cu
-
-
-def bias_act_run(x, bias, slope, gain, clamp, dim, grad, kernels=None):
-    """run<kGrad>() and bias_act_kernel, kGrad = grad is not None: the bias entry of memory
-    offset i is (i / stride(dim)) % size(dim)."""
-    x = _cuda._walkable(x)
-    if grad is not None and grad.stride() != x.stride():
-        grad = torch.empty_like(x).copy_(grad)
-    out = Output(torch.empty_like(x))
-    channel_stride = x.stride(dim) if x.shape[dim] > 1 else 1
-    bias = None if bias is None else bias.detach().to(x.dtype).numpy()
-    grad = None if grad is None else flat(grad)
-    (kernels or TRANSCRIBED).bias_act(flat(x), bias, grad, out, channel_stride, x.shape[dim], slope, gain, clamp)
-    return out.result()
-
-
-def bias_act_kernel(x, bias, grad, out, channel_stride, channels, slope, gain, clamp):
-    i = np.arange(x.size)
-    z = x if bias is None else x + bias[(i // channel_stride) % channels]
-    y = np.where(z > 0, z, z * slope) * gain
-    if grad is None:
-        out.write(i, y if clamp is None else np.where(y > clamp, clamp, np.where(y < -clamp, -clamp, y)))
-    else:
-        passes = np.ones(y.shape, dtype=bool) if clamp is None else (-clamp <= y) & (y <= clamp)
-        g = grad * gain
-        out.write(i, np.where(passes, np.where(z > 0, g, g * slope), 0.0))
-
-
-TRANSCRIBED = types.SimpleNamespace(upfirdn2d_tiled=upfirdn2d_tiled_kernel, upfirdn2d_generic=upfirdn2d_generic_kernel,
-                                    demod=demod_kernel, scale_channels=scale_channels_kernel,
-                                    bias_act=bias_act_kernel)
-
-
-def bias_act_host(x, bias, slope, gain, clamp, dim):
-    return bias_act_run(x, bias, slope, gain, clamp, dim, None)
-
-
-def bias_act_grad_host(grad, x, bias, slope, gain, clamp, dim):
-    return bias_act_run(x, bias, slope, gain, clamp, dim, grad)
 
 
 @pytest.mark.parametrize("shape,dim,memory_format", [
     ((3, 5, 6, 7), 1, torch.contiguous_format), ((3, 5, 6, 7), 1, torch.channels_last),
     ((3, 5, 6, 7), 3, torch.channels_last), ((3, 5, 1, 1), 1, torch.channels_last), ((33, 7), 1, None),
     ((4, 1, 5), 1, None), ((6, 5), 0, "transposed")])
-def test_bias_act_kernel_matches_ref(kernels, shape, dim, memory_format):
+def test_bias_act_kernel_matches_ref(harness, shape, dim, memory_format):
     x = rand(*shape)
     if memory_format == "transposed":  # dense but in neither layout: the kernel walks a copy
         x = rand(*shape[::-1]).t()
@@ -474,24 +451,44 @@ def test_bias_act_kernel_matches_ref(kernels, shape, dim, memory_format):
         x = x.contiguous(memory_format=memory_format)
     x.requires_grad_()
     bias = rand(shape[dim], seed=1)
+    upstream = rand(*shape, seed=2)  # contiguous: for a channels_last x, run() copies it into x's strides
     for slope, act, clamp in [(0.2, "lrelu", None), (0.0, "relu", 0.7), (1.0, "linear", 0.5)]:
         want = bias_act_ref(x, bias, act, slope, math.sqrt(2), clamp, dim)
-        got = bias_act_run(x.detach(), bias, slope, math.sqrt(2), clamp, dim, None, kernels)
+        got = harness.bias_act(x, bias, slope, math.sqrt(2), clamp, dim)
         torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
-        upstream = rand(*shape, seed=2)
         want_grad, = torch.autograd.grad(want, x, upstream)
-        got_grad = bias_act_run(x.detach(), bias, slope, math.sqrt(2), clamp, dim, upstream, kernels)
+        got_grad = harness.bias_act(x, bias, slope, math.sqrt(2), clamp, dim, upstream)
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_bias_act_on_one_grid_block_per_item_range(harness):
+    """The grid grid_stride_blocks sizes, uncapped: every element once, no grid-stride rounds."""
+    x, bias = rand(3, 5, 6, 7), rand(5, seed=1)
+    got = harness.bias_act(x, bias, 0.2, math.sqrt(2), None, 1, max_blocks=0)
+    torch.testing.assert_close(got, bias_act_ref(x, bias, "lrelu", 0.2, math.sqrt(2), None, 1), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,dim,clamp,message", [
+    ((3, 4), 2, None, "dim 2 is out of range for a 2-D tensor"),
+    ((3, 4), -1, None, "dim -1 is out of range for a 2-D tensor"),
+    ((3, 4), 1, -0.5, "clamp must be >= 0, got -0.5"),
+])
+def test_bias_act_checks_name_the_problem(harness, shape, dim, clamp, message):
+    with pytest.raises(RuntimeError, match="mmfs_fast::bias_act: ") as error:
+        harness.bias_act(rand(*shape), None, 0.2, 1.0, clamp, dim)
+    assert message in str(error.value)
 
 
 # ---------------------------------------------------------------- the Python glue of _cuda.py
 
 
 @pytest.mark.parametrize("up,down", [(1, 1), (2, 1), (1, 2)])
-def test_cuda_backend_resampling_paths_match_ref(monkeypatch, up, down):
+def test_cuda_backend_resampling_paths_match_ref(harness, monkeypatch, up, down):
     """_cuda.modulated_conv2d's composition (transposed conv + blur, blur + strided conv) on the
-    transcribed kernels equals the official ref."""
-    monkeypatch.setattr(_cuda, "_ops", types.SimpleNamespace(upfirdn2d=upfirdn2d_host, modulated_conv2d=modconv_host))
+    compiled kernels equals the official ref."""
+    monkeypatch.setattr(_cuda, "_ops", types.SimpleNamespace(
+        upfirdn2d=harness.upfirdn2d, modulated_conv2d=lambda *args: modconv_host(*args, harness)))
     x = rand(2, 4, 7, 6)
     weight, styles = rand(5, 4, 3, 3, seed=1).float().double(), rand(2, 4, seed=2).float().double()
     fir = torch.outer(*[torch.tensor([1.0, 2.0, 4.0, 1.0], dtype=torch.float64)] * 2)
@@ -512,13 +509,13 @@ def autograd_op(forward, setup_context, backward):
 
 
 @pytest.fixture
-def autograd_ops(monkeypatch):
-    """torch.ops.mmfs_fast as _cuda.py sees it, with the transcribed kernels as forwards (but
+def autograd_ops(harness, monkeypatch):
+    """torch.ops.mmfs_fast as _cuda.py sees it, with the compiled kernels as forwards (but
     modulated_conv2d's, whose float32 weights would blur numerical derivatives)."""
     ops = types.SimpleNamespace(
-        upfirdn2d=autograd_op(upfirdn2d_host, _cuda._upfirdn2d_setup, _cuda._upfirdn2d_backward),
-        bias_act=autograd_op(bias_act_host, _cuda._bias_act_setup, _cuda._bias_act_backward),
-        bias_act_grad=autograd_op(bias_act_grad_host, _cuda._bias_act_grad_setup, _cuda._bias_act_grad_backward),
+        upfirdn2d=autograd_op(harness.upfirdn2d, _cuda._upfirdn2d_setup, _cuda._upfirdn2d_backward),
+        bias_act=autograd_op(harness.bias_act_forward, _cuda._bias_act_setup, _cuda._bias_act_backward),
+        bias_act_grad=autograd_op(harness.bias_act_grad, _cuda._bias_act_grad_setup, _cuda._bias_act_grad_backward),
         modulated_conv2d=autograd_op(raw_modconv_ref, _cuda._modulated_conv2d_setup,
                                      _cuda._modulated_conv2d_backward))
     monkeypatch.setattr(_cuda, "_ops", ops)
@@ -554,15 +551,23 @@ def test_modconv_backward_formula(autograd_ops, demodulate, transposed, stride, 
     assert torch.autograd.gradgradcheck(op, (x, weight, styles), fast_mode=True)
 
 
-def test_fake_kernels_agree_with_the_emulated_outputs():
+def test_fake_kernels_agree_with_the_compiled_host_code(harness):
+    """The fake kernels of _cuda.py (shapes and strides for torch.compile) against the output
+    sizes and layouts that the compiled host code gives."""
+    for x in (rand(2, 3, 9, 7).contiguous(memory_format=torch.channels_last), rand(2, 3, 9, 7),
+              rand(2, 1, 9, 7).contiguous(memory_format=torch.channels_last)):  # the last: both layouts at once
+        for pad, up, down in [((2, 1, 2, 1), 2, 1), ((-1, 2, 3, -2), 1, 2), ((2, -1, 0, 3), 3, 2)]:
+            kernel = rand(4, 3, seed=1)
+            fake = _cuda._upfirdn2d_fake(x, kernel, up, down, pad)
+            got = harness.upfirdn2d(x, kernel, up, down, pad)
+            assert fake.shape == got.shape and fake.stride() == got.stride()
+        for dim in (1, 3):
+            fake = _cuda._bias_act_fake(x, None, 0.2, 1.0, None, dim)
+            got = harness.bias_act(x, None, 0.2, 1.0, None, dim)
+            assert fake.shape == got.shape and fake.stride() == got.stride()
     x = rand(2, 3, 9, 7).contiguous(memory_format=torch.channels_last)
-    for pad, up, down in [((2, 1, 2, 1), 2, 1), ((-1, 2, 3, -2), 1, 2), ((2, -1, 0, 3), 3, 2)]:
-        kernel = rand(4, 3, seed=1)
-        fake = _cuda._upfirdn2d_fake(x, kernel, up, down, pad)
-        got = upfirdn2d_host(x, kernel, up, down, pad)
-        assert fake.shape == got.shape and fake.stride() == got.stride()
     weight, styles = rand(4, 3, 3, 3), rand(2, 3)
     for transposed, stride, padding in [(False, 1, 1), (True, 2, 0), (False, 2, 0)]:
         fake = _cuda._modulated_conv2d_fake(x, weight, styles, True, transposed, stride, padding)
-        got = modconv_host(x, weight, styles, True, transposed, stride, padding)
+        got = modconv_host(x, weight, styles, True, transposed, stride, padding, harness)
         assert fake.shape == got.shape and fake.stride() == got.stride()
