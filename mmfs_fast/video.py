@@ -286,7 +286,7 @@ def run_video(args) -> int:
     try:
         av = require("av")
     except FacesUnavailable as e:
-        raise common.UsageError(str(e)) from e
+        raise common.as_usage_error(e) from e
     try:  # before the (slow) model loads
         with av.open(args.input) as source:
             if not source.streams.video:
