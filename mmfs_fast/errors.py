@@ -108,9 +108,16 @@ def as_usage_error(error: Exception) -> MMFSError:
 def one_line(error: BaseException, limit: int = 200) -> str:
     """``Type: first line`` of an error raised by a library, for a message of ours: some (torch's
     weights_only refusal) run to many lines of advice that does not apply to our callers."""
-    if str(error).startswith("Weights only load failed"):
-        return ("it holds Python objects other than tensors, which are refused: unpickling them "
-                "could run code")
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = str(error).strip()
+    if text.startswith("Weights only load failed"):
+        # the first line is torch's advice to load with weights_only=False, which we never do
+        cause = [line.strip() for line in text.splitlines()[1:] if line.strip()
+                 and not line.startswith(("Please file an issue", "Check the documentation"))]
+        cause = cause[0] if cause else "unknown"
+        if "global" in cause.lower():
+            return (f"it holds Python objects other than tensors ({cause[:limit]}), refused: unpickling them "
+                    "could run code")
+        return f"not a pickle of tensors only ({cause[:limit]})"
+    text = text.splitlines()[0] if text else ""
     text = text if len(text) <= limit else text[:limit] + " …"
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

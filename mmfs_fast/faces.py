@@ -367,7 +367,7 @@ def run_stylize_align(args, files: list[tuple[Path, str]]) -> int:
     detector, mmfs, stylize_batch = cli_setup(args)
     failed = no_face = written = 0
     for path, result in stylize_photo_files(files, stylize_batch, Path(args.out), mmfs.size, args.batch_size,
-                                            args.paste_back, detector, args.max_pixels):
+                                            args.paste_back, detector, getattr(args, "max_pixels", None)):
         if isinstance(result, io.ImageError):
             failed += 1
             common.err(f"error: {result.cli_message()}")

@@ -220,8 +220,8 @@ class Stylizer(nn.Module):
         if problems:
             covered = lambda d: sum(t.numel() for k, t in d.items() if not k.startswith(uncovered))  # noqa: E731
             raise checkpoint.CheckpointError(
-                f"{name} does not fit its config {config}: that model has {covered(skeleton.state_dict()) * 4 / 2**20:.1f}"
-                f" MiB of float32 parameters, the file {covered(state) * 4 / 2**20:.1f} MiB:\n  " + "\n  ".join(problems))
+                f"{name} does not fit its config {config}: that model has {covered(skeleton.state_dict()):,} "
+                f"parameters, the file {covered(state):,}:\n  " + "\n  ".join(problems))
         del skeleton
         if uncovered:
             warnings.warn("loading a StyleGAN2 generator: encoder, decoder0 and to_rgb0 keep their random "
