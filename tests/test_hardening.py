@@ -389,6 +389,48 @@ def test_read_only_output_folder_is_a_clear_error(tmp_path, tiny_ckpt, capsys):
         assert list(ro.rglob("*")) == [], name  # nothing, not even a temporary file
 
 
+TRAIN = ["train", "--stage", "1", "--random-init", "--size", "128", "--ngf", "4", "--style-dim", "32", "--n-mlp", "2",
+         "--d-base", "8", "--batch-size", "2", "--impl", "ref", "--workers", "0", "--steps", "1", "--device", "cpu"]
+
+
+def one_face_detector(monkeypatch):
+    """Every photo has one face filling its centre (the detector itself is tested in test_faces)."""
+    from mmfs_fast import faces
+
+    def detect(image):
+        h, w = image.shape[:2]
+        quad = np.array([[w * 0.2, h * 0.2], [w * 0.2, h * 0.8], [w * 0.8, h * 0.8], [w * 0.8, h * 0.2]])
+        return [faces.Face((0, 0, w, h), 1.0, np.zeros((68, 2)), quad)]
+
+    monkeypatch.setattr(faces, "FaceDetector", lambda **kw: detect)
+
+
+def test_read_only_output_folder_for_align_and_train(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    one_face_detector(monkeypatch)
+    Image.new("RGB", (48, 48), (90, 120, 150)).save(tmp_path / "photo.png")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    align = ["stylize", tmp_path / "photo.png", "--ckpt", tiny_ckpt, "--align", "--paste-back", "--seed", "1",
+             "--device", "cpu"]
+    code, err = run_cli(align + ["--out", tmp_path / "ok"], capsys)  # the fake detector does find a face
+    assert code == 0 and sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["photo.png", "photo_face0.png"]
+    for args in (align + ["--out", ro], TRAIN + ["--out-dir", ro / "run"]):
+        with read_only(ro):
+            code, err = run_cli(args, capsys)
+        assert code == 2 and "cannot write it (permission denied)" in err, (args[0], err)
+        assert list(ro.rglob("*")) == [], args[0]
+
+
+def test_train_on_a_full_disk_is_a_clear_error(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    run = subprocess.run([sys.executable, "-c", FULL_DISK, "4096", *TRAIN, "--out-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and "file size limit is exceeded" in run.stderr
+    assert not (tmp_path / "run" / "latest.pt").exists()
+    assert [f for f in (tmp_path / "run").rglob(".*")] == []  # no temporary file left
+
+
 FULL_DISK = textwrap.dedent("""
     import resource, sys
     limit = int(sys.argv[1])
