@@ -224,8 +224,15 @@ def run_demo(args) -> int:
     from mmfs_fast import atomic, io
     from mmfs_fast.models import StylizerConfig
 
+    from mmfs_fast.validation import check_seed
+
     if args.faces < 1 or args.batch_size < 1:
         raise UsageError("--faces and --batch-size must be >= 1")
+    for seed in args.seeds:
+        try:
+            check_seed(seed)
+        except ValueError as e:
+            raise UsageError(f"--seeds: {e}") from None
     args.random_init = args.ckpt is None or (args.with_clip and args.clip_weights is None)
     try:
         config = StylizerConfig(size=args.size) if args.ckpt is None else None

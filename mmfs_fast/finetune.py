@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmfs_fast.atomic import make_dirs, remove_stale_temps, save_torch
+from mmfs_fast.errors import CheckpointError, UsageError, one_line, option
 from mmfs_fast.losses import directional_clip_loss, projection_loss, structure_loss, token_basis
 from mmfs_fast.models import set_fused_modconv
 from mmfs_fast.models.checkpoint import state_problems
-from mmfs_fast.atomic import make_dirs, remove_stale_temps, save_torch
-from mmfs_fast.errors import CheckpointError, UsageError, one_line, option
+from mmfs_fast.validation import check_seed
 
 STATE_FILE = "finetune_state.pt"
 RESUME_KEYS = ("step", "history", "settings", "prompt", "decoder", "ema", "optimizer", "rng", "cuda_rng")
@@ -187,6 +188,7 @@ class FinetuneSettings:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
+        check_seed(self.seed)
 
     @property
     def total_steps(self) -> int:
@@ -340,12 +342,13 @@ class FinetuneRun:
             raise CheckpointError(f"{path}: not a readable fine-tuning state ({one_line(e)}); delete it to start "
                                   "the run afresh, or use another checkpoint_dir") from None
         if not isinstance(state, dict) or not all(k in state for k in RESUME_KEYS):
-            raise CheckpointError(f"{path}: not a fine-tuning state saved by mmfs_fast (needs {', '.join(RESUME_KEYS)}); "
-                                  "delete it to start the run afresh, or use another checkpoint_dir")
+            raise CheckpointError(f"{path}: not a fine-tuning state saved by mmfs_fast (needs "
+                                  f"{', '.join(RESUME_KEYS)}); delete it to start the run afresh, or use another "
+                                  "checkpoint_dir")
         settings = self._settings_record()
-        prompt = state["prompt"]
-        if state.get("settings") != settings or not (torch.is_tensor(prompt) and prompt.shape == self.prompt.embedding.shape
-                                                     and torch.equal(prompt, self.prompt.embedding.cpu())):
+        prompt, mine = state["prompt"], self.prompt.embedding.cpu()
+        same_prompt = torch.is_tensor(prompt) and prompt.shape == mine.shape and torch.equal(prompt, mine)
+        if state.get("settings") != settings or not same_prompt:
             raise ValueError(f"{path} belongs to a run with another prompt or settings ({state.get('settings')}); "
                              f"resume with the same ones, or use a fresh checkpoint_dir")
         problems = state_problems({k: p.detach() for k, p in self.params.items()}, state["decoder"]) \

@@ -490,6 +490,8 @@ def test_one_seed_rule_everywhere(mmfs_small, capsys):
     assert engine.style_from_seed(2 ** 63 - 1).shape == (1, 10, 16)
     code, err = run_cli(["stylize", "x.png", "--random-init", "--out", "o", "--seed", str(2 ** 70)], capsys)
     assert code == 2 and "--seed: seed must be in [0, 2**63)" in err
+    code, err = run_cli(["demo", "--size", "32", "--seeds", "0", "-1", "--out", "o"], capsys)
+    assert code == 2 and "--seeds: seed must be in [0, 2**63)" in err
 
 
 # -- encoders and messages -------------------------------------------------------------------

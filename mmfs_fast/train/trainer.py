@@ -99,9 +99,8 @@ def _resume(stage: Stage, path: Path, world: World) -> int:
     contents = read_stage_checkpoint(path, RESUME_KEYS)
     if contents["stage"] != stage.cfg.stage:
         raise CheckpointError(f"{path} is a stage {contents['stage']} checkpoint, not stage {stage.cfg.stage}")
-    load_state(stage.G, contents["G_model"])
-    load_state(stage.G_ema, contents["G_ema_model"])
-    load_state(stage.D, contents["D_model"])
+    for module, key in ((stage.G, "G_model"), (stage.G_ema, "G_ema_model"), (stage.D, "D_model")):
+        load_state(module, contents[key], name=f"{path} ({key})")
     for name, optimizer in stage.optimizers.items():
         optimizer.load_state_dict(contents["optimizers"][name])
     rng = contents["rng"]
