@@ -15,7 +15,6 @@ import random
 import warnings
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -26,19 +25,13 @@ from mmfs_fast.precision import PRECISIONS, default_precision, precision_name
 from mmfs_fast.models import N_LATENT, Stylizer, StylizerConfig
 from mmfs_fast.models.noise import NOISE_MODES
 from mmfs_fast.models.stylizer import z_from_seeds
-from mmfs_fast.validation import check_finite, check_tensor
+from mmfs_fast.validation import check_faces, check_finite, check_seed, check_tensor
 
 Style = torch.Tensor
 
 
-def _check_seed(seed) -> None:
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-
-
 def _seeded_generator(seed: int) -> torch.Generator:
-    _check_seed(seed)
-    return torch.Generator().manual_seed(int(seed))
+    return torch.Generator().manual_seed(check_seed(seed))
 
 
 class MMFS:
@@ -68,7 +61,7 @@ class MMFS:
     @classmethod
     def load(cls, ckpt=None, clip_weights=None, device=None, dtype=None, impl: str = "auto",
              random_init: bool = False, config: StylizerConfig | None = None, engine: bool = True,
-             check_finite: bool = False) -> "MMFS":
+             check_finite: bool = False, allow_cast: bool = False, trust_torchscript: bool = False) -> "MMFS":
         """Load a Stylizer checkpoint (official .pt/.pth, bare state dict, StyleGAN2 or our
         safetensors) and, for text/reference styles, CLIP weights (OpenAI ViT-B-32.pt).
 
@@ -80,13 +73,15 @@ class MMFS:
         ``random_init=True`` builds whatever has no weights with random parameters (the
         Stylizer from ``config`` when ``ckpt`` is None; CLIP when ``clip_weights`` is None),
         with a loud warning: for demos and tests only. ``check_finite``: :meth:`render`
-        rejects NaN/Inf inputs (one device→host sync per call).
+        rejects NaN/Inf inputs (one device→host sync per call). ``allow_cast``: cast integer or
+        bool weights to float32 instead of refusing them. ``trust_torchscript``: accept CLIP
+        weights that are a TorchScript archive (loading one runs its code).
         """
         device = torch.device(device) if device is not None else default_device()
         precision = precision_name(dtype) if dtype is not None else default_precision(device) if engine else "fp32"
         model_dtype = torch.float32 if engine else PRECISIONS[precision]  # the Engine keeps its own cast copy
-        stylizer = load_stylizer(ckpt, device, model_dtype, impl, random_init, config)
-        clip = load_clip(clip_weights, device, model_dtype) if clip_weights is not None else None
+        stylizer = load_stylizer(ckpt, device, model_dtype, impl, random_init, config, allow_cast)
+        clip = load_clip(clip_weights, device, model_dtype, trust_torchscript) if clip_weights is not None else None
         fast = Engine(stylizer, clip, precision=precision, device=device, impl=impl,
                       check_finite=check_finite) if engine else None
         return cls(stylizer, clip, engine=fast, random_clip=random_init, check_finite=check_finite)
@@ -138,9 +133,7 @@ class MMFS:
     def style_from_seed(self, seed: int | Sequence[int]) -> Style:
         """w+ (B, 10, style_dim) of z ~ N(0, I) drawn on the CPU from each seed."""
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
-        for s in seeds:
-            _check_seed(s)
-        return self.renderer.style_from_z(z_from_seeds(seeds, self.style_dim))
+        return self.renderer.style_from_z(z_from_seeds([check_seed(s) for s in seeds], self.style_dim))
 
     def style_from_text(self, text: str | Sequence[str]) -> Style:
         """w+ (B, 10, style_dim) of one prompt or a list of prompts, through CLIP and the clip_mapper."""
@@ -207,6 +200,10 @@ class MMFS:
             if image.shape != (3, self.size, self.size) or not image.is_floating_point():
                 raise ValueError(f"face tensors must be floating point (3, {self.size}, {self.size}) in [-1, 1], "
                                  f"got {image.dtype} {tuple(image.shape)}")
+            # a check of host tensors reads no device; on the Engine a device tensor is checked
+            # only with check_finite (Engine.stylize), to keep its path free of syncs
+            if image.device.type == "cpu" or self.engine is None:
+                check_faces(image)
             return image.float()
         return io.load_image(image, self.size, self.max_pixels)
 

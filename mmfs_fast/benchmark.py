@@ -213,19 +213,21 @@ def fastest_pipeline(stylizer: Stylizer, clip, precision: str, impl: str = "auto
 
 
 def build_models(profile: Profile, device, dtype: torch.dtype = torch.float32, impl: str = "auto",
-                 ckpt: str | None = None, clip_weights: str | None = None, clip_dtype: torch.dtype | None = None):
+                 ckpt: str | None = None, clip_weights: str | None = None, clip_dtype: torch.dtype | None = None,
+                 allow_cast: bool = False, trust_torchscript: bool = False):
     """(Stylizer in ``dtype``, CLIPEncoder in ``clip_dtype`` or ``dtype``) on ``device``: from
     the given files, random-initialised otherwise."""
     clip_dtype = clip_dtype or dtype
     from mmfs_fast.encoders import CLIPEncoder
 
     if ckpt is not None:
-        stylizer = Stylizer.from_checkpoint(ckpt, device=device, dtype=dtype, impl=impl)
+        stylizer = Stylizer.from_checkpoint(ckpt, device=device, dtype=dtype, impl=impl, allow_cast=allow_cast)
     else:
         torch.manual_seed(0)
         stylizer = Stylizer(profile.stylizer, impl=impl).to(device=device, dtype=dtype).eval()
     stylizer.requires_grad_(False)
-    clip = CLIPEncoder(clip_weights, random_init=clip_weights is None, device=device, dtype=clip_dtype)
+    clip = CLIPEncoder(clip_weights, random_init=clip_weights is None, device=device, dtype=clip_dtype,
+                       trust_torchscript=trust_torchscript)
     if profile.small_encoders and clip_weights is None:
         clip.model = _tiny_clip().to(device=device, dtype=clip_dtype).eval().requires_grad_(False)
     return stylizer, clip
@@ -280,6 +282,8 @@ def _parse_batches(text: str) -> tuple[int, ...]:
 
 
 def add_cli_parser(subparsers) -> None:
+    from mmfs_fast.commands.common import add_trust_options
+
     p = subparsers.add_parser(
         "bench", help="quick end-to-end latency/throughput report on this machine",
         description="Times image→w+, text→w+, random sampling and guided stylization at 512² "
@@ -293,6 +297,7 @@ def add_cli_parser(subparsers) -> None:
     p.add_argument("--batch-sizes", type=_parse_batches, help="e.g. 1,8,32 (default: 1,8,32 on a GPU, 1,2 on the CPU)")
     p.add_argument("--rounds", type=int, help="timed calls per case (default: 20 on a GPU, 3 on the CPU)")
     p.add_argument("--full", action="store_true", help="full 512² model on the CPU too (slow)")
+    add_trust_options(p)
     p.set_defaults(func=run_cli)
 
 
@@ -326,9 +331,12 @@ def run_cli(args) -> int:
     try:
         # the engine casts its own copy of the fp32 Stylizer; CLIP runs in the dtype it is given
         stylizer, clip = build_models(profile, device, torch.float32, args.impl, args.ckpt, args.clip_weights,
-                                      clip_dtype=DTYPES[precision])
+                                      clip_dtype=DTYPES[precision], allow_cast=args.allow_cast,
+                                      trust_torchscript=args.trust_torchscript)
         pipeline = fastest_pipeline(stylizer, clip, precision, args.impl)
-    except (CheckpointError, EncoderWeightsError, ValueError, RuntimeError) as e:
+    except (CheckpointError, EncoderWeightsError) as e:
+        return _usage_error(e.cli_message())
+    except (ValueError, RuntimeError) as e:
         return _usage_error(str(e))
     env = environment()
     print(f"# mmfs-fast bench: {env['device']}, {profile.name}, Engine {precision} "

@@ -14,8 +14,9 @@ import random
 import sys
 from pathlib import Path
 
-from mmfs_fast.commands.common import (EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, UsageError, add_model_options, err,
-                                       expand_inputs, load_mmfs, style_args)
+from mmfs_fast.commands.common import (EXIT_OK, EXIT_SOME_FAILED, UsageError, add_model_options, add_trust_options,
+                                       as_usage_error, err, expand_inputs, load_mmfs, style_args)
+from mmfs_fast.errors import MMFSError
 from mmfs_fast.models.noise import NOISE_MODES
 
 # subcommands that other modules provide through ``add_cli_parser(subparsers)``:
@@ -56,7 +57,7 @@ def add_stylize_parser(sub) -> None:
 
 
 def run_stylize(args) -> int:
-    from mmfs_fast import faces, io
+    from mmfs_fast import atomic, faces, io
 
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
@@ -67,6 +68,7 @@ def run_stylize(args) -> int:
     files = expand_inputs(args.inputs)
     if not files:
         raise UsageError("no input images found")
+    out_dir = atomic.make_dirs(args.out)  # an unwritable --out fails before any work
     if args.align:
         return faces.run_stylize_align(args, files)
     mmfs = load_mmfs(args)
@@ -74,15 +76,14 @@ def run_stylize(args) -> int:
     try:
         w_plus = mmfs.style(**style)
     except (ValueError, RuntimeError) as e:  # the --ref image (ImageError); a checkpoint without clip_mapper
-        raise UsageError(str(e)) from e
-    out_dir = Path(args.out)
+        raise as_usage_error(e) from e
     failed = 0
     results = mmfs.stylize_iter([file for file, _ in files], seed=style["seed"], w_plus=w_plus, noise=args.noise,
                                 batch_size=args.batch_size, progress=True, skip_errors=True)
     for index, result in results:
         if isinstance(result, io.ImageError):
             failed += 1
-            err(f"error: {result}")
+            err(f"error: {result.cli_message()}")
         else:
             io.save_image(result, out_dir / f"{files[index][1]}.png")
     err(f"wrote {len(files) - failed} image(s) to {out_dir}" + (f"; {failed} failed" if failed else ""))
@@ -102,6 +103,9 @@ def build_report() -> dict:
     from mmfs_fast import ops
     from mmfs_fast.ops import _backend
 
+    from mmfs_fast.loading import default_device
+
+    default = default_device()
     extension = _backend.cuda_extension()
     build_info = extension.build_info() if hasattr(extension, "build_info") else None
     try:
@@ -123,6 +127,12 @@ def build_report() -> dict:
         "cuda_extension": ops.cuda_extension_report(),
         "triton": triton_version,
         "backends": ops.backends(),
+        # what --impl auto will run on this machine's default device, and why the others cannot
+        "default_device": str(default),
+        "op_backends": ops.backend_plan(default),
+        "next_step": ("run on the GPU: the fastest backends above are used automatically" if torch.cuda.is_available()
+                      else "no CUDA GPU here: everything runs on the CPU (ref); for speed run on a machine with an "
+                           "NVIDIA GPU and a CUDA build of torch"),
     }
 
 
@@ -140,21 +150,20 @@ def add_convert_parser(sub) -> None:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", choices=["safetensors", "official"], default="safetensors")
+    add_trust_options(p)
     p.set_defaults(func=run_convert)
 
 
 def run_convert(args) -> int:
-    import torch
-
-    from mmfs_fast.models import CheckpointError, Stylizer
+    from mmfs_fast import atomic
+    from mmfs_fast.models import Stylizer
 
     try:
-        model = Stylizer.from_checkpoint(args.src)
-    except (CheckpointError, TypeError, ValueError) as e:
-        raise UsageError(str(e)) from e
-    Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
+        model = Stylizer.from_checkpoint(args.src, allow_cast=args.allow_cast)
+    except (TypeError, ValueError) as e:
+        raise as_usage_error(e) from e
     if args.to == "official":
-        torch.save({"G_ema_model": model.official_state_dict()}, args.dst)
+        atomic.save_torch({"G_ema_model": model.official_state_dict()}, args.dst)
     else:
         model.save(args.dst)
     err(f"wrote {args.dst} ({args.to}, {model.config})")
@@ -212,23 +221,30 @@ def synthetic_face(size: int, rng: random.Random):
 
 
 def run_demo(args) -> int:
-    from mmfs_fast import io
+    from mmfs_fast import atomic, io
     from mmfs_fast.models import StylizerConfig
+
+    from mmfs_fast.validation import check_seed
 
     if args.faces < 1 or args.batch_size < 1:
         raise UsageError("--faces and --batch-size must be >= 1")
+    for seed in args.seeds:
+        try:
+            check_seed(seed)
+        except ValueError as e:
+            raise UsageError(f"--seeds: {e}") from None
     args.random_init = args.ckpt is None or (args.with_clip and args.clip_weights is None)
     try:
         config = StylizerConfig(size=args.size) if args.ckpt is None else None
     except ValueError as e:
         raise UsageError(f"--size: {e}") from e
-    mmfs = load_mmfs(args, config)
     out = Path(args.out)
-    (out / "inputs").mkdir(parents=True, exist_ok=True)
+    atomic.make_dirs(out / "inputs")  # an unwritable --out fails before the model is built
+    mmfs = load_mmfs(args, config)
     rng = random.Random(0)
     face_paths = [out / "inputs" / f"face{i}.png" for i in range(args.faces)]
     for path in face_paths:
-        synthetic_face(mmfs.size, rng).save(path)
+        atomic.save_pil(synthetic_face(mmfs.size, rng), path)
     styles = {f"seed{s}": {"seed": s} for s in args.seeds}
     if args.with_clip:
         styles["text"] = {"text": DEMO_PROMPT, "seed": 0}
@@ -283,9 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = make_parser(command).parse_args(argv)
         return args.func(args)
-    except UsageError as e:
-        print(f"mmfs-fast {command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except MMFSError as e:  # bad options, unusable weights, unwritable outputs: one line, no traceback
+        print(f"mmfs-fast {command}: error: {e.cli_message()}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -42,7 +42,8 @@ from torch import nn
 from mmfs_fast.encoders.clip import INPUT_SIZE as CLIP_INPUT_SIZE
 from mmfs_fast.encoders.clip import MEAN as CLIP_MEAN
 from mmfs_fast.encoders.clip import STD as CLIP_STD
-from mmfs_fast.models.checkpoint import atomic_write
+from mmfs_fast.atomic import write_bytes
+from mmfs_fast.errors import MMFSError
 from mmfs_fast.models.inference import prepare_stylizer
 from mmfs_fast.models.stylizer import N_LATENT, Stylizer
 from mmfs_fast.precision import PRECISIONS, precision_name
@@ -61,7 +62,7 @@ TOKENIZER_NOTE = ("CLIP BPE ids as open_clip.get_tokenizer('ViT-B-32-quickgelu')
                   "the end token, the largest id")
 
 
-class ExportError(ValueError):
+class ExportError(MMFSError, ValueError):
     """Options that cannot be exported, or an output that cannot be written."""
 
 
@@ -314,10 +315,7 @@ def export(stylizer: Stylizer, out, format: str = "onnx", what: str | Sequence[s
         with torch.no_grad():
             data = EXPORTERS[format](module, examples, inputs, outputs,
                                      _dynamic_shapes(module, inputs) if dynamic_batch else None, metadata)
-        try:
-            atomic_write(path, lambda f: f.write(data))
-        except OSError as e:
-            raise ExportError(f"{path}: cannot write ({e.strerror or e}); nothing was written") from e
+        write_bytes(path, data)
     return paths
 
 
@@ -342,6 +340,8 @@ def _version() -> str:
 
 def add_cli_parser(subparsers):
     """The ``mmfs-fast export`` subcommand (hooked in by :mod:`mmfs_fast.cli`)."""
+    from mmfs_fast.commands.common import add_trust_options
+
     p = subparsers.add_parser(
         "export", help="export graphs to ONNX or an AOTInductor package, for use outside Python",
         description="Export the stylization (faces + w+ → images) and the style graphs (reference image, CLIP "
@@ -351,6 +351,7 @@ def add_cli_parser(subparsers):
     p.add_argument("--random-init", action="store_true",
                    help="export a random-initialised model (meaningless outputs): demos and tests only")
     p.add_argument("--clip-weights", help="CLIP ViT-B/32 weights (OpenAI ViT-B-32.pt), for style-image/style-text")
+    add_trust_options(p)
     p.add_argument("--format", required=True, choices=list(FORMATS))
     p.add_argument("--out", required=True,
                    help="the file for one graph; a folder for several (<graph>.onnx / <graph>.pt2 in it)")
@@ -369,7 +370,7 @@ def add_cli_parser(subparsers):
 
 
 def _load_stylizer(args) -> Stylizer:
-    from mmfs_fast.commands.common import RANDOM_INIT_BANNER, UsageError, err
+    from mmfs_fast.commands.common import RANDOM_INIT_BANNER, UsageError, as_usage_error, err
     from mmfs_fast.loading import load_stylizer
     from mmfs_fast.models import CheckpointError, StylizerConfig
 
@@ -382,9 +383,10 @@ def _load_stylizer(args) -> Stylizer:
         warnings.filterwarnings("ignore", message="mmfs_fast: RANDOM-INITIALISED")  # the banner said it
     try:
         config = StylizerConfig(size=args.size or 512) if args.random_init else None
-        stylizer = load_stylizer(args.ckpt, device="cpu", random_init=args.random_init, config=config).eval()
+        stylizer = load_stylizer(args.ckpt, device="cpu", random_init=args.random_init, config=config,
+                                 allow_cast=args.allow_cast).eval()
     except (CheckpointError, ValueError, TypeError) as e:
-        raise UsageError(str(e)) from e
+        raise as_usage_error(e) from e
     if args.size is not None and args.size != stylizer.config.size:
         raise UsageError(f"{args.ckpt}: the checkpoint is a {stylizer.config.size}² model, not --size {args.size}")
     return stylizer
@@ -392,7 +394,7 @@ def _load_stylizer(args) -> Stylizer:
 
 def main(args) -> int:
     """Run ``mmfs-fast export``; bad options or inputs raise the CLI's UsageError (exit 2)."""
-    from mmfs_fast.commands.common import EXIT_OK, UsageError, err
+    from mmfs_fast.commands.common import EXIT_OK, UsageError, as_usage_error, err
     from mmfs_fast.encoders import CLIPEncoder, EncoderWeightsError
 
     graphs = resolve_graphs(args.what)
@@ -402,9 +404,10 @@ def main(args) -> int:
         if args.clip_weights is None and not args.random_init:
             raise UsageError("style-image and style-text need CLIP: pass --clip-weights ViT-B-32.pt")
         try:
-            clip = CLIPEncoder(args.clip_weights, random_init=args.clip_weights is None)
+            clip = CLIPEncoder(args.clip_weights, random_init=args.clip_weights is None,
+                               trust_torchscript=args.trust_torchscript)
         except (EncoderWeightsError, ValueError) as e:
-            raise UsageError(str(e)) from e
+            raise as_usage_error(e) from e
     try:
         # the exporters report progress on stdout, which carries the metadata
         with contextlib.redirect_stdout(sys.stderr):
@@ -413,7 +416,7 @@ def main(args) -> int:
                            noise_inputs=args.noise_inputs, device=args.device, source_checkpoint=args.ckpt,
                            clip_weights=args.clip_weights)
     except ExportError as e:
-        raise UsageError(str(e)) from e
+        raise as_usage_error(e) from e
     report = [{"file": str(path), "bytes": path.stat().st_size, "metadata": read_metadata(path)}
               for path in paths.values()]
     print(json.dumps(report, indent=2))

@@ -152,12 +152,13 @@ class FaceDetector:
         return Face(box, float(score), landmarks, ffhq_quad(landmarks))
 
 
-def as_rgb_array(image) -> np.ndarray:
-    """A path, PIL image or array → contiguous (H, W, 3) uint8 RGB (EXIF orientation applied)."""
+def as_rgb_array(image, max_pixels: int | None = None) -> np.ndarray:
+    """A path, PIL image or array → contiguous (H, W, 3) uint8 RGB (EXIF orientation applied);
+    larger than ``max_pixels`` (see mmfs_fast.io) is an ImageError."""
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
         from mmfs_fast import io
 
-        image = np.asarray(io.open_rgb(image))
+        image = np.asarray(io.open_rgb(image, max_pixels))
     return np.ascontiguousarray(image)
 
 
@@ -295,19 +296,21 @@ def stylize_photo(image, stylize_batch: StylizeBatch, detector: FaceDetector, si
 
 def stylize_photo_files(files: list[tuple[Path, str]], stylize_batch: StylizeBatch, out_dir: Path,
                         size: int = 512, batch_size: int = 8, paste: bool = False,
-                        detector: FaceDetector | None = None) -> Iterator[tuple[Path, PhotoResult | Exception]]:
+                        detector: FaceDetector | None = None,
+                        max_pixels: int | None = None) -> Iterator[tuple[Path, PhotoResult | Exception]]:
     """Stylize every face of each (input path, output stem) and write
     ``<stem>_face<i>.png`` (and ``<stem>.png``, the pasted photo, with ``paste``).
-    Yields (path, result), or (path, ImageError) for an unreadable file."""
+    Yields (path, result), or (path, ImageError) for an unreadable file (or one above
+    ``max_pixels``)."""
     from PIL import Image
 
-    from mmfs_fast import io
+    from mmfs_fast import atomic, io
 
     detector = detector or FaceDetector()
     out_dir = Path(out_dir)
     for path, stem in files:
         try:
-            image = as_rgb_array(path)
+            image = as_rgb_array(path, max_pixels)
         except io.ImageError as e:
             yield path, e
             continue
@@ -315,7 +318,7 @@ def stylize_photo_files(files: list[tuple[Path, str]], stylize_batch: StylizeBat
         for i, crop in enumerate(result.crops):
             io.save_image(crop, out_dir / f"{stem}_face{i}.png")
         if paste and result.faces:
-            Image.fromarray(result.composite).save(out_dir / f"{stem}.png")
+            atomic.save_pil(Image.fromarray(result.composite), out_dir / f"{stem}.png")
         yield path, result
 
 
@@ -346,13 +349,13 @@ def cli_setup(args) -> tuple[FaceDetector, object, StylizeBatch]:
     try:
         detector = FaceDetector(upsample=args.upsample, min_score=args.min_face_score)
     except (FacesUnavailable, ValueError) as e:
-        raise common.UsageError(str(e)) from e
+        raise common.as_usage_error(e) from e
     mmfs = common.load_mmfs(args)
     style = common.style_args(args)
     try:
         w_plus = mmfs.style(**style)
     except io.ImageError as e:  # the --ref image
-        raise common.UsageError(str(e)) from e
+        raise common.as_usage_error(e) from e
     return detector, mmfs, mmfs_stylize_batch(mmfs, w_plus, args.noise, seed=style["seed"] or 0)
 
 
@@ -364,10 +367,10 @@ def run_stylize_align(args, files: list[tuple[Path, str]]) -> int:
     detector, mmfs, stylize_batch = cli_setup(args)
     failed = no_face = written = 0
     for path, result in stylize_photo_files(files, stylize_batch, Path(args.out), mmfs.size, args.batch_size,
-                                            args.paste_back, detector):
+                                            args.paste_back, detector, getattr(args, "max_pixels", None)):
         if isinstance(result, io.ImageError):
             failed += 1
-            common.err(f"error: {result}")
+            common.err(f"error: {result.cli_message()}")
         elif not result.faces:
             no_face += 1
             common.err(f"no face found in {path}")
@@ -375,4 +378,6 @@ def run_stylize_align(args, files: list[tuple[Path, str]]) -> int:
             written += len(result.faces)
     common.err(f"wrote {written} face(s) from {len(files) - failed - no_face} photo(s) to {args.out}"
             + (f"; no face in {no_face}" if no_face else "") + (f"; {failed} failed" if failed else ""))
-    return common.EXIT_SOME_FAILED if failed else common.EXIT_OK
+    if failed or not written:  # no face in any photo is a failure too: scripts can tell it from success
+        return common.EXIT_SOME_FAILED
+    return common.EXIT_OK

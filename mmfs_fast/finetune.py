@@ -32,11 +32,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmfs_fast.atomic import make_dirs, remove_stale_temps, save_torch
+from mmfs_fast.errors import CheckpointError, UsageError, one_line, option
 from mmfs_fast.losses import directional_clip_loss, projection_loss, structure_loss, token_basis
 from mmfs_fast.models import set_fused_modconv
-from mmfs_fast.models.checkpoint import atomic_save
+from mmfs_fast.models.checkpoint import state_problems
+from mmfs_fast.validation import check_seed
 
 STATE_FILE = "finetune_state.pt"
+RESUME_KEYS = ("step", "history", "settings", "prompt", "decoder", "ema", "optimizer", "rng", "cuda_rng")
 # Loss values come back from the device every LOSS_READBACK steps, in one copy: reading them
 # each step (.item()) would make the host wait for every step before queueing the next.
 LOSS_READBACK = 10
@@ -64,11 +68,10 @@ class FinetuneResult:
     def save(self, path) -> Path:
         """``.safetensors``: our format; anything else: the official layout (``G_ema_model``)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":
             self.stylizer.save(path)
         else:
-            atomic_save({"G_ema_model": self.stylizer.official_state_dict()}, path)
+            save_torch({"G_ema_model": self.stylizer.official_state_dict()}, path)
         return path
 
 
@@ -185,6 +188,7 @@ class FinetuneSettings:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
+        check_seed(self.seed)
 
     @property
     def total_steps(self) -> int:
@@ -332,21 +336,40 @@ class FinetuneRun:
                 "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None}
 
     def restore(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch.load raises many types for truncated or foreign files
+            raise CheckpointError(f"{path}: not a readable fine-tuning state ({one_line(e)}); delete it to start "
+                                  "the run afresh, or use another checkpoint_dir") from None
+        if not isinstance(state, dict) or not all(k in state for k in RESUME_KEYS):
+            raise CheckpointError(f"{path}: not a fine-tuning state saved by mmfs_fast (needs "
+                                  f"{', '.join(RESUME_KEYS)}); delete it to start the run afresh, or use another "
+                                  "checkpoint_dir")
         settings = self._settings_record()
-        if state.get("settings") != settings or not torch.equal(state["prompt"], self.prompt.embedding.cpu()):
+        prompt, mine = state["prompt"], self.prompt.embedding.cpu()
+        same_prompt = torch.is_tensor(prompt) and prompt.shape == mine.shape and torch.equal(prompt, mine)
+        if state.get("settings") != settings or not same_prompt:
             raise ValueError(f"{path} belongs to a run with another prompt or settings ({state.get('settings')}); "
                              f"resume with the same ones, or use a fresh checkpoint_dir")
+        problems = state_problems({k: p.detach() for k, p in self.params.items()}, state["decoder"]) \
+            if isinstance(state["decoder"], dict) else ["the decoder entry is not a state dict"]
+        if problems or not isinstance(state["ema"], list) or len(state["ema"]) != len(self.ema_params):
+            raise CheckpointError(f"{path}: its decoder does not fit this Stylizer ({'; '.join(problems) or 'ema'}); "
+                                  "delete it to start the run afresh, or use another checkpoint_dir")
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(state["decoder"][name])
             for p, saved in zip(self.ema_params, state["ema"]):
                 p.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            if state["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: its optimizer or random state is damaged ({one_line(e)}); delete it to "
+                                  "start the run afresh, or use another checkpoint_dir") from None
         self.optimizer.param_groups[0]["lr"] = self.lr  # the loaded one is a copy on the host
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step_count, self.history = state["step"], state["history"]
 
 
@@ -406,7 +429,7 @@ def finetune(stylizer, clip, dino, faces, text: str | None = None, ref_image=Non
     device = faces.device
     state_path = None
     if checkpoint_dir is not None:
-        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(make_dirs(checkpoint_dir))
         state_path = Path(checkpoint_dir) / STATE_FILE
 
     # the run's own random stream, seeded: the caller's generators are left as they were
@@ -436,7 +459,7 @@ def _loop(run: FinetuneRun, state_path: Path | None, checkpoint_every: int, prog
             if len(pending) == LOSS_READBACK or checkpoint_due or run.step_count == total_steps:
                 _record_losses(run, pending, bar)
             if checkpoint_due:
-                atomic_save(run.state(), state_path)
+                save_torch(run.state(), state_path)
     return time.perf_counter() - start, total_steps - first
 
 
@@ -471,6 +494,8 @@ def save_preview(result: FinetuneResult, faces: torch.Tensor, path, count: int =
 # -- command line -------------------------------------------------------------------------
 def add_cli_parser(subparsers):
     """The ``mmfs-fast finetune`` subcommand (hooked in by :mod:`mmfs_fast.cli`)."""
+    from mmfs_fast.commands.common import add_trust_options
+
     p = subparsers.add_parser(
         "finetune", help="adapt a checkpoint's decoder to a text prompt or a reference image",
         description="One-shot (--ref) or zero-shot (--text) fine-tuning of the decoder (MMFS stage IV). "
@@ -512,6 +537,7 @@ def add_cli_parser(subparsers):
     p.add_argument("--encoder-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="precision of the frozen CLIP and DINO (half precision is faster on GPUs)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast for the decoder on GPUs")
+    add_trust_options(p)
     p.set_defaults(func=main)
     return p
 
@@ -522,13 +548,13 @@ def _load_models(args, device):
 
     dtype = getattr(torch, args.encoder_dtype)
     if args.ckpt is not None:
-        stylizer = Stylizer.from_checkpoint(args.ckpt, device=device, impl=args.impl)
+        stylizer = Stylizer.from_checkpoint(args.ckpt, device=device, impl=args.impl, allow_cast=args.allow_cast)
     elif args.random_init:
         stylizer = Stylizer(impl=args.impl).to(device)
     else:
-        raise ValueError("no weights: pass --ckpt <MMFS checkpoint>, or --random-init to try the pipeline")
+        raise UsageError(f"no weights: pass {option('ckpt')}, or {option('random_init')} to try the pipeline")
     clip = CLIPEncoder(args.clip_weights, random_init=args.random_init and args.clip_weights is None,
-                       device=device, dtype=dtype)
+                       device=device, dtype=dtype, trust_torchscript=args.trust_torchscript)
     dino = DINOEncoder(args.dino_weights, random_init=args.random_init and args.dino_weights is None,
                        device=device, dtype=dtype, antialias=args.dino_antialias)
     return stylizer, clip, dino
@@ -536,7 +562,7 @@ def _load_models(args, device):
 
 def main(args) -> int:
     """Run ``mmfs-fast finetune``; bad options or inputs raise the CLI's UsageError (exit 2)."""
-    from mmfs_fast.commands.common import EXIT_OK, RANDOM_INIT_BANNER, UsageError, err, expand_inputs
+    from mmfs_fast.commands.common import EXIT_OK, RANDOM_INIT_BANNER, as_usage_error, err, expand_inputs
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.random_init:
@@ -552,6 +578,6 @@ def main(args) -> int:
             checkpoint_every=args.checkpoint_every, preview=args.preview,
             mixed_precision=False if args.no_amp else None)
     except (ValueError, TypeError, OSError) as e:  # checkpoint, weights and image errors are ValueErrors
-        raise UsageError(str(e)) from e
+        raise as_usage_error(e) from e
     err(f"{len(result.history)} steps, {result.steps_per_s:.2f} steps/s; saved {result.save(args.out)}")
     return EXIT_OK

@@ -25,6 +25,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mmfs_fast import atomic
+from mmfs_fast.errors import ImageError, option
+
 # Larger images are rejected before decoding (decompression bombs); override per
 # call or with the environment variable below.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -34,10 +37,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _WHITE = (255, 255, 255)
-
-
-class ImageError(ValueError):
-    """An input that cannot be read as an image; the message names the input."""
 
 
 def max_pixels_limit(max_pixels: int | None = None) -> int:
@@ -60,7 +59,7 @@ def _describe(src) -> str:
 def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageError(f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of "
-                         f"{max_pixels} (raise it with --max-pixels or ${MAX_PIXELS_ENV})")
+                         f"{max_pixels} (raise it with {option('max_pixels')} or ${MAX_PIXELS_ENV})")
     if width == 0 or height == 0:
         raise ImageError(f"{name}: empty image ({width}x{height})")
 
@@ -80,7 +79,9 @@ def _open_file(path: Path, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: exceeds PIL's decompression-bomb limit ({e})") from None
     except OSError as e:
-        raise ImageError(f"{path}: cannot be read ({e})") from None
+        raise ImageError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except Exception as e:  # PIL's parsers raise ValueError, SyntaxError, struct.error … on malformed headers
+        raise ImageError(f"{path}: corrupt image header ({type(e).__name__}: {e})") from None
     try:
         _check_pixels(img.width, img.height, str(path), max_pixels)
     except ImageError:
@@ -88,9 +89,9 @@ def _open_file(path: Path, max_pixels: int) -> Image.Image:
         raise
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError) as e:
+    except Exception as e:  # as above, for the image data
         img.close()
-        raise ImageError(f"{path}: corrupt or truncated image ({e})") from None
+        raise ImageError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from None
     return img
 
 
@@ -146,7 +147,12 @@ def open_rgb(src, max_pixels: int | None = None) -> Image.Image:
         _check_pixels(img.width, img.height, name, limit)
     else:
         raise ImageError(f"{name}: expected a file path, PIL image or numpy array")
-    return _to_rgb(img, name)
+    try:
+        return _to_rgb(img, name)
+    except ImageError:
+        raise
+    except Exception as e:  # a malformed EXIF block or a mode PIL cannot convert
+        raise ImageError(f"{name}: cannot be converted to RGB ({type(e).__name__}: {e})") from None
 
 
 def pil_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
@@ -173,11 +179,8 @@ def to_pil(x: torch.Tensor) -> Image.Image:
 
 
 def save_image(x: torch.Tensor, path) -> Path:
-    """Write a [-1, 1] image tensor as a PNG (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(x).save(path, format="PNG")
-    return path
+    """Write a [-1, 1] image tensor as a PNG, atomically (parent folders are created)."""
+    return atomic.save_pil(to_pil(x), path)
 
 
 def image_grid(images: list[torch.Tensor], columns: int) -> torch.Tensor:

@@ -8,7 +8,37 @@ verdicts back in one copy: that is a sync, so the Engine runs it only when asked
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+SEED_LIMIT = 2 ** 63
+# faces are images in [-1, 1]; a little beyond is resampling overshoot, far beyond is a
+# mistake (0–255 pixels, unnormalised tensors) that would render garbage silently
+FACE_RANGE = 2.0
+
+
+def check_seed(seed) -> int:
+    """The one seed rule (the API, the Engine, the CLI and the server): an int in [0, 2**63),
+    the range of torch.Generator.manual_seed."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return int(seed)
+
+
+def faces_flags(faces: torch.Tensor) -> torch.Tensor:
+    """True where the whole batch is finite and within ±FACE_RANGE, on its device (no sync);
+    NaN compares false, so one reduction covers both."""
+    return faces.abs().amax() <= FACE_RANGE
+
+
+def check_faces(faces: torch.Tensor) -> None:
+    """Raise unless ``faces`` are finite and in about [-1, 1] (one read of the verdict)."""
+    if not bool(faces_flags(faces)):
+        raise ValueError(f"faces must be finite images in [-1, 1]; these hold NaN, Inf or values beyond "
+                         f"±{FACE_RANGE} (give x / 127.5 - 1 of 8-bit pixels)")
 
 
 def check_tensor(name: str, t, shape: tuple) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mmfs_fast import atomic
 from mmfs_fast.faces import (Face, FaceDetector, StylizeBatch, align, paste_back, quad_side, require,
                              stylize_in_batches)
 from mmfs_fast.models.noise import NOISE_MODES
@@ -175,7 +176,7 @@ def stylize_video(src, dst, stylize_batch: StylizeBatch, size: int = 512, batch_
         video_in = source.streams.video[0]
         audio_in = source.streams.audio[0] if source.streams.audio else None
         report.fps = video_in.average_rate or video_in.guessed_rate or DEFAULT_FPS
-        with av.open(str(dst), "w") as sink:
+        with atomic.writing(dst) as tmp, av.open(str(tmp), "w") as sink:  # no partial video on failure
             options = {"crf": str(crf)} if codec == "libx264" else {}
             video_out = sink.add_stream(codec, rate=report.fps, options=options)
             video_out.width, video_out.height = video_in.width // 2 * 2, video_in.height // 2 * 2
@@ -286,7 +287,7 @@ def run_video(args) -> int:
     try:
         av = require("av")
     except FacesUnavailable as e:
-        raise common.UsageError(str(e)) from e
+        raise common.as_usage_error(e) from e
     try:  # before the (slow) model loads
         with av.open(args.input) as source:
             if not source.streams.video:

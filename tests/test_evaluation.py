@@ -346,7 +346,7 @@ def test_eval_command_compare_writes_the_report_and_gates(tmp_path):
     diff = report["difference"]
     assert 0 < diff["pixel_max_abs"]["max"] < 0.5 and diff["lpips"]["count"] == 3  # bf16 differs, a little
     assert diff["gate"]["passed"] and "arcface_distance" in diff["metrics"]
-    assert not list(tmp_path.glob(".report.json.*"))  # the atomic write left no temporary file
+    assert not list(tmp_path.glob(".report.*"))  # the atomic write left no temporary file
     # a gate that the bf16 rendering cannot pass: exit 1, the report still written
     assert cli.main(base + ["--compare", "fp32,bf16", "--out", str(out), "--max-pixel-diff", "1e-9"]) == 1
     assert json.loads(out.read_text())["difference"]["gate"]["passed"] is False

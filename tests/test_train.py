@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmfs_fast.models import CheckpointError, Discriminator, Generator, Stylizer
-from mmfs_fast.models.checkpoint import atomic_save
+from mmfs_fast.atomic import save_torch as atomic_save
 from mmfs_fast.train import cli
 from mmfs_fast.train.config import TrainConfig, make_config
 from mmfs_fast.train.data import ImageFolder, StepSampler

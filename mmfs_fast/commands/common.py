@@ -13,19 +13,16 @@ import sys
 import warnings
 from pathlib import Path
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+from mmfs_fast.errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, MMFSError, UsageError, as_usage_error  # noqa: F401
 
 RANDOM_INIT_BANNER = """\
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
-!! RANDOM-INITIALISED WEIGHTS: the Stylizer (or CLIP) has no weights, so the  !!
-!! outputs are noise-like and meaningless. This only shows the pipeline runs. !!
-!! For real stylization pass --ckpt <MMFS checkpoint> (and --clip-weights     !!
-!! ViT-B-32.pt for text/reference styles).                                    !!
+!! RANDOM-INITIALISED WEIGHTS: whatever has no weights file (the Stylizer,    !!
+!! CLIP, DINO) is random, so the outputs are noise-like and meaningless. This !!
+!! only shows the pipeline runs. For real results pass --ckpt <MMFS           !!
+!! checkpoint>, --clip-weights ViT-B-32.pt (text/reference styles, finetune)  !!
+!! and --dino-weights dino_vitbase8_pretrain.pth (finetune, training).        !!
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
-
-
-class UsageError(Exception):
-    """A problem with the options or weights: reported, exit code 2."""
 
 
 def err(message: str) -> None:
@@ -79,29 +76,63 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="rendering precision: float32, float16 (CUDA) or bfloat16 "
                                    "(default: float16 on CUDA, float32 on the CPU)")
     p.add_argument("--impl", default="auto", choices=["auto", "ref", "cuda", "triton"], help="op backend")
+    add_trust_options(p)
+
+
+def add_trust_options(p: argparse.ArgumentParser) -> None:
+    """What a weights file may be: --allow-cast (integer/bool weights) and --trust-torchscript."""
+    p.add_argument("--allow-cast", action="store_true",
+                   help="cast integer or bool weights to float32 instead of refusing the checkpoint")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="accept CLIP weights that are a TorchScript archive (loading one runs the code inside)")
+
+
+def check_impl(impl: str, device: str | None) -> None:
+    """An explicit --impl that cannot run on the device is a usage error naming the cause,
+    before any model is built."""
+    import torch
+
+    from mmfs_fast.loading import default_device
+    from mmfs_fast.ops._backend import why_not
+
+    if impl == "auto":
+        return
+    try:
+        target = torch.device(device) if device is not None else default_device()
+    except RuntimeError as e:
+        raise UsageError(f"--device {device}: {e}") from None
+    if why := why_not(impl, target):
+        raise UsageError(f"--impl {impl}: {why}; use --impl auto (or ref)")
 
 
 def load_mmfs(args, config=None):
     from mmfs_fast.api import MMFS
-    from mmfs_fast.encoders import EncoderWeightsError
-    from mmfs_fast.models import CheckpointError
 
     if args.ckpt is None and not args.random_init:
         raise UsageError("no weights: pass --ckpt <MMFS checkpoint>, or --random-init to try the pipeline "
                          "with a random model")
+    check_impl(args.impl, args.device)
     if args.random_init:
         err(RANDOM_INIT_BANNER)
         warnings.filterwarnings("ignore", message="mmfs_fast: RANDOM-INITIALISED")  # the banner said it
     try:
         mmfs = MMFS.load(args.ckpt, args.clip_weights, device=args.device, dtype=args.dtype, impl=args.impl,
-                         random_init=args.random_init, config=config)
-    except (CheckpointError, EncoderWeightsError, ValueError, RuntimeError, TypeError) as e:
-        raise UsageError(str(e)) from e
+                         random_init=args.random_init, config=config, allow_cast=args.allow_cast,
+                         trust_torchscript=args.trust_torchscript)
+    except (MMFSError, ValueError, RuntimeError, TypeError) as e:
+        raise as_usage_error(e) from e
     mmfs.max_pixels = getattr(args, "max_pixels", None)
     return mmfs
 
 
 def style_args(args) -> dict:
+    from mmfs_fast.validation import check_seed
+
+    if args.seed is not None:
+        try:
+            check_seed(args.seed)
+        except ValueError as e:
+            raise UsageError(f"--seed: {e}") from None
     if args.text is None and args.ref is None and args.seed is None:
         args.seed = random.randrange(2 ** 31)
         err(f"style: random seed {args.seed} (pass --seed {args.seed} to repeat it)")

@@ -8,19 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class EncoderWeightsError(ValueError):
-    """Missing or unusable weights for a pretrained encoder."""
+from mmfs_fast.errors import EncoderWeightsError, one_line, option
 
 
-def check_weights(name: str, weights, random_init: bool, how_to_get: str) -> Path | None:
-    """The weights path to load, or None for an explicitly requested random model."""
+def check_weights(name: str, weights, random_init: bool, how_to_get: str, weights_option: str) -> Path | None:
+    """The weights path to load, or None for an explicitly requested random model;
+    ``weights_option``: the name of the option that gives them (mmfs_fast.errors.OPTIONS)."""
     if weights is None:
         if random_init:
             return None
         raise EncoderWeightsError(
-            f"{name} needs a local weights file (weights=...); nothing is downloaded. {how_to_get} "
-            f"Pass random_init=True only for tests: a random {name} gives meaningless features.")
+            f"{name} needs a local weights file ({option(weights_option)}); nothing is downloaded. {how_to_get} "
+            f"Pass {option('random_init')} only for tests: a random {name} gives meaningless features.")
     if random_init:
         raise ValueError(f"{name}: give either weights or random_init=True, not both")
     path = Path(weights)
@@ -33,9 +32,11 @@ def load_weights(model_name: str, load, path: Path, how_to_get: str) -> None:
     """Run ``load(path)``, turning whatever goes wrong into one clear error."""
     try:
         load(path)
+    except EncoderWeightsError:
+        raise
     except Exception as e:  # torch/open_clip/timm raise many types for foreign files and mismatched keys
-        raise EncoderWeightsError(f"{path}: not usable as {model_name} weights ({type(e).__name__}: {e}). "
-                                  f"{how_to_get}") from e
+        raise EncoderWeightsError(f"{path}: not usable as {model_name} weights ({one_line(e)}). "
+                                  f"{how_to_get}") from None
 
 
 def freeze(model: nn.Module, device, dtype: torch.dtype) -> nn.Module:

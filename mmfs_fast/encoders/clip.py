@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfs_fast.encoders._common import Normalize, check_images, check_weights, freeze, load_weights, resize
+from mmfs_fast.errors import EncoderWeightsError, option
 
 MODEL_NAME = "ViT-B-32-quickgelu"
 INPUT_SIZE = 224
@@ -28,10 +29,16 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name for name in z.namelist())
 
 
-def _load_weights(model, path: Path) -> None:
+def _load_weights(model, path: Path, trust_torchscript: bool) -> None:
     import open_clip
 
     if _is_torchscript(path):
+        if not trust_torchscript:
+            # torch.jit.load runs the archive's code, which weights_only does not cover
+            raise EncoderWeightsError(
+                f"{path}: a TorchScript archive (OpenAI's original ViT-B-32.pt is one): loading it runs the code "
+                f"inside, so it is refused unless you trust the file: pass {option('trust_torchscript')}, or "
+                "convert it once to a plain state dict")
         # OpenAI's original release is a TorchScript archive; only its tensors are used
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
         for key in _OPENAI_SCALARS:
@@ -45,14 +52,14 @@ class CLIPEncoder:
     """Frozen CLIP: no parameter gradients, but differentiable w.r.t. input images."""
 
     def __init__(self, weights: str | Path | None = None, *, random_init: bool = False, device="cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, trust_torchscript: bool = False):
         import open_clip
 
-        path = check_weights("CLIP", weights, random_init, HOW_TO_GET)
+        path = check_weights("CLIP", weights, random_init, HOW_TO_GET, "clip_weights")
         # built from its config: create_model would log a misleading "initialized randomly" warning
         model = open_clip.CLIP(**open_clip.get_model_config(MODEL_NAME))
         if path is not None:
-            load_weights(MODEL_NAME, lambda p: _load_weights(model, p), path, HOW_TO_GET)
+            load_weights(MODEL_NAME, lambda p: _load_weights(model, p, trust_torchscript), path, HOW_TO_GET)
         self.model = freeze(model, device, dtype)
         self.tokenizer = open_clip.get_tokenizer(MODEL_NAME)
         self.device, self.dtype = torch.device(device), dtype

@@ -66,7 +66,7 @@ class DINOEncoder:
         512² detail into the 224² input: pick it for new training runs, not to reproduce."""
         import timm
 
-        path = check_weights("DINO", weights, random_init, HOW_TO_GET)
+        path = check_weights("DINO", weights, random_init, HOW_TO_GET, "dino_weights")
         # dynamic_img_size: non-square inputs up to 480 px interpolate the 224² position embedding
         model = timm.create_model(MODEL_NAME, pretrained=False, dynamic_img_size=True)
         if path is not None:

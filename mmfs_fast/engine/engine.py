@@ -32,7 +32,7 @@ from mmfs_fast.engine.memory import retain_freed_cpu_memory
 from mmfs_fast.models.inference import prepare_stylizer
 from mmfs_fast.models.noise import NoiseSpec, make_noises
 from mmfs_fast.models.stylizer import N_LATENT, Stylizer, z_from_seeds
-from mmfs_fast.validation import check_finite, check_tensor
+from mmfs_fast.validation import check_finite, check_seed, check_tensor
 
 
 class Engine:
@@ -204,10 +204,7 @@ class Engine:
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
         if not seeds:
             raise ValueError("style_from_seed needs at least one seed")
-        for s in seeds:
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63:
-                raise ValueError(f"seeds must be ints in [0, 2**63), got {s!r}")
-        return self.style_from_z(z_from_seeds(seeds, self.config.style_dim))
+        return self.style_from_z(z_from_seeds([check_seed(s) for s in seeds], self.config.style_dim))
 
     @torch.inference_mode()
     def style_from_z(self, z: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ IMPLS = ("auto", "ref", "cuda", "triton")
 
 
 def add_cli_parser(subparsers) -> None:
+    from mmfs_fast.commands.common import add_trust_options
+
     p = subparsers.add_parser(
         "eval", help="quality metrics (FID, ArcFace distance, LPIPS diversity, CLIP scores) from local weights",
         description="Stylize --samples faces with random styles and measure them: FID against --real, "
@@ -31,6 +33,7 @@ def add_cli_parser(subparsers) -> None:
     p.add_argument("--text", action="append", default=[], help="a text style to CLIP-score (repeatable)")
     p.add_argument("--ref", action="append", default=[], help="a reference style image to CLIP-score (repeatable)")
     p.add_argument("--clip-weights", help="CLIP ViT-B/32 (OpenAI ViT-B-32.pt) for --text/--ref")
+    add_trust_options(p)
     p.add_argument("--style-samples", type=int, default=100, help="faces per --text/--ref style")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
@@ -66,7 +69,7 @@ def main(args) -> int:
     import warnings
 
     from mmfs_fast.api import MMFS
-    from mmfs_fast.commands.common import EXIT_OK, EXIT_SOME_FAILED, RANDOM_INIT_BANNER, UsageError, err
+    from mmfs_fast.commands.common import EXIT_OK, EXIT_SOME_FAILED, RANDOM_INIT_BANNER, UsageError, as_usage_error, err
     from mmfs_fast.encoders import EncoderWeightsError
     from mmfs_fast.evaluation.report import write_report
     from mmfs_fast.evaluation.runner import MetricNetworks, evaluate
@@ -97,7 +100,7 @@ def main(args) -> int:
                 raise ValueError(f"--compare takes two different variants, e.g. fp32,fp16; got {args.compare!r}")
             variants = {s: parse_variant(s, args.dtype, args.impl) for s in specs}
     except ValueError as e:
-        raise UsageError(str(e)) from e
+        raise as_usage_error(e) from e
 
     given = {"fid": [("--inception-weights", args.inception_weights)],
              "arcface": [("--arcface-weights", args.arcface_weights)],
@@ -111,7 +114,7 @@ def main(args) -> int:
         nets = MetricNetworks.from_files(files.get("--inception-weights"), files.get("--arcface-weights"),
                                          files.get("--lpips-weights"), files.get("--lpips-backbone"))
     except MetricWeightsError as e:
-        raise UsageError(str(e)) from e
+        raise as_usage_error(e) from e
 
     if args.random_init:
         err(RANDOM_INIT_BANNER)
@@ -121,9 +124,10 @@ def main(args) -> int:
     for name, variant in variants.items():
         try:
             models[name] = MMFS.load(args.ckpt, args.clip_weights, device=args.device, dtype=variant["dtype"],
-                                     impl=variant["impl"], random_init=args.random_init)
+                                     impl=variant["impl"], random_init=args.random_init,
+                                     allow_cast=args.allow_cast, trust_torchscript=args.trust_torchscript)
         except (CheckpointError, EncoderWeightsError, ValueError, RuntimeError, TypeError) as e:
-            raise UsageError(f"{name}: {e}" if args.compare else str(e)) from e
+            raise (UsageError(f"{name}: {e}") if args.compare else as_usage_error(e)) from e
         info[name] = {"ckpt": args.ckpt, "ckpt_sha256": ckpt_hash, "random_init": args.random_init}
         if args.clip_weights:
             info[name]["clip_weights"] = {"path": args.clip_weights, "sha256": sha256(args.clip_weights)}
@@ -137,7 +141,7 @@ def main(args) -> int:
                           cache_dir=args.cache_dir or out.with_suffix(".cache"), model_info=info,
                           progress=not args.no_progress)
     except (ValueError, ImageError) as e:
-        raise UsageError(str(e)) from e
+        raise as_usage_error(e) from e
     status = EXIT_OK
     if args.compare:
         gate = _gate(report["difference"], args.max_lpips_diff, args.max_pixel_diff)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmfs_fast.evaluation.report import atomic_write
+from mmfs_fast.atomic import atomic_write
 from mmfs_fast.evaluation.weights import load_into, load_state_dict
 
 INPUT_SIZE = 299

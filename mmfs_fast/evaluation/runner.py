@@ -24,7 +24,7 @@ from mmfs_fast import io
 from mmfs_fast.evaluation import arcface, fid
 from mmfs_fast.evaluation.clip_score import clip_score, clip_target
 from mmfs_fast.evaluation.lpips import LPIPS
-from mmfs_fast.evaluation.report import atomic_write
+from mmfs_fast.atomic import atomic_write
 from mmfs_fast.evaluation.weights import sha256
 
 CHUNK = 256  # samples per cached chunk: what an interrupted run loses at most

@@ -11,22 +11,28 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import torch
 from torch import nn
 
+from mmfs_fast import atomic
+from mmfs_fast.errors import CheckpointError, one_line, option
+
 SAFETENSORS_FORMAT = "mmfs_fast"
 
 
-class CheckpointError(ValueError):
-    """A file or dict that is not the checkpoint it was loaded as."""
-
-
 def _is_safetensors(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     return len(head) == 9 and head[8:9] == b"{"
+
+
+def source_name(src) -> str:
+    """How messages name a checkpoint source."""
+    return str(src) if isinstance(src, (str, os.PathLike)) else "the checkpoint dict"
 
 
 def read_checkpoint(src) -> tuple[dict, dict | None]:
@@ -44,37 +50,17 @@ def read_checkpoint(src) -> tuple[dict, dict | None]:
         try:
             with safe_open(str(path), "pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors file ({one_line(e)})") from None
     try:
         # rosinality's train.py also saves its argparse.Namespace ("args"): safe to unpickle
         with torch.serialization.safe_globals([argparse.Namespace]):
             contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for foreign or truncated files
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({one_line(e)})") from None
     if not isinstance(contents, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(contents).__name__}")
     return contents, None
-
-
-def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file beside it, flushed to
-    disk, then renamed over it: a crash mid-save leaves the previous file intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_save(obj, path) -> None:
-    """torch.save, atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_safetensors(state: dict[str, torch.Tensor], config: dict, path) -> None:
@@ -82,7 +68,7 @@ def save_safetensors(state: dict[str, torch.Tensor], config: dict, path) -> None
 
     data = save({k: v.contiguous() for k, v in state.items()},
                 metadata={"format": SAFETENSORS_FORMAT, "config": json.dumps(config)})
-    atomic_write(path, lambda f: f.write(data))
+    atomic.write_bytes(path, data)
 
 
 # -- rosinality StyleGAN2 → Stylizer (SPEC §3) ---------------------------------
@@ -115,56 +101,145 @@ def stylegan2_to_stylizer(g: dict[str, torch.Tensor], size: int = 512) -> dict[s
 
 
 def stylizer_config_from_state(state: dict[str, torch.Tensor], size: int = 512) -> dict:
-    """Architecture hyper-parameters that a Stylizer state dict implies."""
+    """Architecture hyper-parameters that a Stylizer state dict implies (all but the size,
+    which no Stylizer weight depends on)."""
     try:
         ngf = state["to_rgb4.conv.weight"].shape[2]
         style_dim = state["mapping_z.1.weight"].shape[1]
     except KeyError as e:
-        raise CheckpointError(f"not a Stylizer state dict: key {e.args[0]!r} is missing") from e
+        raise CheckpointError(f"not a Stylizer state dict: key {e.args[0]!r} is missing") from None
+    except (AttributeError, IndexError):
+        raise CheckpointError("not a Stylizer state dict: to_rgb4.conv.weight or mapping_z.1.weight has the "
+                              "wrong shape") from None
     n_mlp = sum(1 for k in state if re.fullmatch(r"mapping_z\.\d+\.weight", k))
     return {"size": size, "ngf": ngf, "style_dim": style_dim, "n_mlp": n_mlp,
             "clip_mapper": any(k.startswith("clip_mapper.") for k in state)}
 
 
-def stylizer_state(src) -> tuple[dict[str, torch.Tensor], dict, tuple[str, ...]]:
-    """(state dict, config, key prefixes left at random init) of any supported Stylizer source."""
+_RESBLOCK = re.compile(r"convs\.(\d+)\.conv1\.0\.weight")
+
+
+def size_from_discriminator(d_state, name: str) -> int | None:
+    """The image size of an official checkpoint's ``D_model``: its ResBlocks halve the size
+    down to 4 px, so there are log2(size) - 2 of them. None without ResBlock keys."""
+    if not isinstance(d_state, dict):
+        raise CheckpointError(f"{name}: D_model is a {type(d_state).__name__}, not a state dict")
+    blocks = {int(m[1]) for k in d_state if isinstance(k, str) and (m := _RESBLOCK.fullmatch(k))}
+    if not blocks:
+        return None
+    if blocks != set(range(1, len(blocks) + 1)) or len(blocks) > 12:
+        raise CheckpointError(f"{name}: D_model's blocks are not numbered 1…n ({sorted(blocks)[:12]})")
+    return 2 ** (len(blocks) + 2)
+
+
+def _state_dict(value, name: str, what: str) -> dict[str, torch.Tensor]:
+    """``value`` if it is a dict of tensors keyed by strings."""
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{name}: {what} is a {type(value).__name__}, not a state dict of tensors")
+    for key, tensor in value.items():
+        if not isinstance(key, str) or not torch.is_tensor(tensor):
+            raise CheckpointError(f"{name}: {what} entry {key!r} is a {type(tensor).__name__}, not a tensor")
+    return value
+
+
+def _config_from_metadata(metadata: dict, name: str) -> dict:
+    if metadata.get("format") != SAFETENSORS_FORMAT or "config" not in metadata:
+        raise CheckpointError(f"{name}: a safetensors file, but not one saved by mmfs_fast (no config metadata)")
+    try:
+        config = json.loads(metadata["config"])
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{name}: its config metadata is not valid JSON ({one_line(e)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{name}: its config metadata is a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def check_weights(state: dict[str, torch.Tensor], name: str, allow_cast: bool = False) -> dict[str, torch.Tensor]:
+    """Weights fit to compute with: floating point (integer and bool tensors are refused, or cast
+    to float32 with ``allow_cast``) and finite. Returns the state, cast where allowed."""
+    cast = {}
+    for key, t in state.items():
+        if not t.is_floating_point():
+            if not allow_cast:
+                raise CheckpointError(
+                    f"{name}: {key} holds {t.dtype} values; weights are floating point, and casting would "
+                    f"change what the model computes (outputs saturate). Pass {option('allow_cast')} to cast "
+                    f"them to float32 anyway")
+            cast[key] = t.float()
+    state = {**state, **cast}
+    for key, t in state.items():
+        if t.is_complex() or not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{name}: {key} holds NaN or Inf values: the file is damaged or the training "
+                                  "diverged; use another checkpoint")
+    return state
+
+
+def stylizer_state(src, allow_cast: bool = False) -> tuple[dict[str, torch.Tensor], dict, tuple[str, ...]]:
+    """(state dict, config, key prefixes left at random init) of any supported Stylizer source,
+    every value checked (:func:`check_weights`). The config is unchecked: see
+    ``StylizerConfig.from_dict``."""
     contents, metadata = read_checkpoint(src)
+    name = source_name(src)
     if metadata is not None:
-        if metadata.get("format") != SAFETENSORS_FORMAT or "config" not in metadata:
-            raise CheckpointError(f"{src}: a safetensors file, but not one saved by mmfs_fast (no config metadata)")
-        return contents, json.loads(metadata["config"]), ()
+        state = _state_dict(contents, name, "the file")
+        return check_weights(state, name, allow_cast), _config_from_metadata(metadata, name), ()
+    uncovered: tuple[str, ...] = ()
+    size = 512
     if "G_ema_model" in contents:
-        state = contents["G_ema_model"]
+        state = _state_dict(contents["G_ema_model"], name, "G_ema_model")
+        if "D_model" in contents:
+            size = size_from_discriminator(contents["D_model"], name) or size
     elif "g_ema" in contents or "g" in contents:
-        state = stylegan2_to_stylizer(contents.get("g_ema", contents.get("g")))
-        config = stylizer_config_from_state(state)
-        config["clip_mapper"] = False
-        return state, config, STYLEGAN2_UNCOVERED
+        key = "g_ema" if "g_ema" in contents else "g"
+        state = stylegan2_to_stylizer(_state_dict(contents[key], name, key))
+        uncovered = STYLEGAN2_UNCOVERED
     elif "encoder.0.0.weight" in contents:
-        state = contents
+        state = _state_dict(contents, name, "the file")
     else:
-        keys = ", ".join(list(contents)[:5])
-        raise CheckpointError(f"{src if not isinstance(src, dict) else 'dict'}: not an MMFS or StyleGAN2 "
-                              f"checkpoint (expected 'G_ema_model', 'g_ema' or Stylizer keys; found {keys})")
-    return state, stylizer_config_from_state(state), ()
+        keys = ", ".join(map(repr, list(contents)[:5]))
+        raise CheckpointError(f"{name}: not an MMFS or StyleGAN2 checkpoint (expected 'G_ema_model', 'g_ema' or "
+                              f"Stylizer keys; found {keys})")
+    try:
+        config = stylizer_config_from_state(state, size)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    if uncovered:
+        config["clip_mapper"] = False
+    return check_weights(state, name, allow_cast), config, uncovered
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], uncovered: tuple[str, ...] = ()) -> None:
+def state_problems(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                   uncovered: tuple[str, ...] = ()) -> list[str]:
+    """What keeps ``state`` from loading into a model whose state dict is ``expected`` (which
+    may live on the meta device): non-tensors, missing, unexpected and wrongly shaped keys."""
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in state.items() if not torch.is_tensor(v)]
+    missing = [k for k in expected if k not in state and not k.startswith(uncovered)]
+    unexpected = [str(k) for k in state if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if torch.is_tensor(state.get(k)) and state[k].shape != v.shape]
+    return [f"{name} ({len(items)}): {', '.join(items[:20])}{' …' if len(items) > 20 else ''}"
+            for name, items in (("not tensors", not_tensors), ("missing keys", missing),
+                                ("unexpected keys", unexpected), ("wrong shapes", mismatched)) if items]
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], uncovered: tuple[str, ...] = (),
+               name: str = "checkpoint") -> None:
+    """Raise one CheckpointError listing everything that keeps ``state`` from loading into
+    ``model`` (built on the meta device, it costs no memory)."""
+    problems = state_problems(model.state_dict(), state, uncovered)
+    if problems:
+        raise CheckpointError(f"{name} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], uncovered: tuple[str, ...] = (),
+               name: str = "checkpoint") -> None:
     """Strictly load ``state`` into ``model``: every key present with its exact shape, except
     keys under ``uncovered`` prefixes, which keep their initialisation. Raises one
     CheckpointError listing everything that is wrong."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{name}: a {type(state).__name__} where a state dict was expected")
+    check_fits(model, state, uncovered, name)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.startswith(uncovered)]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{name} ({len(items)}): {', '.join(items[:20])}{' …' if len(items) > 20 else ''}"
-                for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("wrong shapes", mismatched)) if items]
-    if problems:
-        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
     with torch.no_grad():
         for k, v in state.items():
-            if not torch.is_tensor(v):
-                raise CheckpointError(f"checkpoint entry {k!r} is a {type(v).__name__}, not a tensor")
             expected[k].copy_(v)

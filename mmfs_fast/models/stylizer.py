@@ -25,6 +25,11 @@ def z_from_seeds(seeds: list[int], style_dim: int) -> torch.Tensor:
     return torch.stack([torch.randn(style_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+# What a config may ask for: far beyond the official model (512², ngf 64, style_dim 512,
+# n_mlp 8) but bounded, so that a crafted file cannot make the loader build a huge model.
+CONFIG_BOUNDS = {"size": (16, 1024), "ngf": (1, 128), "style_dim": (1, 1024), "n_mlp": (0, 16)}
+
+
 @dataclasses.dataclass(frozen=True)
 class StylizerConfig:
     size: int = 512
@@ -34,8 +39,28 @@ class StylizerConfig:
     clip_mapper: bool = True
 
     def __post_init__(self):
-        if self.size < 16 or self.size % 16 or self.size & (self.size - 1):
+        for field, (low, high) in CONFIG_BOUNDS.items():
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"{field} must be an int in [{low}, {high}], got {value!r}")
+        if self.size % 16 or self.size & (self.size - 1):
             raise ValueError(f"size must be a power of two >= 16, got {self.size}")
+        if not isinstance(self.clip_mapper, bool):
+            raise ValueError(f"clip_mapper must be true or false, got {self.clip_mapper!r}")
+
+    @classmethod
+    def from_dict(cls, config, name: str) -> "StylizerConfig":
+        """The config of a checkpoint's metadata; a CheckpointError naming ``name`` for unknown
+        keys, wrong types or values outside :data:`CONFIG_BOUNDS`."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(config, dict) or set(config) - fields:
+            unknown = sorted(map(str, set(config) - fields)) if isinstance(config, dict) else config
+            raise checkpoint.CheckpointError(f"{name}: its config has unknown entries {unknown}; expected some of "
+                                             f"{sorted(fields)}")
+        try:
+            return cls(**config)
+        except ValueError as e:
+            raise checkpoint.CheckpointError(f"{name}: its config is not a Stylizer's: {e}") from None
 
 
 class Stylizer(nn.Module):
@@ -176,16 +201,33 @@ class Stylizer(nn.Module):
         return {k: v.detach().float().cpu() for k, v in self.state_dict().items()}
 
     @classmethod
-    def from_checkpoint(cls, src, device="cpu", dtype=torch.float32, impl: str = "auto") -> "Stylizer":
+    def from_checkpoint(cls, src, device="cpu", dtype=torch.float32, impl: str = "auto",
+                        allow_cast: bool = False) -> "Stylizer":
         """Load an official MMFS checkpoint (``G_ema_model``), a bare official Stylizer state
         dict, a rosinality StyleGAN2 checkpoint (the encoder then stays random) or a file
-        saved by :meth:`save`. ``src`` is a path or an already loaded dict."""
-        state, config, uncovered = checkpoint.stylizer_state(src)
+        saved by :meth:`save`. ``src`` is a path or an already loaded dict.
+
+        Everything is checked before the model is built: the config against
+        :data:`CONFIG_BOUNDS`, then every key and shape (so the parameter bytes) against a
+        model built on the meta device, which allocates nothing; weights must be finite and
+        floating point (``allow_cast``: integer/bool ones are cast to float32)."""
+        state, config, uncovered = checkpoint.stylizer_state(src, allow_cast)
+        name = checkpoint.source_name(src)
+        config = StylizerConfig.from_dict(config, name)
+        with torch.device("meta"):
+            skeleton = cls(config, impl=impl)
+        problems = checkpoint.state_problems(skeleton.state_dict(), state, uncovered)
+        if problems:
+            covered = lambda d: sum(t.numel() for k, t in d.items() if not k.startswith(uncovered))  # noqa: E731
+            raise checkpoint.CheckpointError(
+                f"{name} does not fit its config {config}: that model has {covered(skeleton.state_dict()):,} "
+                f"parameters, the file {covered(state):,}:\n  " + "\n  ".join(problems))
+        del skeleton
         if uncovered:
             warnings.warn("loading a StyleGAN2 generator: encoder, decoder0 and to_rgb0 keep their random "
                           "initialisation until MMFS Stage I trains them", stacklevel=2)
-        model = cls(StylizerConfig(**config), impl=impl)
-        checkpoint.load_state(model, state, uncovered)
+        model = cls(config, impl=impl)
+        checkpoint.load_state(model, state, uncovered, name)
         return model.to(device=device, dtype=dtype).eval()
 
     def save(self, path) -> None:

@@ -23,6 +23,25 @@ def backends() -> dict[str, list[str]]:
             for op, module in _MODULES.items()}
 
 
+def backend_plan(device) -> dict[str, dict]:
+    """For each op, the impl that ``impl="auto"`` runs on float32 tensors of ``device`` and
+    why, and for each other impl why it cannot run there (None: it can)."""
+    import torch
+
+    device = torch.device(device)
+    plan = {}
+    for op, module in _MODULES.items():
+        cannot = {impl: ("no implementation of this op" if impl not in module.IMPLEMENTATIONS
+                         else _backend.why_not(impl, device)) for impl in ("cuda", "triton")}
+        if device.type != "cuda":
+            uses, why = "ref", "auto runs the plain PyTorch ref path on the CPU"
+        else:
+            uses = next(i for i in _backend.fastest_first(op) if i == "ref" or cannot.get(i) is None)
+            why = "the fastest of the backends that can run here (measured order: ops/winners.json)"
+        plan[op] = {"auto_uses": uses, "why": why, "cannot_run": {k: v for k, v in cannot.items() if v}}
+    return plan
+
+
 def cuda_extension_report() -> dict:
     """The CUDA extension: whether it loaded (else why not), the torch it was built against and
     the one it runs with, and which of its ops have a CUDA kernel registered."""
@@ -44,4 +63,4 @@ def cuda_extension_report() -> dict:
 
 
 __all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "default_fir", "blur_pads", "demodulation", "weight_energy",
-           "backends", "cuda_extension_report"]
+           "backends", "backend_plan", "cuda_extension_report"]

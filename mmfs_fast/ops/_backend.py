@@ -32,8 +32,6 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NOT_BUILT = ("mmfs_fast._C is not built (at install time torch was a CPU-only build or nvcc was not found; "
               "pip install -v . prints which): install on a machine with nvcc and a CUDA build of torch, "
               "CUDA_HOME=/usr/local/cuda pip install .")
-_NO_TRITON = ("Triton is not installed (pip install triton), or the tensor is on the CPU and "
-              "TRITON_INTERPRET=1 is not set")
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -85,7 +83,6 @@ def _load_cuda_extension():
 # not import it (slow); kernels/ import it on first use.
 _CUDA_EXTENSION, _CUDA_EXTENSION_OFF = _load_cuda_extension()
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-_HOW_TO_GET = {"cuda": _CUDA_EXTENSION_OFF or "the cuda backend runs CUDA tensors only", "triton": _NO_TRITON}
 
 
 def cuda_extension():
@@ -122,6 +119,31 @@ def can_run(impl: str, x: torch.Tensor) -> bool:
     return True
 
 
+def why_not(impl: str, device: torch.device) -> str | None:
+    """Why ``impl`` cannot run on tensors of ``device`` here, in one line naming the actual
+    cause (no GPU, not built, not installed); None when it can."""
+    device = torch.device(device)
+    if impl == "ref":
+        return None
+    on_cpu = device.type != "cuda"
+    no_gpu = "there is no CUDA GPU on this machine" if not torch.cuda.is_available() else None
+    if impl == "cuda":
+        if not installed("cuda"):
+            return _CUDA_EXTENSION_OFF
+        if on_cpu:
+            return (f"{no_gpu}: the cuda backend runs on GPUs only" if no_gpu else
+                    "the tensors are on the CPU: the cuda backend runs CUDA tensors only (use a CUDA device)")
+        return None
+    if impl == "triton":
+        if not installed("triton"):
+            return "Triton is not installed: pip install triton"
+        if on_cpu and not triton_interpreting():
+            return (f"Triton is installed, but {no_gpu or 'the tensors are on the CPU'}: its kernels run on GPUs "
+                    "(or on the CPU in the slow interpreter, TRITON_INTERPRET=1)")
+        return None
+    raise ValueError(f"impl must be 'auto' or one of {IMPLS}; got {impl!r}")
+
+
 def fastest_first(op: str) -> tuple[str, ...]:
     return FASTEST_FIRST_PER_OP.get(op, FASTEST_FIRST)
 
@@ -135,7 +157,8 @@ def available(op: str, implemented: Collection[str], x: torch.Tensor) -> list[st
 def _warn_slow_fallback(op: str) -> None:
     warnings.warn(
         f"mmfs_fast: {op} on a CUDA tensor falls back to the slow pure-PyTorch 'ref' path: "
-        f"{_HOW_TO_GET['cuda']}; or pip install triton", RuntimeWarning, stacklevel=4)
+        f"{why_not('cuda', torch.device('cuda')) or 'cuda has no kernel for it'}; "
+        f"{why_not('triton', torch.device('cuda')) or 'triton has no kernel for it'}", RuntimeWarning, stacklevel=4)
 
 
 def resolve(op: str, impl: str, implemented: Collection[str], x: torch.Tensor) -> str:
@@ -157,6 +180,5 @@ def resolve(op: str, impl: str, implemented: Collection[str], x: torch.Tensor) -
     if impl not in implemented:
         raise RuntimeError(f"mmfs_fast: {op} has no {impl!r} implementation in this version")
     if not can_run(impl, x):
-        where = "CUDA" if x.is_cuda else "CPU"
-        raise RuntimeError(f"mmfs_fast: impl={impl!r} cannot run {op} on a {where} tensor: {_HOW_TO_GET[impl]}")
+        raise RuntimeError(f"mmfs_fast: impl={impl!r} cannot run {op}: {why_not(impl, x.device)}")
     return impl

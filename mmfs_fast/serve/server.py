@@ -63,7 +63,7 @@ def read_token(token_file: Path | None) -> str | None:
 
 
 def load_engine(ckpt=None, clip_weights=None, random_init=False, clip=True, device=None, precision=None,
-                impl="auto", **engine_options):
+                impl="auto", trust_torchscript=False, allow_cast=False, **engine_options):
     """The Engine of a checkpoint, with CLIP when ``clip_weights`` are given (or random
     with ``random_init``, unless ``clip=False``)."""
     import torch
@@ -74,8 +74,9 @@ def load_engine(ckpt=None, clip_weights=None, random_init=False, clip=True, devi
 
     device = torch.device(device) if device is not None else default_device()
     # the Engine prepares its own low-precision copy from the fp32 weights
-    stylizer = load_stylizer(ckpt, device, impl=impl, random_init=random_init)
-    encoder = load_clip(clip_weights, device) if clip_weights is not None or (random_init and clip) else None
+    stylizer = load_stylizer(ckpt, device, impl=impl, random_init=random_init, allow_cast=allow_cast)
+    encoder = (load_clip(clip_weights, device, trust_torchscript=trust_torchscript)
+               if clip_weights is not None or (random_init and clip) else None)
     precision = precision_name(precision) if precision is not None else None
     return Engine(stylizer, clip=encoder, precision=precision, device=device, impl=impl, **engine_options)
 
@@ -100,10 +101,11 @@ def run_server(args) -> int:
             warnings.filterwarnings("ignore", message="mmfs_fast: RANDOM-INITIALISED")
         engine = load_engine(args.ckpt, args.clip_weights, args.random_init, clip=not args.no_clip,
                              device=args.device, precision=args.dtype, impl=args.impl,
+                             trust_torchscript=args.trust_torchscript, allow_cast=args.allow_cast,
                              cuda_graphs=not args.no_cuda_graphs, max_batch=args.max_batch,
                              max_wait_ms=args.max_wait_ms)
     except (CheckpointError, EncoderWeightsError, ValueError, RuntimeError, TypeError) as e:
-        raise common.UsageError(str(e)) from e
+        raise common.as_usage_error(e) from e
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
         common.err(f"warning: serving on {args.host} without authentication (set ${TOKEN_ENV} or --token-file)")
     app = create_app(lambda: engine, settings)

@@ -9,7 +9,7 @@ import typing
 
 from mmfs_fast.train.config import TrainConfig, make_config
 
-EXIT_OK, EXIT_USAGE = 0, 2
+from mmfs_fast.errors import EXIT_OK, EXIT_USAGE, MMFSError
 
 HELP = {
     "stage": "1: encoder (from a StyleGAN2 teacher), 2: stylization GAN, 3: CLIP mapper",
@@ -18,6 +18,7 @@ HELP = {
     "face_dir": "folder of face images (recursive), stages 2 and 3",
     "art_dir": "folder of target-style images (recursive), stage 2",
     "random_init": "random teacher/DINO/CLIP instead of weight files (tests and smoke runs only)",
+    "trust_torchscript": "accept CLIP weights that are a TorchScript archive (loading one runs the code inside)",
     "resume": "continue the run in --out-dir from its latest.pt",
     "steps": "iterations (default: the paper's 10k / 90k / 60k)",
     "batch_size": "images per process per step",
@@ -60,15 +61,16 @@ def add_cli_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmfs_fast.encoders import EncoderWeightsError
-    from mmfs_fast.models.checkpoint import CheckpointError
     from mmfs_fast.train.trainer import train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
         cfg = make_config(args.config, **overrides)
         latest = train(cfg)
-    except (ValueError, FileExistsError, CheckpointError, EncoderWeightsError) as e:
+    except MMFSError as e:  # checkpoints, weights, images, unwritable out_dir
+        print(f"mmfs-fast train: error: {e.cli_message()}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, FileExistsError) as e:
         print(f"mmfs-fast train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ class TrainConfig:
     dino_weights: str | None = None  # Stage II structure loss
     clip_weights: str | None = None  # Stage III
     random_init: bool = False  # random teacher / DINO / CLIP instead of weight files: tests and smoke runs only
+    trust_torchscript: bool = False  # accept CLIP weights that are a TorchScript archive (its code runs)
     resume: bool = False
     # model (the official architecture is 512 / 64 / 512 / 8 / 64)
     size: int = 512

@@ -3,11 +3,14 @@ when installed), sample grids, and a progress bar with ETA."""
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from mmfs_fast import atomic
+from mmfs_fast.errors import write_error
 from mmfs_fast.io import image_grid, save_image
 
 LOSSES_CSV = "losses.csv"
@@ -31,16 +34,18 @@ class Monitor:
                 self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
 
     def _drop_rows_after(self, step: int) -> None:
-        """A resumed run rewrites the steps after its checkpoint: drop their old rows."""
+        """A resumed run rewrites the steps after its checkpoint: drop their old rows (and a
+        row cut short by a kill), replacing the file atomically."""
         if not self.csv_path.exists():
             return
         with open(self.csv_path, newline="") as f:
             rows = list(csv.reader(f))
         if rows:
             self.columns = rows[0]
-            kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-            with open(self.csv_path, "w", newline="") as f:
-                csv.writer(f).writerows(kept)
+            kept = [rows[0]] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit() and int(r[0]) <= step]
+            text = io.StringIO()
+            csv.writer(text).writerows(kept)
+            atomic.write_text(self.csv_path, text.getvalue())
 
     def log(self, step: int, losses: dict[str, float]) -> None:
         """Losses of the step just finished (``step`` counts from 1)."""
@@ -51,10 +56,16 @@ class Monitor:
             return
         if self.columns is None:
             self.columns = ["step", *losses]
-            with open(self.csv_path, "w", newline="") as f:
-                csv.writer(f).writerow(self.columns)
-        with open(self.csv_path, "a", newline="") as f:
-            csv.writer(f).writerow([step] + [repr(losses.get(name, float("nan"))) for name in self.columns[1:]])
+            text = io.StringIO()
+            csv.writer(text).writerow(self.columns)
+            atomic.write_text(self.csv_path, text.getvalue())
+        # one row appended per step (rewriting the file each step would cost O(steps)); a row a
+        # kill cuts short is dropped when the run resumes
+        try:
+            with open(self.csv_path, "a", newline="") as f:
+                csv.writer(f).writerow([step] + [repr(losses.get(name, float("nan"))) for name in self.columns[1:]])
+        except OSError as e:
+            raise write_error(self.csv_path, e) from None
         if self.writer is not None:
             for name, value in losses.items():
                 self.writer.add_scalar(f"loss/{name}", value, step)

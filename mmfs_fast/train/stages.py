@@ -214,7 +214,8 @@ class MapperStage(Stage):
         if self.clip is None:
             from mmfs_fast.encoders import CLIPEncoder
 
-            self.clip = CLIPEncoder(self.cfg.clip_weights, random_init=self.cfg.random_init, device=self.device)
+            self.clip = CLIPEncoder(self.cfg.clip_weights, random_init=self.cfg.random_init, device=self.device,
+                                    trust_torchscript=self.cfg.trust_torchscript)
         return G, D
 
     def trainable(self):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from mmfs_fast.models.checkpoint import CheckpointError, atomic_save, load_state
+from mmfs_fast.atomic import make_dirs, remove_stale_temps, save_torch
+from mmfs_fast.models.checkpoint import CheckpointError, load_state
 from mmfs_fast.train.config import TrainConfig
 from mmfs_fast.train.data import ImageFolder, batches
 from mmfs_fast.train.distributed import World, barrier, broadcast_state, gather_objects, init_world, shutdown
@@ -39,7 +40,7 @@ def _train(cfg: TrainConfig, world: World, encoders: dict) -> Path:
     if latest.exists() and not cfg.resume:
         raise FileExistsError(f"{latest} exists: pass resume=True (--resume) to continue it, or choose another out_dir")
     if world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(make_dirs(out_dir))
     stage = build_stage(cfg, world, encoders)
     torch.manual_seed(cfg.seed + 1_000_003 * world.rank)
     start = _resume(stage, latest, world) if latest.exists() else 0
@@ -81,7 +82,7 @@ def _save(stage: Stage, path: Path, step: int, world: World) -> None:
     rng = gather_objects(world, rng_state())
     if world.is_main:
         cpu = lambda module: {k: v.detach().cpu() for k, v in module.state_dict().items()}  # noqa: E731
-        atomic_save({
+        save_torch({
             "G_ema_model": stage.G_ema.official_state_dict(),
             "D_model": cpu(stage.D),
             "G_model": cpu(stage.G),
@@ -98,9 +99,8 @@ def _resume(stage: Stage, path: Path, world: World) -> int:
     contents = read_stage_checkpoint(path, RESUME_KEYS)
     if contents["stage"] != stage.cfg.stage:
         raise CheckpointError(f"{path} is a stage {contents['stage']} checkpoint, not stage {stage.cfg.stage}")
-    load_state(stage.G, contents["G_model"])
-    load_state(stage.G_ema, contents["G_ema_model"])
-    load_state(stage.D, contents["D_model"])
+    for module, key in ((stage.G, "G_model"), (stage.G_ema, "G_ema_model"), (stage.D, "D_model")):
+        load_state(module, contents[key], name=f"{path} ({key})")
     for name, optimizer in stage.optimizers.items():
         optimizer.load_state_dict(contents["optimizers"][name])
     rng = contents["rng"]
