@@ -210,6 +210,35 @@ def test_formats_and_styles(main_server, reference):
         assert_same_image(decode(got.content), expected(reference, face, ref_w))
 
 
+def test_style_mixing_is_mmfs_mix(main_server, reference):
+    """crossover c: w+ slots [0, c) of the style, the rest of the second one, as MMFS.mix."""
+    client = main_server.client(TOKEN)
+    face = png(random_image(6))
+    seed5, seed9 = reference.style_from_seed(5), reference.style_from_seed(9)
+    wants = {c: expected(reference, face, MMFS.mix(seed5, seed9, c)) for c in (0, 4, 10)}
+    assert np.abs(wants[4] - wants[0]).mean() > 1 and np.abs(wants[4] - wants[10]).mean() > 1
+    for crossover, want in wants.items():
+        r = client.post("/v1/stylize", json={"image": base64.b64encode(face).decode(), "seed": 5, "mix_seed": 9,
+                                             "crossover": crossover, "format": "json"})
+        assert r.status_code == 200, r.text
+        assert_same_image(decode(base64.b64decode(r.json()["image"])), want)
+    assert_same_image(wants[10], expected(reference, face, seed5))  # all slots from the style
+    # every kind of second style: a prompt, a registered style, a reference image (multipart)
+    text_w = reference.style_from_text(TEXT)
+    style_id = client.post("/v1/styles", json={"text": TEXT}).json()["style_id"]
+    ref = png(random_image(7, 90))
+    ref_w = reference.style_from_image(mio.pil_to_tensor(Image.open(io.BytesIO(ref)), 224)[None])
+    for files, data, second in (({}, {"mix_text": TEXT}, text_w), ({}, {"mix_style_id": style_id}, text_w),
+                                ({"mix_reference": ("r.png", ref)}, {}, ref_w)):
+        r = client.post("/v1/stylize", files={"image": ("f.png", face), **files},
+                        data={"seed": "5", "crossover": "6", **data})
+        assert r.status_code == 200, r.text
+        assert_same_image(decode(r.content), expected(reference, face, MMFS.mix(seed5, second, 6)))
+    r = client.post("/v1/stylize", files={"image": ("f.png", face), "reference": ("r.png", ref)},
+                    data={"mix_seed": "9", "crossover": "3"})
+    assert_same_image(decode(r.content), expected(reference, face, MMFS.mix(ref_w, seed9, 3)))
+
+
 def test_photo_align_and_paste_back(main_server, reference):
     """align: dlib finds the faces of a photo; against the faces module + the plain Stylizer here."""
     faces = pytest.importorskip("mmfs_fast.faces")
@@ -259,6 +288,21 @@ BAD_REQUESTS = [
     ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "colour": "red"}, None, 422, "colour"),
     ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "format": "gif"}, None, 422, "format"),
     ({"image": ("f.png", png(random_image(0))), "mask": ("m.png", b"")}, {"seed": "1"}, None, 422, "mask"),
+    # style mixing: a second style needs a crossover, a crossover a second style
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "mix_seed": "2"}, None, 422, "crossover: required"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "crossover": "3"}, None, 422, "second style"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "mix_seed": "2", "crossover": "11"}, None, 422,
+     "crossover"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "mix_seed": "2", "crossover": "-1"}, None, 422,
+     "crossover"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "mix_seed": "2", "mix_text": "x", "crossover": "3"},
+     None, 422, "at most one second style"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "mix_style_id": "text-0", "crossover": "3"}, None,
+     404, "unknown style"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "mix_text": " ", "crossover": "3"}, None, 422,
+     "mix_text: must not be empty"),
+    ({"image": ("f.png", png(random_image(0))), "mix_reference": ("r.png", b"nope")},
+     {"seed": "1", "crossover": "3"}, None, 415, "mix_reference: not an image"),
     (None, None, {"image": "@@@", "seed": 1}, 400, "base64"),
     (None, None, {"image": base64.b64encode(png(random_image(0))).decode(), "seed": 1, "path": "/etc/passwd"},
      422, "path"),

@@ -36,8 +36,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from mmfs_fast import faces, io
+from mmfs_fast.api import MMFS
 from mmfs_fast.encoders.clip import INPUT_SIZE as CLIP_INPUT_SIZE
 from mmfs_fast.engine import Engine, LRUCache
+from mmfs_fast.models import N_LATENT
 from mmfs_fast.serve import metrics
 from mmfs_fast.serve.inputs import RequestError, decode_image, read_payload, validate
 
@@ -90,6 +92,13 @@ class StylizeFields(_Fields):
     seed: int | None = Field(None, ge=0, lt=2 ** 63, description="random style from this seed")
     text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="text prompt style (needs CLIP)")
     style_id: str | None = Field(None, max_length=64, description="a style registered with POST /v1/styles")
+    mix_seed: int | None = Field(None, ge=0, lt=2 ** 63, description="style mixing: a second style from this "
+                                 "seed (with crossover)")
+    mix_text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="style mixing: a second style "
+                                 "from this prompt (needs CLIP)")
+    mix_style_id: str | None = Field(None, max_length=64, description="style mixing: a registered second style")
+    crossover: int | None = Field(None, ge=0, le=N_LATENT, description="style mixing (MMFS.mix): the w+ slots "
+                                  f"below it from the style, the rest (of {N_LATENT}) from the second style")
     noise: Literal["zero", "random"] = Field("zero", description="zero: deterministic output")
     align: bool = Field(False, description="image is a photo: find every face (dlib), align and stylize each "
                                            "(needs the faces extra on the server)")
@@ -115,9 +124,9 @@ def _body_docs(fields: type[BaseModel], files: dict[str, str], required: list[st
         "application/json": {"schema": schema({"type": "string", "contentEncoding": "base64"})}}}}
 
 
-def _text(value: str | None) -> str | None:
+def _text(value: str | None, name: str = "text") -> str | None:
     if value is not None and not value.strip():
-        raise RequestError(422, "text: must not be empty")
+        raise RequestError(422, f"{name}: must not be empty")
     return value
 
 
@@ -165,8 +174,8 @@ class Service:
             raise RequestError(400, "text and reference styles are not available: the server runs without "
                                     "CLIP (start it with --clip-weights) or its checkpoint has no clip_mapper")
 
-    def load_reference(self, data: bytes) -> torch.Tensor:
-        return io.pil_to_tensor(decode_image(data, "reference", self.settings.max_pixels), CLIP_INPUT_SIZE)
+    def load_reference(self, data: bytes, name: str = "reference") -> torch.Tensor:
+        return io.pil_to_tensor(decode_image(data, name, self.settings.max_pixels), CLIP_INPUT_SIZE)
 
     def load_face(self, data: bytes) -> torch.Tensor:
         return io.pil_to_tensor(decode_image(data, "image", self.settings.max_pixels), self.engine.config.size)
@@ -227,6 +236,23 @@ class Service:
         for part in parts:
             part.add_done_callback(part_done)
         return combined
+
+    def w_plus(self, style, style_key=None) -> torch.Tensor:
+        """The (10, D) w+ of an engine style argument (see :meth:`Engine.submit`)."""
+        if isinstance(style, int):
+            return self.engine.style_from_seed(style)[0]
+        if isinstance(style, str):
+            return self.engine.style_from_text(style)[0]
+        if style.ndim == 2:  # registered
+            return style
+        return self.engine.style_from_image(style[None], keys=None if style_key is None else [style_key])[0]
+
+    def mixed(self, first, first_key, second, second_key, crossover: int) -> torch.Tensor:
+        try:
+            w_a, w_b = self.w_plus(first, first_key), self.w_plus(second, second_key)
+        except (ValueError, TypeError) as e:  # the engine's input checks
+            raise RequestError(400, str(e)) from None
+        return MMFS.mix(w_a[None], w_b[None], crossover)[0]
 
     def registered(self, style_id: str) -> torch.Tensor:
         w_plus = self.styles.get(style_id)
@@ -304,11 +330,13 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await self._too_large(scope, receive, send)
-        received = 0
+        received, complete = 0, False
         deadline = time.monotonic() + self.timeout
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, complete
+            if complete:  # later receives only wait for the client to disconnect
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
             except asyncio.TimeoutError:
@@ -320,6 +348,7 @@ class BodyLimit:
             received += len(message.get("body", b""))
             if received > self.max_bytes:
                 raise RequestError(413, self._message())
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -470,9 +499,12 @@ def _add_routes(app: FastAPI, auth) -> None:
         return Response(text, media_type=metrics.CONTENT_TYPE)
 
     @app.post("/v1/stylize", tags=["stylize"], dependencies=[auth], responses=image_responses,
-              summary="stylize a face with a seed, text, reference image or registered style",
+              summary="stylize a face with a seed, text, reference image or registered style, optionally mixed "
+                      "with a second one (crossover)",
               openapi_extra=_body_docs(StylizeFields, {"image": "the face (aligned crop), or a photo with align",
-                                                       "reference": "reference image style (needs CLIP)"},
+                                                       "reference": "reference image style (needs CLIP)",
+                                                       "mix_reference": "style mixing: a second style from a "
+                                                                        "reference image (needs CLIP)"},
                                        ["image"]))
     async def stylize(request: Request):
         service = _service(request)
@@ -481,7 +513,7 @@ def _add_routes(app: FastAPI, auth) -> None:
         service.admit()
         photo = found = None
         try:
-            fields, files = await read_payload(request, ("image", "reference"))
+            fields, files = await read_payload(request, ("image", "reference", "mix_reference"))
             options = validate(StylizeFields, fields)
             if "image" not in files:
                 raise RequestError(422, "image: required (the face to stylize)")
@@ -493,13 +525,31 @@ def _add_routes(app: FastAPI, auth) -> None:
                                    + (f" (got {', '.join(sources)})" if sources else ""))
             if options.paste_back and not options.align:
                 raise RequestError(422, "paste_back: needs align (it pastes the faces found in a photo back)")
+            mixes = [name for name, value in (("mix_seed", options.mix_seed), ("mix_text", options.mix_text),
+                                              ("mix_style_id", options.mix_style_id),
+                                              ("mix_reference", files.get("mix_reference"))) if value is not None]
+            if len(mixes) > 1:
+                raise RequestError(422, f"give at most one second style to mix with (got {', '.join(mixes)})")
+            if mixes and options.crossover is None:
+                raise RequestError(422, f"crossover: required with {mixes[0]} (0 to {N_LATENT}: the w+ slots "
+                                        "below it come from the style, the rest from the second style)")
+            if options.crossover is not None and not mixes:
+                raise RequestError(422, "crossover: needs a second style to mix with: mix_seed, mix_text, "
+                                        "mix_style_id or mix_reference")
             if options.align:
                 photo, found, crops = await run_in_threadpool(service.load_photo, files["image"])
             else:
                 crops = (await run_in_threadpool(service.load_face, files["image"]))[None]
-            style = await _style(service, options, files)
+            style = await _style(service, options.seed, options.text, options.style_id, files.get("reference"))
             # a reference is cached by its upload's bytes, hashed here on the host
             style_key = style_id_of("ref", files["reference"]) if "reference" in files else None
+            if options.crossover is not None:
+                second = await _style(service, options.mix_seed, options.mix_text, options.mix_style_id,
+                                      files.get("mix_reference"), prefix="mix_")
+                second_key = style_id_of("ref", files["mix_reference"]) if "mix_reference" in files else None
+                style = await run_in_threadpool(service.mixed, style, style_key, second, second_key,
+                                                options.crossover)
+                style_key = None
             start = time.perf_counter()
             future = service.submit(crops, style, options.noise, style_key)  # it releases the admission
         except BaseException:
@@ -553,13 +603,15 @@ def _picture(stylized: torch.Tensor, photo: np.ndarray | None, found: list[faces
     return io.to_pil(torch.cat(list(stylized), dim=-1))
 
 
-async def _style(service: Service, options: StylizeFields, files: dict[str, bytes]):
-    """The engine's style argument: a seed, a prompt, a reference tensor or a registered w+."""
-    if options.seed is not None:
-        return options.seed
-    if options.style_id is not None:
-        return service.registered(options.style_id)
+async def _style(service: Service, seed: int | None, text: str | None, style_id: str | None,
+                 reference: bytes | None, prefix: str = ""):
+    """The engine's style argument of the one source given: a seed, a prompt, a reference
+    tensor or a registered w+ (``prefix``: of the fields' names, in messages)."""
+    if seed is not None:
+        return seed
+    if style_id is not None:
+        return service.registered(style_id)
     service.check_clip()
-    if options.text is not None:
-        return _text(options.text)
-    return await run_in_threadpool(service.load_reference, files["reference"])
+    if text is not None:
+        return _text(text, f"{prefix}text")
+    return await run_in_threadpool(service.load_reference, reference, f"{prefix}reference")
