@@ -5,6 +5,7 @@ import asyncio
 import base64
 import io
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from PIL import Image  # noqa: E402
 from mmfs_fast import io as mio  # noqa: E402
 from mmfs_fast.api import MMFS  # noqa: E402
 from mmfs_fast.models import Stylizer, StylizerConfig  # noqa: E402
+from mmfs_fast.serve import ServeSettings, create_app, load_engine  # noqa: E402
 
 TOKEN = "s3cret-token"
 SIZE = 32
@@ -53,6 +55,37 @@ def ckpt(tmp_path_factory):
     # style_dim 512: the clip_mapper takes CLIP's 512-wide embeddings
     Stylizer(StylizerConfig(size=SIZE, ngf=4, style_dim=512, n_mlp=2)).save(path)
     return path
+
+
+def raw_request(port: int, head: str, body: bytes = b"", timeout: float = 30) -> tuple[int, dict, bytes]:
+    """Send the request line and headers (and ``body``, maybe only part of what they declare)
+    on a socket, then read the answer: (status, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        return read_response(sock)
+
+
+def read_response(sock) -> tuple[int, dict, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    while len(rest) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        assert chunk
+        rest += chunk
+    return int(status_line.split()[1]), headers, rest
+
+
+def closed_by_peer(sock) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
 
 
 def free_port() -> int:
@@ -177,6 +210,35 @@ def test_formats_and_styles(main_server, reference):
         assert_same_image(decode(got.content), expected(reference, face, ref_w))
 
 
+def test_style_mixing_is_mmfs_mix(main_server, reference):
+    """crossover c: w+ slots [0, c) of the style, the rest of the second one, as MMFS.mix."""
+    client = main_server.client(TOKEN)
+    face = png(random_image(6))
+    seed5, seed9 = reference.style_from_seed(5), reference.style_from_seed(9)
+    wants = {c: expected(reference, face, MMFS.mix(seed5, seed9, c)) for c in (0, 4, 10)}
+    assert np.abs(wants[4] - wants[0]).mean() > 1 and np.abs(wants[4] - wants[10]).mean() > 1
+    for crossover, want in wants.items():
+        r = client.post("/v1/stylize", json={"image": base64.b64encode(face).decode(), "seed": 5, "mix_seed": 9,
+                                             "crossover": crossover, "format": "json"})
+        assert r.status_code == 200, r.text
+        assert_same_image(decode(base64.b64decode(r.json()["image"])), want)
+    assert_same_image(wants[10], expected(reference, face, seed5))  # all slots from the style
+    # every kind of second style: a prompt, a registered style, a reference image (multipart)
+    text_w = reference.style_from_text(TEXT)
+    style_id = client.post("/v1/styles", json={"text": TEXT}).json()["style_id"]
+    ref = png(random_image(7, 90))
+    ref_w = reference.style_from_image(mio.pil_to_tensor(Image.open(io.BytesIO(ref)), 224)[None])
+    for files, data, second in (({}, {"mix_text": TEXT}, text_w), ({}, {"mix_style_id": style_id}, text_w),
+                                ({"mix_reference": ("r.png", ref)}, {}, ref_w)):
+        r = client.post("/v1/stylize", files={"image": ("f.png", face), **files},
+                        data={"seed": "5", "crossover": "6", **data})
+        assert r.status_code == 200, r.text
+        assert_same_image(decode(r.content), expected(reference, face, MMFS.mix(seed5, second, 6)))
+    r = client.post("/v1/stylize", files={"image": ("f.png", face), "reference": ("r.png", ref)},
+                    data={"mix_seed": "9", "crossover": "3"})
+    assert_same_image(decode(r.content), expected(reference, face, MMFS.mix(ref_w, seed9, 3)))
+
+
 def test_photo_align_and_paste_back(main_server, reference):
     """align: dlib finds the faces of a photo; against the faces module + the plain Stylizer here."""
     faces = pytest.importorskip("mmfs_fast.faces")
@@ -226,6 +288,21 @@ BAD_REQUESTS = [
     ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "colour": "red"}, None, 422, "colour"),
     ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "format": "gif"}, None, 422, "format"),
     ({"image": ("f.png", png(random_image(0))), "mask": ("m.png", b"")}, {"seed": "1"}, None, 422, "mask"),
+    # style mixing: a second style needs a crossover, a crossover a second style
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "mix_seed": "2"}, None, 422, "crossover: required"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "crossover": "3"}, None, 422, "second style"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "mix_seed": "2", "crossover": "11"}, None, 422,
+     "crossover"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "mix_seed": "2", "crossover": "-1"}, None, 422,
+     "crossover"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "mix_seed": "2", "mix_text": "x", "crossover": "3"},
+     None, 422, "at most one second style"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "mix_style_id": "text-0", "crossover": "3"}, None,
+     404, "unknown style"),
+    ({"image": ("f.png", png(random_image(0)))}, {"seed": "1", "mix_text": " ", "crossover": "3"}, None, 422,
+     "mix_text: must not be empty"),
+    ({"image": ("f.png", png(random_image(0))), "mix_reference": ("r.png", b"nope")},
+     {"seed": "1", "crossover": "3"}, None, 415, "mix_reference: not an image"),
     (None, None, {"image": "@@@", "seed": 1}, 400, "base64"),
     (None, None, {"image": base64.b64encode(png(random_image(0))).decode(), "seed": 1, "path": "/etc/passwd"},
      422, "path"),
@@ -244,10 +321,33 @@ def test_bad_requests_get_clear_4xx(main_server, files, data, body, status, word
     assert words in r.json()["error"]
 
 
+def test_refusals_are_answered_before_the_body_is_sent(main_server):
+    """auth and the declared size are decided on the headers: the client has sent no byte of
+    its body when the answer comes, and with Expect: 100-continue it is never asked for it."""
+    port = main_server.port
+    post = "POST /v1/stylize HTTP/1.1\nHost: x\nContent-Type: multipart/form-data; boundary=b\n"
+    status, headers, body = raw_request(port, post + "Content-Length: 200000\n")  # no token
+    assert status == 401 and headers["www-authenticate"] == "Bearer" and b"token" in body
+    status, headers, body = raw_request(port, post + "Content-Length: 200000\nExpect: 100-continue\n"
+                                        "Authorization: Bearer wrong\n")
+    assert status == 401  # the final answer first: no "100 Continue" interim response was sent
+    status, _, body = raw_request(port, post + f"Content-Length: {10 ** 9}\nAuthorization: Bearer {TOKEN}\n")
+    assert status == 413 and b"limit" in body
+
+
 def test_bad_bodies(main_server):
     client = main_server.client(TOKEN)
     r = client.post("/v1/stylize", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]
+    deep = b'{"image": ' + b"[" * 100_000 + b"]" * 100_000 + b', "seed": 1}'  # 200 KB, below the size limit
+    r = client.post("/v1/stylize", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "100001 levels deep" in r.json()["error"], r.text
+    r = client.post("/v1/styles", content=b'{"text": ' + b'{"a": ' * 30_000 + b"1" + b"}" * 30_001,
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "levels deep" in r.json()["error"]
+    # brackets inside strings are text, not nesting: a valid body with them is served
+    r = client.post("/v1/styles", json={"text": "[[[[[[[[[[[[ {{{{{{{{{{ \\\" [[[[["})
+    assert r.status_code == 201
     r = client.post("/v1/stylize", content=b"raw", headers={"content-type": "image/png"})
     assert r.status_code == 415 and "multipart" in r.json()["error"]
     big = os.urandom(300_000)  # above --max-upload-mb 0.25
@@ -326,6 +426,10 @@ def test_queue_full_503_and_graceful_shutdown(ckpt, reference):
             time.sleep(0.05)
         r = client.post("/v1/stylize", files={"image": ("f.png", face)}, data={"seed": "0"})
         assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "busy" in r.json()["error"]
+        # decided before the body: the answer comes while the client has sent only its headers
+        status, headers, body = raw_request(server.port, "POST /v1/stylize HTTP/1.1\nHost: x\nContent-Type: "
+                                            "multipart/form-data; boundary=b\nContent-Length: 100000\n")
+        assert status == 503 and headers["retry-after"] == "1" and b"busy" in body
         server.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)
@@ -349,6 +453,108 @@ def test_timeout_504_with_env_token(ckpt):
         assert r.status_code == 504 and "within 0.5 s" in r.json()["error"]
     finally:
         server.stop()
+
+
+class InProcessServer:
+    """uvicorn serving ``app`` in a thread of this process (so a test can watch the engine)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "in-process server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def test_a_timed_out_request_is_never_computed(ckpt):
+    """504: the faces of the request that the engine has not taken yet are cancelled; the
+    engine's stylize calls are counted here, in the same process."""
+    engine = load_engine(ckpt, device="cpu", cuda_graphs=False, max_wait_ms=3000)  # 3 s for company
+    stylized = []
+    stylize = engine.stylize
+
+    def counting_stylize(faces, *args, **kwargs):
+        stylized.append(faces.shape[0])
+        return stylize(faces, *args, **kwargs)
+
+    engine.stylize = counting_stylize
+    app = create_app(lambda: engine, ServeSettings(request_timeout=0.5, warmup=False))
+    with InProcessServer(app) as server:
+        client = httpx.Client(base_url=server.url, timeout=60)
+        r = client.post("/v1/stylize", files={"image": ("f.png", png(random_image(22)))}, data={"seed": "1"})
+        assert r.status_code == 504
+        # a face sent to the engine directly joins the same micro-batch and waits for its run
+        alone = engine.submit(mio.pil_to_tensor(random_image(23), SIZE), 2).result(60)
+        assert alone.shape == (3, SIZE, SIZE)
+        assert stylized == [1]  # the timed-out face was not computed
+        text = client.get("/metrics").text
+        assert 'mmfs_fast_faces_total{outcome="cancelled"} 1' in text and 'outcome="rendered"' not in text
+        assert "mmfs_fast_requests_in_flight 0" in text
+        r = client.post("/v1/stylize", files={"image": ("f.png", png(random_image(22)))}, data={"seed": "1"})
+        assert r.status_code == 504  # still serving: the 3 s batching window outlasts every request
+
+
+SLOW_HEAD = "POST /v1/stylize HTTP/1.1\nHost: x\nContent-Type: multipart/form-data; boundary=b\n"
+
+
+def trickle(sock, data: bytes, every: float = 0.25) -> tuple[int, dict, bytes]:
+    """Send ``data`` a byte every ``every`` s until the server answers; its answer."""
+    for i in range(len(data)):
+        sock.sendall(data[i:i + 1])
+        if select.select([sock], [], [], every)[0]:
+            return read_response(sock)
+    raise AssertionError("the server let the whole trickle through")
+
+
+def test_slow_and_vanishing_clients(ckpt):
+    """1 byte every 0.25 s: cut off after the header or body timeout with 408 and the
+    connection closed; a client that disconnects mid-upload is one info line and a counter."""
+    server = Server(ckpt, "--no-warmup", "--header-timeout", "1", "--body-timeout", "1", "--log-level", "info")
+    try:
+        padding = "X-Padding: " + "p" * 200 + "\r\n"  # 50 s at this pace
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            status, _, body = trickle(sock, (SLOW_HEAD.replace("\n", "\r\n") + padding).encode())
+            assert status == 408 and b"headers were not received within 1 s" in body
+            assert closed_by_peer(sock)
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall((SLOW_HEAD + "Content-Length: 400\n\n").replace("\n", "\r\n").encode())
+            status, headers, body = trickle(sock, b"--b\r\n" + b"x" * 394)
+            assert status == 408 and b"body was not received within 1 s" in body
+            assert headers["connection"] == "close"
+            assert closed_by_peer(sock)
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall((SLOW_HEAD + "Content-Length: 5000\n\n").replace("\n", "\r\n").encode()
+                         + b'--b\r\nContent-Disposition: form-data; name="image"; filename="f.png"\r\n\r\n'
+                         + png(random_image(24))[:100])
+        client = server.client()
+        deadline = time.monotonic() + 30
+        while 'mmfs_fast_client_aborts_total{reason="disconnect"} 1' not in (text := client.get("/metrics").text):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+        for reason in ("body_timeout", "header_timeout"):
+            assert f'mmfs_fast_client_aborts_total{{reason="{reason}"}} 1' in text
+        assert "mmfs_fast_requests_in_flight 0" in text
+        # a well-behaved client is still served
+        r = client.post("/v1/stylize", files={"image": ("f.png", png(random_image(24)))}, data={"seed": "1"})
+        assert r.status_code == 200
+    finally:
+        server.stop()
+    log = server.proc.stdout.read()
+    assert log.count("disconnected before sending its whole body") == 1, log
+    assert "Traceback" not in log and "unhandled" not in log, log
 
 
 def test_ray_serve_deployment(ckpt, reference):

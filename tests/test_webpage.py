@@ -22,6 +22,8 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
 
+from mmfs_fast.api import MMFS  # noqa: E402
+from mmfs_fast.io import to_pil  # noqa: E402
 from mmfs_fast.models import Stylizer, StylizerConfig  # noqa: E402
 from test_serve import Server, png, random_image  # noqa: E402
 
@@ -81,6 +83,7 @@ def server(tmp_path_factory):
     (folder / "token").write_text(TOKEN)
     server = Server(folder / "tiny.safetensors", "--random-init", "--token-file", str(folder / "token"),
                     "--max-pixels", str(MAX_PIXELS))
+    server.ckpt = folder / "tiny.safetensors"
     yield server
     server.stop()
 
@@ -202,6 +205,36 @@ def test_render_shows_exactly_what_the_api_returns(page, server):
     click_and_wait(page, "#render")
     assert np.array_equal(shown_pixels(page, "#result"),
                           api_pixels(server, face, reference=base64.b64encode(reference).decode()))
+
+
+def test_mixing_shows_what_the_api_returns_and_the_api_is_mmfs_mix(page, server):
+    face = face_png(6)
+    upload(page, "#image", face)
+    page.fill("#seed", "5")
+    assert not page.is_visible("#mix-panel")  # hidden until asked for
+    page.check("#mix")
+    assert page.is_visible("#mix-panel")
+    page.fill("#mix-seed", "9")
+    page.eval_on_selector("#crossover", "el => { el.value = '4'; el.dispatchEvent(new Event('input')); }")
+    assert page.inner_text("#crossover-value") == "4"
+    click_and_wait(page, "#render")
+    assert not page.is_visible("#error")
+    shown = shown_pixels(page, "#result")
+    api = api_pixels(server, face, seed=5, mix_seed=9, crossover=4)
+    assert np.array_equal(shown, api)
+    assert page.get_attribute("#download", "download") == "mmfs_fast_seed5_mix9at4.png"
+    assert np.abs(api.astype(int) - api_pixels(server, face, seed=5)).mean() > 1  # the mix took effect
+
+    # the API's mix is MMFS.mix + render in Python (fp32 engine vs the Stylizer: one rounding step)
+    mmfs = MMFS.load(server.ckpt, engine=False, device="cpu")
+    w_plus = MMFS.mix(mmfs.style_from_seed(5), mmfs.style_from_seed(9), 4)
+    with torch.no_grad():
+        rendered = mmfs.render(mmfs.load_faces([Image.open(io.BytesIO(face))]), w_plus, noise="zero")
+    assert np.abs(np.asarray(to_pil(rendered[0]), dtype=int) - api).max() <= 1
+
+    page.uncheck("#mix")  # off again: the plain seed
+    click_and_wait(page, "#render")
+    assert np.array_equal(shown_pixels(page, "#result"), api_pixels(server, face, seed=5))
 
 
 def test_photo_align_and_paste_back(page, server):

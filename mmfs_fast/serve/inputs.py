@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io as _bytes_io
+import json
+import re
 import warnings
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -17,6 +20,10 @@ from mmfs_fast.io import ImageError, open_rgb
 # formats whose PIL decoders are mature and widely fuzzed; the rest are refused unread
 SAFE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 MAX_FORM_FIELDS = 16
+# the bodies are flat objects of plain values; deeper nesting is refused before parsing, so
+# that no body can take json's recursive parser to Python's recursion limit
+MAX_JSON_DEPTH = 8
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
 class RequestError(Exception):
@@ -49,8 +56,13 @@ async def read_payload(request: Request, file_fields: tuple[str, ...]) -> tuple[
 
 
 async def _read_json(request: Request, file_fields: tuple[str, ...]) -> tuple[dict, dict[str, bytes]]:
+    raw = await request.body()
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise RequestError(400, f"the JSON body nests {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed "
+                                "(its fields are plain values)")
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except ValueError:
         raise RequestError(400, "the body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -74,6 +86,15 @@ async def _read_form(request: Request, file_fields: tuple[str, ...]) -> tuple[di
             else:
                 fields[name] = value
     return fields, files
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest, brackets inside strings not
+    counted; linear in the size, without parsing."""
+    structure = np.frombuffer(_JSON_STRING.sub(b"", raw), np.uint8)
+    step = (np.isin(structure, (ord("["), ord("{"))).astype(np.int64)
+            - np.isin(structure, (ord("]"), ord("}"))))
+    return int(np.cumsum(step).max(initial=0))
 
 
 def decode_base64(value, name: str) -> bytes:

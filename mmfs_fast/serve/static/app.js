@@ -112,6 +112,10 @@ function requestFields(seed) {
     if (!reference) throw new ServiceError(null, "choose a reference image first");
     fields.reference = reference;
   }
+  if ($("mix").checked) { // MMFS.mix on the service: coarse slots from the style, fine ones from the second seed
+    fields.mix_seed = $("mix-seed").value.trim();
+    fields.crossover = $("crossover").value;
+  }
   if ($("random-noise").checked) fields.noise = "random";
   if ($("align").checked) {
     fields.align = "true";
@@ -122,7 +126,8 @@ function requestFields(seed) {
 
 function downloadName(fields) {
   const style = fields.seed !== undefined ? `seed${fields.seed}` : fields.text !== undefined ? "text" : "reference";
-  return `mmfs_fast_${style}.png`;
+  const mix = fields.crossover !== undefined ? `_mix${fields.mix_seed}at${fields.crossover}` : "";
+  return `mmfs_fast_${style}${mix}.png`;
 }
 
 function setImage(file) {
@@ -316,6 +321,8 @@ function wire() {
       $("shuffle").disabled = styleKind() !== "seed";
     };
   }
+  $("mix").onchange = () => { $("mix-panel").hidden = !$("mix").checked; };
+  $("crossover").oninput = () => { $("crossover-value").textContent = $("crossover").value; };
   $("render").onclick = render;
   $("shuffle").onclick = shuffle;
   $("result-button").onclick = () => {
