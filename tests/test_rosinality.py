@@ -81,6 +81,13 @@ def test_every_size_loads_strictly(size):
     load_state(Generator(size=size), g)  # strict: every key, every shape
 
 
+def test_channel_multiplier_1_loads_too():
+    cm1 = {r: 512 if r <= 32 else 256 * 64 // r for r in CHANNELS}  # rosinality: 256·m at 64 px, halving
+    g = layout_state_dict(rosinality_layout(256, style_dim=16, n_mlp=2, channels=cm1))
+    teacher = Generator.from_state(g, "cm1.pt")
+    assert [teacher.channels(2 ** i) for i in range(2, 9)] == [512, 512, 512, 512, 256, 128, 64]
+
+
 def test_1024_seeds_the_512_stylizer_from_exactly_its_64_to_512_px_layers(g1024):
     state, line = stylegan2_to_stylizer(g1024, 512, "ffhq-1024.pt")
     expected = {f"mapping_z.{i}.{p}": f"style.{i}.{p}" for i in range(1, 9) for p in ("weight", "bias")}
@@ -118,6 +125,12 @@ def test_unusable_generators_are_refused_before_allocating(g1024):
     wrong = dict(g1024, **{"convs.9.conv.weight": torch.zeros(1, 255, 256, 3, 3)})
     with pytest.raises(CheckpointError, match=r"(?s)odd\.pt: 1024-px StyleGAN2 generator: .*convs\.9\.conv\.weight"):
         Generator.from_state(wrong, "odd.pt")
+    # 65 536 channels claimed by two small tensors: a model built from that would need ~150 GB
+    # per conv weight; the meta-device check refuses it before anything is allocated
+    wide = dict(g1024, **{"input.input": torch.zeros(1, 65536, 4, 4),
+                          "to_rgbs.7.conv.weight": torch.zeros(1, 3, 65536, 1, 1)})
+    with pytest.raises(CheckpointError, match=r"(?s)wide\.pt: 1024-px StyleGAN2 generator: .*conv1\.conv\.weight"):
+        Generator.from_state(wide, "wide.pt")
     with pytest.raises(CheckpointError, match=r"empty\.pt: not a rosinality StyleGAN2 generator"):
         Generator.from_state({"style.1.weight": torch.zeros(2, 2)}, "empty.pt")
 
