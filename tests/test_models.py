@@ -450,7 +450,7 @@ def manual_generator(sd, w_plus, noises, n_blocks):
 
 def test_generator_equals_independent_recomputation_with_truncation():
     torch.manual_seed(2)
-    g = randomise_biases(Generator(size=16, style_dim=16, n_mlp=2, base=2).double().eval())
+    g = randomise_biases(Generator(size=16, style_dim=16, n_mlp=2, channel_base=32, channel_max=16).double().eval())
     sd = np_state(g)
     z = torch.randn(2, 16, dtype=torch.float64)
     mean_w = torch.randn(1, 16, dtype=torch.float64)

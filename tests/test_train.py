@@ -94,7 +94,8 @@ def chain(tmp_path_factory, image_dirs):
     root = tmp_path_factory.mktemp("chain")
     faces, art = image_dirs
     torch.manual_seed(3)
-    teacher = {"g_ema": Generator(SIZE, STYLE_DIM, 2, base=4).state_dict(), "d": Discriminator(SIZE, 8).state_dict(),
+    teacher = {"g_ema": Generator(SIZE, STYLE_DIM, 2, channel_base=4 * SIZE, channel_max=32).state_dict(),
+               "d": Discriminator(SIZE, 8).state_dict(),
                "args": argparse.Namespace(size=SIZE)}  # as rosinality's train.py saves them
     torch.save(teacher, root / "stylegan2.pt")
     cfgs = {1: config(stage=1, init=str(root / "stylegan2.pt"), out_dir=str(root / "s1"), steps=2),

@@ -74,30 +74,106 @@ def save_safetensors(state: dict[str, torch.Tensor], config: dict, path) -> None
 # -- rosinality StyleGAN2 → Stylizer (SPEC §3) ---------------------------------
 _STYLEGAN2_CONV = re.compile(r"convs\.(\d+)\.(.*)")
 _STYLEGAN2_RGB = re.compile(r"to_rgbs\.(\d+)\.(.*)")
+# rosinality's channel table stops at 1024 px: no generator of theirs is larger
+STYLEGAN2_MAX_SIZE = 1024
 
 # what a StyleGAN2 generator cannot provide: trained in MMFS Stage I (and III)
 STYLEGAN2_UNCOVERED = ("encoder.", "decoder0.", "to_rgb0.", "clip_mapper.")
 
 
-def stylegan2_to_stylizer(g: dict[str, torch.Tensor], size: int = 512) -> dict[str, torch.Tensor]:
-    """Rename the mapping and the size/8 … size px layers (64–512 px at 512²) of a rosinality
-    generator; drop the rest."""
+def stylegan2_size(g: dict, name: str = "checkpoint") -> int:
+    """Image size of a rosinality generator state dict: 4 px doubled once per ``to_rgbs`` entry."""
+    rgbs = {int(m[1]) for k in g if (m := _STYLEGAN2_RGB.fullmatch(k))}
+    if not rgbs or "input.input" not in g:
+        raise CheckpointError(f"{name}: not a rosinality StyleGAN2 generator (no 'input.input' and 'to_rgbs.*' keys)")
+    size = 2 ** (max(rgbs) + 3)
+    if size > STYLEGAN2_MAX_SIZE:
+        raise CheckpointError(f"{name}: its generator has {max(rgbs) + 1} to_rgbs, a {size}-px model; "
+                              f"rosinality StyleGAN2 generators are at most {STYLEGAN2_MAX_SIZE} px")
+    return size
+
+
+def stylegan2_generator_config(g: dict, name: str = "checkpoint") -> dict:
+    """Keyword arguments of the :class:`~mmfs_fast.models.Generator` that state dict ``g`` is."""
+    size = stylegan2_size(g, name)
+    try:
+        channel_max = g["input.input"].shape[1]
+        # channels at full size; when capped there too, channel_max · size gives the same table
+        channel_base = g[f"to_rgbs.{size.bit_length() - 4}.conv.weight"].shape[2] * size
+        style_dim = g["style.1.weight"].shape[1]
+    except (KeyError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{name}: not a rosinality StyleGAN2 generator ({type(e).__name__}: {e})") from e
+    n_mlp = sum(1 for k in g if re.fullmatch(r"style\.\d+\.weight", k))
+    return {"size": size, "style_dim": style_dim, "n_mlp": n_mlp, "channel_base": channel_base,
+            "channel_max": channel_max}
+
+
+def _px_range(lo: int, hi: int) -> str:
+    return f"{lo}–{hi} px" if hi > lo else f"{lo} px"
+
+
+def _span(prefix: str, indices: list[int]) -> str:
+    return f"{prefix}{indices[0]}–{indices[-1]}" if len(indices) > 1 else f"{prefix}{indices[0]}"
+
+
+def stylegan2_to_stylizer(g: dict[str, torch.Tensor], size: int = 512,
+                          name: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+    """(Stylizer keys, a line saying which layers were taken) from a rosinality generator of
+    ``size`` px or more: its mapping and its size/8 … size px layers (64–512 px at 512²); the
+    smaller and larger layers are dropped. A generator smaller than ``size`` is refused."""
     first_rgb = size.bit_length() - 7  # to_rgbs[first_rgb] renders size/8 px: 3 at 512²
     if first_rgb < 0:
         raise ValueError(f"a StyleGAN2 generator seeds Stylizers of size >= 64, got {size}")
-    out = {}
+    g_size = stylegan2_size(g, name)
+    if g_size < size:
+        raise CheckpointError(f"{name}: a {g_size}-px StyleGAN2 generator cannot seed a {size}-px Stylizer (it has "
+                              f"no {size} px layers); use one of {size} px or more, e.g. the 1024-px FFHQ model")
+    last_rgb = first_rgb + 3
+    out, convs, rgbs = {}, set(), set()
     for key, value in g.items():
         if key.startswith("style."):
             out["mapping_z." + key[len("style."):]] = value
         elif m := _STYLEGAN2_CONV.fullmatch(key):
             j = int(m[1]) - 2 * first_rgb
-            if j >= 0:
+            if 0 <= j < 8:
                 out[f"decoder{j // 2 + 1}{'a' if j % 2 == 0 else 'b'}.{m[2]}"] = value
+                convs.add(int(m[1]))
         elif m := _STYLEGAN2_RGB.fullmatch(key):
             j = int(m[1]) - first_rgb
-            if j >= 0:
+            if 0 <= j < 4:
                 out[f"to_rgb{j + 1}.{m[2]}"] = value
-    return out
+                rgbs.add(int(m[1]))
+    n_mlp = sum(1 for k in g if re.fullmatch(r"style\.\d+\.weight", k))
+    dropped = _px_range(4, size // 16) + (f" and {_px_range(2 * size, g_size)}" if g_size > size else "")
+    line = (f"{name}: seeding the {size}-px Stylizer from a {g_size}-px StyleGAN2 generator: "
+            f"style.1–{n_mlp} → mapping_z, {_span('convs.', sorted(convs))} → decoder1a–decoder4b, "
+            f"{_span('to_rgbs.', sorted(rgbs))} → to_rgb1–4 ({size // 8}–{size} px); its {dropped} layers "
+            f"are not used")
+    return out, line
+
+
+def stylegan2_discriminator_to(d: dict[str, torch.Tensor], size: int, name: str = "checkpoint"
+                               ) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """(Discriminator keys, prefixes left at random init) for a ``size``-px Discriminator from
+    rosinality's ``d`` of that size or larger. A larger D's ResBlocks below ``size`` px carry
+    over (same channels at each resolution); its input layer ``convs.0`` reads another size
+    and stays random."""
+    blocks = {int(m[1]) for k in d if (m := _STYLEGAN2_CONV.fullmatch(k))}
+    d_size = 2 ** (max(blocks, default=0) + 2)
+    if d_size == size:
+        return d, ()
+    if d_size < size:
+        raise CheckpointError(f"{name}: its discriminator 'd' is {d_size} px, smaller than the {size}-px Stylizer")
+    shift = d_size.bit_length() - size.bit_length()
+    out = {}
+    for key, value in d.items():
+        if m := _STYLEGAN2_CONV.fullmatch(key):
+            j = int(m[1]) - shift
+            if j >= 1:
+                out[f"convs.{j}.{m[2]}"] = value
+        else:
+            out[key] = value
+    return out, ("convs.0.",)
 
 
 def stylizer_config_from_state(state: dict[str, torch.Tensor], size: int = 512) -> dict:
@@ -191,7 +267,7 @@ def stylizer_state(src, allow_cast: bool = False) -> tuple[dict[str, torch.Tenso
             size = size_from_discriminator(contents["D_model"], name) or size
     elif "g_ema" in contents or "g" in contents:
         key = "g_ema" if "g_ema" in contents else "g"
-        state = stylegan2_to_stylizer(_state_dict(contents[key], name, key))
+        state, _ = stylegan2_to_stylizer(_state_dict(contents[key], name, key), name=name)
         uncovered = STYLEGAN2_UNCOVERED
     elif "encoder.0.0.weight" in contents:
         state = _state_dict(contents, name, "the file")

@@ -1,5 +1,6 @@
 """The rosinality StyleGAN2 generator: the Stage I teacher whose mapping network and
-64–512 px layers seed the Stylizer decoder."""
+64–512 px layers seed the Stylizer decoder. Its channel table is fixed per resolution,
+not per model size, so that checkpoints of every size (256, 512, 1024 px …) load."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,8 @@ import math
 import torch
 from torch import nn
 
-from mmfs_fast.models.layers import EqualLinear, PixelNorm, StyledConv, ToRGB, channel_count, set_impl, synthesize
+from mmfs_fast.models import checkpoint
+from mmfs_fast.models.layers import EqualLinear, PixelNorm, StyledConv, ToRGB, set_impl, synthesize, table_channels
 from mmfs_fast.models.noise import NoiseSpec, make_noises
 
 
@@ -21,22 +23,26 @@ class ConstantInput(nn.Module):
 
 
 class Generator(nn.Module):
-    def __init__(self, size: int = 512, style_dim: int = 512, n_mlp: int = 8, base: int = 64,
-                 lr_mlp: float = 0.01, impl: str = "auto"):
+    """``channel_base``/``channel_max``: see :func:`~mmfs_fast.models.layers.table_channels`;
+    the defaults are rosinality's channel multiplier 2 (the public FFHQ checkpoints)."""
+
+    def __init__(self, size: int = 512, style_dim: int = 512, n_mlp: int = 8, channel_base: int = 32768,
+                 channel_max: int = 512, lr_mlp: float = 0.01, impl: str = "auto"):
         super().__init__()
         if size < 8 or size & (size - 1):
             raise ValueError(f"size must be a power of two >= 8, got {size}")
         self.size, self.style_dim = size, style_dim
+        self.channel_base, self.channel_max = channel_base, channel_max
         self.style = nn.Sequential(
             PixelNorm(), *[EqualLinear(style_dim, style_dim, lr_mul=lr_mlp, activation="lrelu") for _ in range(n_mlp)])
-        c4 = channel_count(4, size, base)
+        c4 = self.channels(4)
         self.input = ConstantInput(c4)
         self.conv1 = StyledConv(c4, c4, 3, style_dim)
         self.to_rgb1 = ToRGB(c4, style_dim, upsample=False)
         self.convs, self.to_rgbs = nn.ModuleList(), nn.ModuleList()
         res = 4
         while res < size:
-            c_in, c_out = channel_count(res, size, base), channel_count(2 * res, size, base)
+            c_in, c_out = self.channels(res), self.channels(2 * res)
             self.convs.append(StyledConv(c_in, c_out, 3, style_dim, upsample=True))
             self.convs.append(StyledConv(c_out, c_out, 3, style_dim))
             self.to_rgbs.append(ToRGB(c_out, style_dim))
@@ -46,6 +52,24 @@ class Generator(nn.Module):
         for i, r in enumerate(self.noise_resolutions):
             self.noises.register_buffer(f"noise_{i}", torch.randn(1, 1, r, r))
         set_impl(self, impl)
+
+    @classmethod
+    def from_state(cls, g: dict[str, torch.Tensor], name: str = "checkpoint", impl: str = "auto") -> "Generator":
+        """The rosinality generator, of whatever size, whose state dict is ``g`` (``g_ema`` or
+        ``g`` of their checkpoints), strictly loaded. Keys and shapes are checked against a
+        model on the meta device first, so a file that does not fit allocates nothing."""
+        config = checkpoint.stylegan2_generator_config(g, name)
+        for device in ("meta", "cpu"):
+            with torch.device(device):
+                model = cls(**config, impl=impl)
+            try:
+                checkpoint.load_state(model, g)
+            except checkpoint.CheckpointError as e:
+                raise checkpoint.CheckpointError(f"{name}: {config['size']}-px StyleGAN2 generator: {e}") from e
+        return model
+
+    def channels(self, res: int) -> int:
+        return table_channels(res, self.channel_base, self.channel_max)
 
     @property
     def noise_resolutions(self) -> list[int]:

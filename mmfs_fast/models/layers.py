@@ -26,10 +26,17 @@ def set_impl(module: nn.Module, impl: str) -> None:
             m.impl = impl
 
 
+def table_channels(res: int, channel_base: int, channel_max: int) -> int:
+    """StyleGAN2's channel table: channel_base / res channels at resolution ``res``, at most
+    channel_max. rosinality's Generator with channel multiplier m is channel_base 16384·m,
+    channel_max 512, at every size (m = 2: 512 up to 64 px, 256 at 128, …, 32 at 1024)."""
+    return min(channel_max, channel_base // res)
+
+
 def channel_count(res: int, size: int, base: int = 64) -> int:
-    """Channels at resolution ``res`` of a ``size``-pixel model: 8·base up to size/8,
-    then halving with every doubling (base at full size): 512/512/256/128/64 at 512²."""
-    return min(8 * base, base * size // res)
+    """Channels at resolution ``res`` of a ``size``-pixel Stylizer or Discriminator: 8·base
+    up to size/8, then halving with every doubling (base at full size): 512/512/256/128/64 at 512²."""
+    return table_channels(res, base * size, 8 * base)
 
 
 class PixelNorm(nn.Module):

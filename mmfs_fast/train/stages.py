@@ -17,7 +17,7 @@ from torch import nn
 from mmfs_fast.losses import dino_structure_loss
 from mmfs_fast.models import Discriminator, Generator, Stylizer, StylizerConfig
 from mmfs_fast.models.checkpoint import (STYLEGAN2_UNCOVERED, CheckpointError, load_state, read_checkpoint,
-                                         stylegan2_to_stylizer)
+                                         stylegan2_discriminator_to, stylegan2_to_stylizer)
 from mmfs_fast.train.config import TrainConfig
 from mmfs_fast.train.distributed import World, average_gradients
 from mmfs_fast.train.losses import (augment, discriminator_gan_loss, feature_l1, generator_gan_loss,
@@ -115,20 +115,46 @@ class EncoderStage(Stage):
 
     def build(self):
         cfg = self.cfg
-        self.teacher = Generator(cfg.size, cfg.style_dim, cfg.n_mlp, base=cfg.ngf, impl=cfg.impl)
-        D = self.discriminator()
-        if cfg.init is not None:
+        if cfg.init is None:  # a random teacher with the Stylizer's channel table (layers.channel_count)
+            self.teacher = Generator(cfg.size, cfg.style_dim, cfg.n_mlp, channel_base=cfg.ngf * cfg.size,
+                                     channel_max=8 * cfg.ngf, impl=cfg.impl)
+            name = "random teacher"
+        else:
             contents, _ = read_checkpoint(cfg.init)
             g = contents.get("g_ema", contents.get("g"))
             if g is None or "d" not in contents:
                 raise CheckpointError(f"{cfg.init}: Stage I needs a rosinality StyleGAN2 checkpoint with "
                                       f"'g_ema' (or 'g') and 'd'; found {', '.join(list(contents)[:5])}")
-            load_state(self.teacher, g)
-            load_state(D, contents["d"])
+            name = str(cfg.init)
+            self.teacher = Generator.from_state(g, name, impl=cfg.impl)
+        seed_state, seeding = stylegan2_to_stylizer(self.teacher.state_dict(), cfg.size, name)
+        D = self.discriminator()
+        if cfg.init is not None:
+            d, d_uncovered = stylegan2_discriminator_to(contents["d"], cfg.size, name)
+            self._load(D, d, d_uncovered, name)
+            if d_uncovered:
+                seeding += f"; D: its input layer {', '.join(p.rstrip('.') for p in d_uncovered)} starts random"
         self.teacher.to(self.device).eval().requires_grad_(False)
         G = self.stylizer(clip_mapper=False)
-        load_state(G, stylegan2_to_stylizer(self.teacher.state_dict(), cfg.size), STYLEGAN2_UNCOVERED)
+        self._load(G, seed_state, STYLEGAN2_UNCOVERED, name)
+        if self.world.is_main:
+            print(seeding, flush=True)
         return G, D
+
+    @staticmethod
+    def _load(model: nn.Module, state: dict, uncovered: tuple[str, ...], name: str) -> None:
+        try:
+            load_state(model, state, uncovered)
+        except CheckpointError as e:
+            raise CheckpointError(f"{name}: {e}") from e
+
+    def teacher_images(self, z: torch.Tensor, **kwargs) -> torch.Tensor:
+        """x = hardtanh(G_t(z)) at the Stylizer's size: a larger teacher's image is box-downsampled,
+        which is what its own size-px RGB branch approximates."""
+        x = self.teacher(z=z, **kwargs).clamp(-1, 1)
+        if self.teacher.size > self.cfg.size:
+            x = F.avg_pool2d(x, self.teacher.size // self.cfg.size)
+        return x
 
     def trainable(self):
         return {"G": [p for part in (self.G.encoder, self.G.decoder0, self.G.to_rgb0) for p in part.parameters()]}
@@ -136,13 +162,13 @@ class EncoderStage(Stage):
     def train_step(self, batch, step):
         z = torch.randn(self.cfg.batch_size, self.cfg.style_dim, device=self.device)
         with torch.no_grad(), self.autocast():
-            x = self.teacher(z=z).clamp(-1, 1).float()
+            x = self.teacher_images(z).float()
         return self.reconstruction_step(lambda: self.G(x, z=z), x)
 
     @torch.no_grad()
     def sample_rows(self, faces):
         z = self.sample_z(N_SAMPLES)
-        x = self.teacher(z=z, noise="zero").clamp(-1, 1)
+        x = self.teacher_images(z, noise="zero")
         return [x, self.G_ema(x, z=z, noise="zero")]
 
 
