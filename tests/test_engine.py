@@ -10,6 +10,7 @@ import torch
 
 from mmfs_fast.engine import Engine, LRUCache
 from mmfs_fast.models.inference import _ModulatedConv, prepare_stylizer
+from mmfs_fast import benchmark as mb
 from mmfs_fast.models.layers import ModulatedConv2d
 from mmfs_fast.models.stylizer import Stylizer
 
@@ -74,10 +75,12 @@ def test_seed_styles_match_plain_stylizer(stylizer, engine):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("options", [{"fused_modconv": True}, {"compile": True}], ids=["fused-modconv", "compiled"])
+@pytest.mark.parametrize("options", [{"fused_modconv": True}, {"compile": True}, {"upsample_form": "polyphase"}],
+                         ids=["fused-modconv", "compiled", "polyphase"])
 def test_engine_variants_match_plain_stylizer(stylizer, options):
     """The op path (per-sample weights) as well as the default unfused conv(x·s, W); and
-    compile=True, which traces the prepared model (folded epilogues, in-place activations)."""
+    compile=True, which traces the prepared model (folded epilogues, in-place activations);
+    and the upsampling convolutions in their polyphase form."""
     x, w_plus = faces(3), torch.randn(3, 10, DIM)
     engine = Engine(stylizer, device="cpu", **options)
     assert_images_close(engine.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
@@ -315,6 +318,50 @@ def test_fp16_modulation_is_safe_where_the_plain_fp16_layer_overflows(upsample, 
     prepared = _ModulatedConv(layer, torch.float16, fused)(x.half(), w)
     assert prepared.dtype == torch.float16
     torch.testing.assert_close(prepared.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
+def _decoder_upsampling_shapes(scale: int = 16) -> list[tuple[int, int, int]]:
+    """(in channels, out channels, input size) of each upsampling convolution of the 512² decoder,
+    read off a forward on the meta device; channels divided by ``scale`` (they do not enter the
+    phases' taps and pads; the sizes do) to keep fp16 CPU convolutions quick."""
+    shapes = []
+    with torch.device("meta"), torch.no_grad():
+        model = Stylizer(mb.FULL.stylizer).eval()
+        for name, m in model.named_modules():
+            if isinstance(m, ModulatedConv2d) and m.upsample:
+                m.register_forward_pre_hook(lambda m, args: shapes.append(
+                    (args[0].shape[1] // scale, m.weight.shape[1] // scale, args[0].shape[2])))
+        model(torch.empty(1, 3, model.config.size, model.config.size), z=torch.empty(1, model.config.style_dim))
+    return shapes
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("in_ch,out_ch,size", _decoder_upsampling_shapes(), ids=lambda v: str(v))
+def test_polyphase_upsampling_layer_equals_the_training_form(in_ch, out_ch, size):
+    """The prepared upsampling convolution in polyphase form against the training layer
+    (transposed conv + blur): to fp32 rounding in fp32; in fp16 within twice the error of the
+    prepared transposed form in fp16 (both against the layer in fp64)."""
+    torch.manual_seed(size)
+    layer = ModulatedConv2d(in_ch, out_ch, 3, DIM, upsample=True).eval().requires_grad_(False)
+    layer.fused = False  # the training form: shared_weight_conv, then demodulation
+    x, w = torch.randn(2, in_ch, size, size), torch.randn(2, DIM)
+    ref = copy.deepcopy(layer).double()(x.double(), w.double())
+    polyphase = _ModulatedConv(layer, torch.float32, False, "polyphase")
+    assert polyphase.weight_polyphase.shape == (4 * out_ch, in_ch, 3, 3)
+    torch.testing.assert_close(polyphase(x, w).double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(layer(x, w).double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    half = _ModulatedConv(layer, torch.float16, False, "polyphase")(x.half(), w)
+    transposed = _ModulatedConv(layer, torch.float16, False, "transposed")(x.half(), w)
+    assert half.shape == transposed.shape == (2, out_ch, 2 * size, 2 * size)
+    assert_error_within_twice(half.double(), transposed.double(), ref)
+
+
+def test_upsampling_form_auto_keeps_the_training_form_off_cuda_and_rejects_unknown_forms(stylizer):
+    model = prepare_stylizer(stylizer, torch.float32, "auto")
+    layer = model.decoder1a.conv
+    assert layer.upsample_form in ("auto", "transposed") and layer._form(torch.empty(1, 1, 8, 8)) == "transposed"
+    with pytest.raises(ValueError, match="upsample_form must be"):
+        prepare_stylizer(stylizer, torch.float32, "auto", upsample_form="pixelshuffle")
 
 
 class Mallinfo2(ctypes.Structure):

@@ -66,6 +66,9 @@ class Engine:
         retain_cpu_memory: on the CPU, call :func:`~mmfs_fast.engine.retain_freed_cpu_memory`
             (freed memory stays in the process for reuse).
         check_finite: reject inputs holding NaN or Inf (one device→host sync per call).
+        upsample_form: the decoder's upsampling convolutions as "transposed" conv + blur, as
+            "polyphase" convolutions (the blur folded in), or "auto": per shape from winners.json
+            on CUDA, transposed on the CPU (README "Upsampling").
     """
 
     def __init__(self, stylizer: Stylizer, clip=None, precision: str | None = None, device=None,
@@ -73,7 +76,7 @@ class Engine:
                  style_cache_size: int = 256, impl: str = "auto", fused_modconv: bool = False,
                  channels_last: bool | None = None, cudnn_benchmark: bool = True, compile: bool = False,
                  max_batch: int | None = None, max_wait_ms: float = 2.0, graph_memory_limit: int | None = None,
-                 retain_cpu_memory: bool = True, check_finite: bool = False):
+                 retain_cpu_memory: bool = True, check_finite: bool = False, upsample_form: str = "auto"):
         if not isinstance(stylizer, Stylizer):
             raise TypeError(f"stylizer must be a mmfs_fast Stylizer, got {type(stylizer).__name__}")
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
@@ -94,7 +97,8 @@ class Engine:
         if channels_last is None:
             channels_last = not on_cuda
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv, conv_adds_bias=not on_cuda).to(
+        self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv, conv_adds_bias=not on_cuda,
+                                      upsample_form=upsample_form).to(
             self.device, memory_format=self.memory_format)
         self.cudnn_benchmark = cudnn_benchmark
 
