@@ -156,6 +156,53 @@ def test_text_and_reference_styles_match_plain_stylizer(clip_setup):
                                rtol=0, atol=1e-5)
 
 
+@torch.no_grad()
+def test_seed_and_render_in_one_call_equal_style_then_render(stylizer, engine):
+    x = faces(3)
+    separate = engine.stylize(x, engine.style_from_seed([5, 6, 7]))
+    torch.testing.assert_close(engine.stylize_seed(x, [5, 6, 7]), separate, rtol=0, atol=1e-6)
+    torch.testing.assert_close(engine.stylize_z(x, seed_z([5, 6, 7])), separate, rtol=0, atol=1e-6)
+    assert_images_close(engine.stylize_seed(x, [5, 6, 7]), stylizer(x, z=seed_z([5, 6, 7]), noise="zero"))
+    with pytest.raises(ValueError, match="z"):
+        engine.stylize_z(x, seed_z([5, 6]))
+
+
+@torch.no_grad()
+def test_text_and_reference_image_and_render_in_one_call_equal_style_then_render(clip_setup):
+    stylizer, clip, engine = clip_setup
+    x, refs = faces(2), faces(2, seed=9)
+    texts = ["a pop art portrait", "an oil painting"]
+    torch.testing.assert_close(engine.stylize_text(x, texts), engine.stylize(x, engine.style_from_text(texts)),
+                               rtol=0, atol=1e-6)
+    # the cache maps the repeated prompt once (batch 1 there, 2 here): CPU kernels differ by rounding
+    assert_images_close(engine.stylize_text(x, "a sketch"), engine.stylize(x, engine.style_from_text(["a sketch"] * 2)))
+    torch.testing.assert_close(engine.stylize_image(x, refs), engine.stylize(x, engine.style_from_image(refs)),
+                               rtol=0, atol=1e-6)
+    assert_images_close(engine.stylize_image(x, refs), stylizer(x, clip_feats=clip.encode_image(refs), noise="zero"),
+                        atol=1e-4)
+    with pytest.raises(ValueError, match="3 prompts for 2 faces"):
+        engine.stylize_text(x, ["a", "b", "c"])
+
+
+def test_style_and_render_asked_together_are_one_graph(clip_setup, monkeypatch):
+    """In graph mode each combined call captures (and replays) one graph per bucket: the style
+    networks inside the render's graph, no style graph of their own. The capture itself needs
+    CUDA; here it is recorded and the call runs eagerly."""
+    from mmfs_fast.engine.executor import Executor
+
+    stylizer, clip, _ = clip_setup
+    engine = Engine(stylizer, clip=clip, device="cpu", buckets=(1, 2), style_cache_size=0)
+    captured = []
+    monkeypatch.setattr(engine._executor, "mode", "graph")
+    monkeypatch.setattr(Executor, "_graph", lambda self, name, fn, bucket, inputs: captured.append((name, bucket)))
+    x = faces(2)
+    with torch.no_grad():
+        engine.stylize_seed(x[:1], [3])
+        engine.stylize_text(x, "a sketch")
+        engine.stylize_image(x, faces(2, seed=4))
+    assert captured == [("seed_stylize", 1), ("text_stylize", 2), ("image_stylize", 2)]
+
+
 def test_bucket_padding_and_splitting_return_the_unpadded_results(stylizer, engine):
     x, w_plus = faces(7), torch.randn(7, 10, DIM)
     unpadded = engine.stylize(x, w_plus)
