@@ -425,11 +425,6 @@ def build_models(profile=None, with_dino: bool = True, with_clip: bool = True) -
     return Models(engine, stylizer, fp32_clip, dino)
 
 
-# the Engine's public calls per workload, as mmfs_fast.benchmark.EnginePipeline makes them;
-# the mapping network is the one model part the Engine runs outside its CUDA graphs (style_from_z)
-_EAGER_PATHS = {"random_sampling": ("model.mapping_z",)}
-
-
 def _inference_call(models: Models, workload: str, batch: int) -> Callable[[], object]:
 
     engine = models.engine
@@ -439,7 +434,7 @@ def _inference_call(models: Models, workload: str, batch: int) -> Callable[[], o
     prompts = [mb.PROMPTS[i % len(mb.PROMPTS)] for i in range(batch)]
     return {"image_to_wplus": lambda: engine.style_from_image(faces),
             "text_to_wplus": lambda: engine.style_from_text(prompts),
-            "random_sampling": lambda: engine.stylize(faces, engine.style_from_seed(list(range(batch)))),
+            "random_sampling": lambda: engine.stylize_seed(faces, list(range(batch))),
             "guided_stylization": lambda: engine.stylize(faces, w_plus)}[workload]
 
 
@@ -464,7 +459,7 @@ def count(recorder: CostRecorder, models: Models, workload: str, batch: int) -> 
         return _difference(runs[1], runs[0])
     call = _inference_call(models, workload, batch)
     recorder.layers.name_modules(models.engine)
-    with recorder.record(_EAGER_PATHS.get(workload, ())) as kernels:
+    with recorder.record() as kernels:
         call()
     return kernels
 
@@ -542,7 +537,7 @@ def predict_seconds(kernels: list[Kernel], peak: peaks.Peak, c: Constants, calls
 
 
 # Engine calls (public entry points) per workload, for Constants.call_us
-CALLS = {"image_to_wplus": 1, "text_to_wplus": 1, "random_sampling": 2, "guided_stylization": 1,
+CALLS = {"image_to_wplus": 1, "text_to_wplus": 1, "random_sampling": 1, "guided_stylization": 1,
          "finetune_step": 1}
 
 
@@ -619,10 +614,16 @@ def _channels_last(kernels: list[Kernel]) -> list[Kernel]:
 
 
 def _polyphase_upsampling(kernels: list[Kernel]) -> list[Kernel]:
-    """The blur after each transposed convolution folded into its weights (4 phases of a
-    stride-1 convolution): the upfirdn2d passes of the decoder's convolutions go."""
-    return [k for k in kernels if not (k.op == "upfirdn2d" and k.layer.split(".")[1:2] != []
-                                       and k.layer.split(".")[1].startswith("decoder"))]
+    """The blur after each transposed convolution folded into its weights (four phases of one
+    stride-1 convolution, 4× its multiply-adds) and the phases interleaved by the pass after
+    the convolution: the decoder's upfirdn2d passes after a transposed convolution, or the
+    pixel shuffles of the polyphase form, go."""
+    def upsampling(k: Kernel) -> bool:
+        return k.op in ("upfirdn2d", "pixel_shuffle") and k.layer.split(".")[1:2] != [] and \
+            k.layer.split(".")[1].startswith("decoder")
+    transposed = {k.layer for k in kernels if upsampling(k) and k.op == "upfirdn2d"}
+    return [dataclasses.replace(k, flops=4 * k.flops) if k.op == "convolution" and k.layer in transposed else k
+            for k in kernels if not upsampling(k)]
 
 
 def _batched_styles(kernels: list[Kernel]) -> list[Kernel]:
@@ -638,7 +639,7 @@ def _batched_styles(kernels: list[Kernel]) -> list[Kernel]:
 
 
 CHANGES = {"fused epilogue after each conv": _fused_epilogue, "channels-last (no cuDNN transposes)": _channels_last,
-           "polyphase upsampling (no blur pass)": _polyphase_upsampling,
+           "polyphase upsampling, interleaved by the next pass": _polyphase_upsampling,
            "styles and demodulation batched": _batched_styles}
 
 
@@ -730,10 +731,14 @@ def backend_orders() -> dict[str, list[str]]:
     return {op: list(_backend.fastest_first(op)) for op in ("upfirdn2d", "bias_act", "modulated_conv2d")}
 
 
-def run(workloads, batches) -> dict:
-    """Count and predict each workload at each batch size (fine-tuning at its own batch)."""
+def run(workloads, batches, upsample: str = "winners") -> dict:
+    """Count and predict each workload at each batch size (fine-tuning at its own batch).
+    upsample: "winners" (winners.json's form per shape, as the Engine runs) or one of
+    _backend.UPSAMPLE_FORMS for every upsampling convolution (to predict which form wins)."""
     results = {}
-    with fake_cuda() as recorder:
+    forced = contextlib.nullcontext() if upsample == "winners" else mock.patch.multiple(
+        _backend, upsample_form=lambda *shape: upsample, polyphase_wins_somewhere=lambda *ch: upsample == "polyphase")
+    with forced, fake_cuda() as recorder:
         models = build_models(with_dino="finetune_step" in workloads)
         for workload in workloads:
             for batch in ((FINETUNE_BATCH,) if workload == "finetune_step" else batches):
@@ -783,6 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", nargs="+", metavar="BENCH_JSON",
                    help="fit the constants to these measurements and write " + str(CALIBRATION_FILE.name))
     p.add_argument("--layers", action="store_true", help="per-layer tables")
+    p.add_argument("--upsample", choices=("winners", *_backend.UPSAMPLE_FORMS), default="winners",
+                   help="form of the decoder's upsampling convolutions (default: winners.json's, per shape)")
     p.add_argument("--json", help="write the results here as JSON")
     args = p.parse_args(argv)
     peak = peaks.peak_for(args.device)
@@ -794,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = measured_ms(args.measured + (args.calibrate or []))
     c = load_constants(args.device)
     batches = sorted(set(args.batch) | ({b for _, b in measured} if args.calibrate else set()))
-    counted = run(workloads, batches)
+    counted = run(workloads, batches, args.upsample)
     if args.calibrate:
         c, errors = calibrate(counted, measured, peak)
         calibration = json.loads(CALIBRATION_FILE.read_text()) if CALIBRATION_FILE.is_file() else {}

@@ -5,6 +5,10 @@ torch.compile of ``ref``, each dtype, forward and forward+backward.
 modulated_conv2d reports TFLOP/s (its convolution work); upfirdn2d and bias_act,
 being memory-bound, report GB/s of the ideal traffic (each input read once, each
 output written once). extra_info.uses says how often each model makes the call.
+
+test_upsample_form times the Engine's unfused upsampling convolution in both of its forms
+(transposed conv + blur, polyphase) at each decoder shape; on a GPU its cases rewrite the
+"upsample" entry of winners.json (bench/winners.py).
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ import torch
 from harness import DEVICE, DTYPE_NAMES, OP_ROUNDS, ON_GPU, PROFILE, record_rate
 from mmfs_fast import benchmark as mb
 from mmfs_fast import ops
+from mmfs_fast.models.inference import _ModulatedConv
+from mmfs_fast.models.layers import ModulatedConv2d
+from mmfs_fast.ops import _backend
 from op_shapes import PUBLIC_OPS, OpCall, op_calls
 
 OP_BATCHES = (PROFILE.batches[0], PROFILE.batches[-1])
@@ -101,3 +108,25 @@ def test_op(call: OpCall, uses: dict, impl: str, dtype: str, direction: str, mea
         record_rate(benchmark, seconds, dtype, flops=conv_flops(call, out) * (3 if backward else 1))
     else:
         record_rate(benchmark, seconds, dtype, bytes_moved=ideal_bytes(call, args["x"], out, backward))
+
+
+UPSAMPLE_CALLS = [call for call, _ in CALLS if call.op == "modulated_conv2d" and dict(call.options)["up"] == 2]
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("form", _backend.UPSAMPLE_FORMS)
+@pytest.mark.parametrize("call", UPSAMPLE_CALLS, ids=lambda call: call.label)
+def test_upsample_form(call: OpCall, form: str, dtype: str, measure, benchmark):
+    """One upsampling convolution of the Engine's decoder (style affine, x·s, convolution, before
+    demodulation) in ``form``, from a random-init layer of the benchmarked Stylizer's size."""
+    b, i, h, _ = dict(call.shapes)["x"]
+    o, _, k, _ = dict(call.shapes)["weight"]
+    style_dim = PROFILE.stylizer.style_dim
+    layer = ModulatedConv2d(i, o, k, style_dim, upsample=True).eval()
+    prepared = _ModulatedConv(layer, mb.DTYPES[dtype], fused=False, upsample_form=form).to(DEVICE)
+    x = torch.randn(b, i, h, h, device=DEVICE, dtype=mb.DTYPES[dtype])
+    w = torch.randn(b, style_dim, device=DEVICE)
+    fn = torch.no_grad()(lambda: prepared.undemodulated(x, w))
+    seconds = measure(fn, group=f"upsample {call.label} {dtype}", rounds=OP_ROUNDS, op="upsample", impl=form,
+                      dtype=dtype, direction="fwd", batch=b, shape=_backend.upsample_key(i, o, h))
+    record_rate(benchmark, seconds, dtype, flops=2.0 * b * o * i * k * k * h * h)

@@ -197,7 +197,8 @@ class EnginePipeline(Workloads):
         return self.engine.style_from_text(prompts)
 
     def random_sampling(self, faces, z, seed):
-        return self.engine.stylize(faces, self.engine.style_from_seed(list(range(seed, seed + len(faces)))))
+        # mapping network and render in one graph (Engine.stylize_seed)
+        return self.engine.stylize_seed(faces, list(range(seed, seed + len(faces))))
 
     def guided_stylization(self, faces, w_plus):
         return self.engine.stylize(faces, w_plus)

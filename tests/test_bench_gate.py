@@ -76,6 +76,37 @@ def test_winners_order_each_op_by_shapes_won(tmp_path, monkeypatch):
     assert written["ops"]["bias_act"] == json.loads(winners.WINNERS_FILE.read_text())["ops"]["bias_act"]
 
 
+def test_winners_rank_the_upsampling_forms_per_shape_over_batches(tmp_path, monkeypatch):
+    start = tmp_path / "winners.json"
+    start.write_text(winners.WINNERS_FILE.read_text())
+    monkeypatch.setattr(winners, "WINNERS_FILE", start)
+
+    def case(form, shape, batch, median_s):
+        return {"op": "upsample", "impl": form, "dtype": "fp16", "direction": "fwd", "shape": shape, "batch": batch,
+                "median_s": median_s}
+    # 8x8@16: polyphase faster at batch 1, slower in sum (batch 32 dominates)
+    cases = [case("polyphase", "8x8@16", 1, 1.0), case("transposed", "8x8@16", 1, 2.0),
+             case("polyphase", "8x8@16", 32, 9.0), case("transposed", "8x8@16", 32, 5.0),
+             case("polyphase", "4x4@64", 1, 1.0), case("transposed", "4x4@64", 1, 3.0),
+             case("polyphase", "2x2@128", 1, 1.0), case("transposed", "2x2@128", 1, 3.0)]
+    written = json.loads(winners.write(cases, "NVIDIA H200", "abc", start).read_text())
+    entry = written["upsample"]
+    assert entry["shapes"] == {"8x8@16": ["transposed", "polyphase"], "4x4@64": ["polyphase", "transposed"],
+                               "2x2@128": ["polyphase", "transposed"]}
+    assert entry["order"] == ["polyphase", "transposed"] and "abc" in entry["measured"]
+    assert written["ops"] == json.loads(winners.WINNERS_FILE.read_text())["ops"]  # no op case: untouched
+
+
+def test_upsampling_form_per_shape_falls_back_to_the_default_order(monkeypatch):
+    from mmfs_fast.ops import _backend
+
+    monkeypatch.setattr(_backend, "_UPSAMPLE", {"order": ["transposed", "polyphase"],
+                                                "shapes": {"8x4@16": ["polyphase", "transposed"]}})
+    assert _backend.upsample_form(8, 4, 16) == "polyphase" and _backend.upsample_form(8, 4, 32) == "transposed"
+    assert _backend.polyphase_wins_somewhere(8, 4) and not _backend.polyphase_wins_somewhere(8, 8)
+    assert not _backend.polyphase_wins_somewhere(8, 41)  # "8x41@" does not start with "8x4@"
+
+
 def test_the_dispatcher_reads_its_order_from_the_winners_file():
     from mmfs_fast.ops import _backend
 

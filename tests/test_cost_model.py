@@ -94,6 +94,33 @@ def test_custom_op_is_one_kernel_with_its_declared_cost():
     assert op.op == "bias_act" and op.kernels == 1 and op.bytes == (2 * 2 * 8 * 16 + 8) * 2
 
 
+def test_polyphase_upsampling_is_one_convolution_of_four_times_the_work_and_one_shuffle_pass():
+    """Both forms of the Engine's upsampling convolution as counted: the polyphase form's
+    convolution does 4× the transposed one's multiply-adds (four 3×3 phases per input pixel
+    instead of one 3×3 scatter), and its interleave is one pass (phases read, output written)
+    where the transposed form has its blur."""
+    from mmfs_fast.models.inference import _ModulatedConv
+    from mmfs_fast.models.layers import ModulatedConv2d
+
+    layer = ModulatedConv2d(16, 8, 3, 32, upsample=True).eval()
+    counted = {}
+    with cm.fake_cuda() as recorder:
+        for form in ("transposed", "polyphase"):
+            prepared = _ModulatedConv(layer, torch.float16, False, form).to("cuda")
+            x, w = torch.empty(2, 16, 8, 8, device="cuda", dtype=torch.float16), torch.empty(2, 32, device="cuda")
+            with recorder.record() as kernels:
+                out = prepared.undemodulated(x, w)[0]
+            assert out.shape == (2, 8, 16, 16)
+            counted[form] = kernels
+    convs = {form: max((k for k in ks if k.op == "convolution"), key=lambda k: k.flops) for form, ks in counted.items()}
+    assert convs["transposed"].flops == 2 * (2 * 16 * 8 * 8) * 8 * 9  # per input pixel
+    assert convs["polyphase"].flops == 4 * convs["transposed"].flops
+    (shuffle,) = [k for k in counted["polyphase"] if k.op == "pixel_shuffle"]
+    assert shuffle.kernels == 1 and shuffle.bytes == 2 * (2 * 8 * 16 * 16) * 2 and shuffle.layout_conversions == 0
+    assert not [k for k in counted["polyphase"] if k.op == "upfirdn2d"]
+    assert len(counted["polyphase"]) == len(counted["transposed"])
+
+
 def test_roofline_takes_the_slower_of_compute_and_memory():
     peak = cm.peaks.peak_for("H200")
     c = cm.Constants(memory_efficiency=0.5, compute_efficiency=0.25, cudnn_transposes=1.0)

@@ -1,4 +1,6 @@
 """CLIP and DINO wrappers (random-initialised ViT-B models; SPEC §5)."""
+import copy
+
 import open_clip
 import pytest
 import torch
@@ -102,6 +104,56 @@ def test_clip_text_and_pil(clip, tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="junk.png"):
         clip.encode_pil([tmp_path / "junk.png"])
+
+
+def _reference_clip(clip, dtype):
+    """open_clip's CLIP as built (nn.MultiheadAttention, explicit causal mask) with the fused
+    encoder's weights: same parameter names, so the state dict loads whole."""
+    from mmfs_fast.encoders.clip import MODEL_NAME
+
+    ref = open_clip.CLIP(**open_clip.get_model_config(MODEL_NAME))
+    ref.load_state_dict(clip.model.state_dict())
+    return ref.to(dtype).eval().requires_grad_(False)
+
+
+def _clip_outputs(model, pixels, tokens):
+    visual = model.visual.forward_intermediates(pixels, indices=[3], output_fmt="NLC")
+    return [visual["image_features"].double(), visual["image_intermediates"][0].double(),
+            model.encode_text(tokens).double()]
+
+
+@torch.no_grad()
+def test_clip_fused_attention_equals_open_clips_attention(clip):
+    """SDPA (text: is_causal instead of the mask) against open_clip's own attention: to fp32
+    rounding in fp32, and in fp16 within twice the error of open_clip's model cast to fp16
+    (both against it in fp64)."""
+    from mmfs_fast.encoders.clip import FusedSelfAttention
+
+    assert all(isinstance(b.attn, FusedSelfAttention) for b in (*clip.model.visual.transformer.resblocks,
+                                                              *clip.model.transformer.resblocks))
+    pixels = clip.preprocess(images(2, 64, 64, seed=3))
+    tokens = clip.tokenizer(["a pop art portrait", "an oil painting of a face"])
+    ref = _clip_outputs(_reference_clip(clip, torch.float64), pixels.double(), tokens)
+    for got, expected in zip(_clip_outputs(clip.model, pixels, tokens), ref):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    half = copy.deepcopy(clip.model).half()
+    plain_half = _reference_clip(clip, torch.float16)
+    for got, plain, expected in zip(_clip_outputs(half, pixels.half(), tokens),
+                                    _clip_outputs(plain_half, pixels.half(), tokens), ref):
+        error, plain_error = (got - expected).abs(), (plain - expected).abs()
+        assert torch.isfinite(got).all()
+        assert error.mean() <= 2 * plain_error.mean() and error.max() <= 2 * plain_error.max()
+
+
+def test_fused_attention_refuses_what_it_does_not_compute():
+    from mmfs_fast.encoders.clip import FusedSelfAttention
+
+    attention = FusedSelfAttention(torch.nn.MultiheadAttention(8, 2, batch_first=True), causal=True)
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match="self-attention only"):
+        attention(x, torch.randn(1, 3, 8), x)
+    with pytest.raises(ValueError, match="causal one takes no explicit mask"):
+        attention(x, x, x, attn_mask=torch.zeros(3, 3))
 
 
 def test_missing_or_bad_weights_are_clear_errors(tmp_path):

@@ -10,6 +10,7 @@ import torch
 
 from mmfs_fast.engine import Engine, LRUCache
 from mmfs_fast.models.inference import _ModulatedConv, prepare_stylizer
+from mmfs_fast import benchmark as mb
 from mmfs_fast.models.layers import ModulatedConv2d
 from mmfs_fast.models.stylizer import Stylizer
 
@@ -74,10 +75,12 @@ def test_seed_styles_match_plain_stylizer(stylizer, engine):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("options", [{"fused_modconv": True}, {"compile": True}], ids=["fused-modconv", "compiled"])
+@pytest.mark.parametrize("options", [{"fused_modconv": True}, {"compile": True}, {"upsample_form": "polyphase"}],
+                         ids=["fused-modconv", "compiled", "polyphase"])
 def test_engine_variants_match_plain_stylizer(stylizer, options):
     """The op path (per-sample weights) as well as the default unfused conv(x·s, W); and
-    compile=True, which traces the prepared model (folded epilogues, in-place activations)."""
+    compile=True, which traces the prepared model (folded epilogues, in-place activations);
+    and the upsampling convolutions in their polyphase form."""
     x, w_plus = faces(3), torch.randn(3, 10, DIM)
     engine = Engine(stylizer, device="cpu", **options)
     assert_images_close(engine.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
@@ -151,6 +154,53 @@ def test_text_and_reference_styles_match_plain_stylizer(clip_setup):
     refs = faces(2, seed=9)
     torch.testing.assert_close(engine.style_from_image(refs), stylizer.map_clip(clip.encode_image(refs)),
                                rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_seed_and_render_in_one_call_equal_style_then_render(stylizer, engine):
+    x = faces(3)
+    separate = engine.stylize(x, engine.style_from_seed([5, 6, 7]))
+    torch.testing.assert_close(engine.stylize_seed(x, [5, 6, 7]), separate, rtol=0, atol=1e-6)
+    torch.testing.assert_close(engine.stylize_z(x, seed_z([5, 6, 7])), separate, rtol=0, atol=1e-6)
+    assert_images_close(engine.stylize_seed(x, [5, 6, 7]), stylizer(x, z=seed_z([5, 6, 7]), noise="zero"))
+    with pytest.raises(ValueError, match="z"):
+        engine.stylize_z(x, seed_z([5, 6]))
+
+
+@torch.no_grad()
+def test_text_and_reference_image_and_render_in_one_call_equal_style_then_render(clip_setup):
+    stylizer, clip, engine = clip_setup
+    x, refs = faces(2), faces(2, seed=9)
+    texts = ["a pop art portrait", "an oil painting"]
+    torch.testing.assert_close(engine.stylize_text(x, texts), engine.stylize(x, engine.style_from_text(texts)),
+                               rtol=0, atol=1e-6)
+    # the cache maps the repeated prompt once (batch 1 there, 2 here): CPU kernels differ by rounding
+    assert_images_close(engine.stylize_text(x, "a sketch"), engine.stylize(x, engine.style_from_text(["a sketch"] * 2)))
+    torch.testing.assert_close(engine.stylize_image(x, refs), engine.stylize(x, engine.style_from_image(refs)),
+                               rtol=0, atol=1e-6)
+    assert_images_close(engine.stylize_image(x, refs), stylizer(x, clip_feats=clip.encode_image(refs), noise="zero"),
+                        atol=1e-4)
+    with pytest.raises(ValueError, match="3 prompts for 2 faces"):
+        engine.stylize_text(x, ["a", "b", "c"])
+
+
+def test_style_and_render_asked_together_are_one_graph(clip_setup, monkeypatch):
+    """In graph mode each combined call captures (and replays) one graph per bucket: the style
+    networks inside the render's graph, no style graph of their own. The capture itself needs
+    CUDA; here it is recorded and the call runs eagerly."""
+    from mmfs_fast.engine.executor import Executor
+
+    stylizer, clip, _ = clip_setup
+    engine = Engine(stylizer, clip=clip, device="cpu", buckets=(1, 2), style_cache_size=0)
+    captured = []
+    monkeypatch.setattr(engine._executor, "mode", "graph")
+    monkeypatch.setattr(Executor, "_graph", lambda self, name, fn, bucket, inputs: captured.append((name, bucket)))
+    x = faces(2)
+    with torch.no_grad():
+        engine.stylize_seed(x[:1], [3])
+        engine.stylize_text(x, "a sketch")
+        engine.stylize_image(x, faces(2, seed=4))
+    assert captured == [("seed_stylize", 1), ("text_stylize", 2), ("image_stylize", 2)]
 
 
 def test_bucket_padding_and_splitting_return_the_unpadded_results(stylizer, engine):
@@ -315,6 +365,50 @@ def test_fp16_modulation_is_safe_where_the_plain_fp16_layer_overflows(upsample, 
     prepared = _ModulatedConv(layer, torch.float16, fused)(x.half(), w)
     assert prepared.dtype == torch.float16
     torch.testing.assert_close(prepared.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
+def _decoder_upsampling_shapes(scale: int = 16) -> list[tuple[int, int, int]]:
+    """(in channels, out channels, input size) of each upsampling convolution of the 512² decoder,
+    read off a forward on the meta device; channels divided by ``scale`` (they do not enter the
+    phases' taps and pads; the sizes do) to keep fp16 CPU convolutions quick."""
+    shapes = []
+    with torch.device("meta"), torch.no_grad():
+        model = Stylizer(mb.FULL.stylizer).eval()
+        for name, m in model.named_modules():
+            if isinstance(m, ModulatedConv2d) and m.upsample:
+                m.register_forward_pre_hook(lambda m, args: shapes.append(
+                    (args[0].shape[1] // scale, m.weight.shape[1] // scale, args[0].shape[2])))
+        model(torch.empty(1, 3, model.config.size, model.config.size), z=torch.empty(1, model.config.style_dim))
+    return shapes
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("in_ch,out_ch,size", _decoder_upsampling_shapes(), ids=lambda v: str(v))
+def test_polyphase_upsampling_layer_equals_the_training_form(in_ch, out_ch, size):
+    """The prepared upsampling convolution in polyphase form against the training layer
+    (transposed conv + blur): to fp32 rounding in fp32; in fp16 within twice the error of the
+    prepared transposed form in fp16 (both against the layer in fp64)."""
+    torch.manual_seed(size)
+    layer = ModulatedConv2d(in_ch, out_ch, 3, DIM, upsample=True).eval().requires_grad_(False)
+    layer.fused = False  # the training form: shared_weight_conv, then demodulation
+    x, w = torch.randn(2, in_ch, size, size), torch.randn(2, DIM)
+    ref = copy.deepcopy(layer).double()(x.double(), w.double())
+    polyphase = _ModulatedConv(layer, torch.float32, False, "polyphase")
+    assert polyphase.weight_polyphase.shape == (4 * out_ch, in_ch, 3, 3)
+    torch.testing.assert_close(polyphase(x, w).double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(layer(x, w).double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    half = _ModulatedConv(layer, torch.float16, False, "polyphase")(x.half(), w)
+    transposed = _ModulatedConv(layer, torch.float16, False, "transposed")(x.half(), w)
+    assert half.shape == transposed.shape == (2, out_ch, 2 * size, 2 * size)
+    assert_error_within_twice(half.double(), transposed.double(), ref)
+
+
+def test_upsampling_form_auto_keeps_the_training_form_off_cuda_and_rejects_unknown_forms(stylizer):
+    model = prepare_stylizer(stylizer, torch.float32, "auto")
+    layer = model.decoder1a.conv
+    assert layer.upsample_form in ("auto", "transposed") and layer._form(torch.empty(1, 1, 8, 8)) == "transposed"
+    with pytest.raises(ValueError, match="upsample_form must be"):
+        prepare_stylizer(stylizer, torch.float32, "auto", upsample_form="pixelshuffle")
 
 
 class Mallinfo2(ctypes.Structure):

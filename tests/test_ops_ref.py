@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import naive
-from mmfs_fast.ops import backends, bias_act, default_fir, modulated_conv2d, upfirdn2d
+import torch.nn.functional as F
+
+from mmfs_fast.ops import (backends, bias_act, blur_pads, default_fir, modulated_conv2d, polyphase_up_pad,
+                           polyphase_up_weight, upfirdn2d)
 from mmfs_fast.ops._common import adjoint_pads
 
 
@@ -154,6 +157,29 @@ def test_modulated_conv2d_matches_definition(k, demodulate, up, down):
     out = modulated_conv2d(x, weight, styles, demodulate=demodulate, up=up, down=down, impl="ref")
     assert out.shape == expected.shape
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("fir", ["mmfs", "asymmetric"])
+def test_polyphase_upsampling_equals_transposed_conv_then_blur(k, fir):
+    """The four phase convolutions, interleaved, against the numpy transposed conv + upfirdn2d
+    (a non-symmetric FIR catches a flip of the folded kernel or of a phase's taps)."""
+    x, weight = rand(2, 3, 5, 6), rand(4, 3, k, k, seed=1)
+    taps = default_fir(dtype=torch.float64) * 4 if fir == "mmfs" else rand(4, 4, seed=2)
+    p0, p1 = blur_pads(4, k, up=2, down=1)
+    expected = np.stack([naive.upfirdn2d(naive.conv_transpose2d_stride2(xb, weight.numpy())[None], taps.numpy(),
+                                         1, 1, (p0, p1, p0, p1))[0] for xb in x.numpy()])
+    phases = F.conv2d(x, polyphase_up_weight(weight, taps), padding=polyphase_up_pad(k, 4))
+    assert phases.shape == (2, 16, 5, 6)
+    out = F.pixel_shuffle(phases, 2)
+    assert out.shape == expected.shape == (2, 4, 10, 12)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_polyphase_upsampling_names_the_kernels_it_does_not_cover():
+    # an even kernel with the 4-tap FIR would need unequal pads on the two sides
+    with pytest.raises(ValueError, match="4×4 kernel with a 4-tap FIR needs asymmetric pads"):
+        polyphase_up_weight(rand(2, 2, 4, 4), default_fir(dtype=torch.float64))
 
 
 def test_modulated_conv2d_output_sizes_follow_the_official_layers():

@@ -66,6 +66,9 @@ class Engine:
         retain_cpu_memory: on the CPU, call :func:`~mmfs_fast.engine.retain_freed_cpu_memory`
             (freed memory stays in the process for reuse).
         check_finite: reject inputs holding NaN or Inf (one device→host sync per call).
+        upsample_form: the decoder's upsampling convolutions as "transposed" conv + blur, as
+            "polyphase" convolutions (the blur folded in), or "auto": per shape from winners.json
+            on CUDA, transposed on the CPU (README "Upsampling").
     """
 
     def __init__(self, stylizer: Stylizer, clip=None, precision: str | None = None, device=None,
@@ -73,7 +76,7 @@ class Engine:
                  style_cache_size: int = 256, impl: str = "auto", fused_modconv: bool = False,
                  channels_last: bool | None = None, cudnn_benchmark: bool = True, compile: bool = False,
                  max_batch: int | None = None, max_wait_ms: float = 2.0, graph_memory_limit: int | None = None,
-                 retain_cpu_memory: bool = True, check_finite: bool = False):
+                 retain_cpu_memory: bool = True, check_finite: bool = False, upsample_form: str = "auto"):
         if not isinstance(stylizer, Stylizer):
             raise TypeError(f"stylizer must be a mmfs_fast Stylizer, got {type(stylizer).__name__}")
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
@@ -94,7 +97,8 @@ class Engine:
         if channels_last is None:
             channels_last = not on_cuda
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv, conv_adds_bias=not on_cuda).to(
+        self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv, conv_adds_bias=not on_cuda,
+                                      upsample_form=upsample_form).to(
             self.device, memory_format=self.memory_format)
         self.cudnn_benchmark = cudnn_benchmark
 
@@ -107,6 +111,9 @@ class Engine:
         self._stylize_fn = wrap(self._stylize_graph)
         self._image_style_fn = wrap(self._image_style_graph)
         self._text_style_fn = wrap(self._text_style_graph)
+        self._seed_stylize_fn = wrap(self._seed_stylize_graph)
+        self._image_stylize_fn = wrap(self._image_stylize_graph)
+        self._text_stylize_fn = wrap(self._text_stylize_graph)
 
         self.text_cache = LRUCache(style_cache_size)
         self.image_cache = LRUCache(style_cache_size)
@@ -140,6 +147,18 @@ class Engine:
 
     def _text_style_graph(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.clip_mapper(self.clip.model.encode_text(tokens).float())
+
+    # style and render in one graph: the mapping network or CLIP and the clip_mapper captured with
+    # the render, one replay and no w+ round trip between two graphs
+    def _seed_stylize_graph(self, faces: torch.Tensor, z: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
+        w_plus = self.model.mapping_z(z)[:, None].expand(-1, N_LATENT, -1)
+        return self._stylize_graph(faces, w_plus, *noises)
+
+    def _image_stylize_graph(self, faces: torch.Tensor, pixels: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
+        return self._stylize_graph(faces, self._image_style_graph(pixels), *noises)
+
+    def _text_stylize_graph(self, faces: torch.Tensor, tokens: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
+        return self._stylize_graph(faces, self._text_style_graph(tokens), *noises)
 
     def _run(self, name: str, fn: Callable, *inputs: torch.Tensor) -> torch.Tensor:
         with self._executor.lock, cudnn_benchmark(self.cudnn_benchmark):
@@ -197,14 +216,63 @@ class Engine:
         self._finite(faces=faces, w_plus=w_plus)
         return self._run("stylize", self._stylize_fn, faces, w_plus, *self._noises(noise, faces.shape[0])).float()
 
+    def _stylize_with(self, name: str, fn: Callable, faces: torch.Tensor, style: torch.Tensor,
+                      noise: NoiseSpec) -> torch.Tensor:
+        faces = self._faces(faces)
+        self._finite(faces=faces)
+        return self._run(name, fn, faces, style, *self._noises(noise, faces.shape[0])).float()
+
+    @torch.inference_mode()
+    def stylize_seed(self, faces: torch.Tensor, seeds: int | Sequence[int], noise: NoiseSpec = "zero") -> torch.Tensor:
+        """``stylize(faces, style_from_seed(seeds))`` as one graph (mapping network and render)."""
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        return self.stylize_z(faces, self._seed_z(seeds), noise)
+
+    @torch.inference_mode()
+    def stylize_z(self, faces: torch.Tensor, z: torch.Tensor, noise: NoiseSpec = "zero") -> torch.Tensor:
+        """``stylize(faces, style_from_z(z))`` as one graph (mapping network and render)."""
+        check_tensor("faces", faces, (None, 3, self.config.size, self.config.size))
+        check_tensor("z", z, (faces.shape[0], self.config.style_dim))
+        z = z.to(self.device, torch.float32)
+        self._finite(z=z)
+        return self._stylize_with("seed_stylize", self._seed_stylize_fn, faces, z, noise)
+
+    @torch.inference_mode()
+    def stylize_text(self, faces: torch.Tensor, texts: str | Sequence[str], noise: NoiseSpec = "zero") -> torch.Tensor:
+        """``stylize(faces, style_from_text(texts))`` as one graph (CLIP text tower, clip_mapper and
+        render); one prompt per face, or one for all. The style caches are not consulted."""
+        check_tensor("faces", faces, (None, 3, self.config.size, self.config.size))
+        texts = self._prompts(texts)
+        if len(texts) == 1:
+            texts = texts * faces.shape[0]
+        if len(texts) != faces.shape[0]:
+            raise ValueError(f"stylize_text: {len(texts)} prompts for {faces.shape[0]} faces")
+        self._check_clip()
+        tokens = self.clip.tokenizer(texts).to(self.device)
+        return self._stylize_with("text_stylize", self._text_stylize_fn, faces, tokens, noise)
+
+    @torch.inference_mode()
+    def stylize_image(self, faces: torch.Tensor, images: torch.Tensor, noise: NoiseSpec = "zero") -> torch.Tensor:
+        """``stylize(faces, style_from_image(images))`` as one graph (CLIP image tower, clip_mapper
+        and render); one reference image (B, 3, H, W) in [-1, 1] per face. Not cached."""
+        check_tensor("faces", faces, (None, 3, self.config.size, self.config.size))
+        check_tensor("images", images, (faces.shape[0], 3, None, None))
+        self._check_clip()
+        images = images.to(self.device)
+        self._finite(images=images)
+        return self._stylize_with("image_stylize", self._image_stylize_fn, faces, self.clip.preprocess(images), noise)
+
     @torch.inference_mode()
     def style_from_seed(self, seeds: int | Sequence[int]) -> torch.Tensor:
         """w+ (B, 10, D) of seeds: z from :func:`~mmfs_fast.models.stylizer.z_from_seeds`, mapped
         and repeated over the 10 slots."""
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        return self.style_from_z(self._seed_z(seeds))
+
+    def _seed_z(self, seeds: list) -> torch.Tensor:
         if not seeds:
             raise ValueError("style_from_seed needs at least one seed")
-        return self.style_from_z(z_from_seeds([check_seed(s) for s in seeds], self.config.style_dim))
+        return z_from_seeds([check_seed(s) for s in seeds], self.config.style_dim)
 
     @torch.inference_mode()
     def style_from_z(self, z: torch.Tensor) -> torch.Tensor:
@@ -227,12 +295,7 @@ class Engine:
     @torch.inference_mode()
     def style_from_text(self, texts: str | Sequence[str]) -> torch.Tensor:
         """w+ (B, 10, D) of text prompts through CLIP and the clip_mapper (LRU-cached per prompt)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        for t in texts:
-            if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"text prompts must be non-empty strings, got {t!r}")
-        if not texts:
-            raise ValueError("style_from_text needs at least one prompt")
+        texts = self._prompts(texts)
         self._check_clip()
         return cached_styles(self.text_cache, texts, texts, lambda todo: self._run(
             "text_style", self._text_style_fn, self.clip.tokenizer(todo).to(self.device)))
@@ -255,6 +318,16 @@ class Engine:
             return self._run("image_style", self._image_style_fn, pixels)
         return cached_styles(self.image_cache, list(keys), list(pixels), lambda todo: self._run(
             "image_style", self._image_style_fn, torch.stack(todo)))
+
+    @staticmethod
+    def _prompts(texts: str | Sequence[str]) -> list[str]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"text prompts must be non-empty strings, got {t!r}")
+        if not texts:
+            raise ValueError("style_from_text needs at least one prompt")
+        return texts
 
     def _check_clip(self) -> None:
         if self.clip is None:

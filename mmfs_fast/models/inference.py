@@ -15,7 +15,8 @@ from torch import nn
 from mmfs_fast.models.layers import (ConvLayer, EqualLinear, FusedLeakyReLU, ModulatedConv2d, ResBlock, StyledConv,
                                      modconv_impl, shared_weight_conv)
 from mmfs_fast.models.stylizer import Stylizer
-from mmfs_fast.ops import bias_act, default_fir, demodulation, modulated_conv2d, weight_energy
+from mmfs_fast.ops import (_backend, bias_act, default_fir, demodulation, modulated_conv2d, polyphase_up_pad,
+                           polyphase_up_weight, weight_energy)
 from mmfs_fast.ops.bias_act import ACTIVATIONS
 
 LRELU = ACTIVATIONS["lrelu"]  # StyleGAN2's leaky ReLU: slope 0.2, gain sqrt(2)
@@ -103,9 +104,13 @@ class _ModulatedConv(nn.Module):
     fused: the modulated_conv2d op (per-sample weights); otherwise StyleGAN2's unfused
     form, :func:`~mmfs_fast.models.layers.shared_weight_conv`. The coefficients come from
     :func:`~mmfs_fast.ops.demodulation`, as in the training layer.
+
+    upsample_form (unfused up=2 only): "transposed" (transposed conv, then the blur),
+    "polyphase" (the blur folded into four phase convolutions, :func:`~mmfs_fast.ops.polyphase_up_weight`)
+    or "auto" (winners.json's choice per shape on CUDA, see :meth:`_form`).
     """
 
-    def __init__(self, layer: ModulatedConv2d, dtype: torch.dtype, fused: bool):
+    def __init__(self, layer: ModulatedConv2d, dtype: torch.dtype, fused: bool, upsample_form: str = "auto"):
         super().__init__()
         weight = (layer.weight[0] * layer.scale).detach().float()
         self.demodulate = layer.demodulate
@@ -125,7 +130,23 @@ class _ModulatedConv(nn.Module):
             # the layer's own blur after the transposed convolution (FIR ×4 and its pads)
             self.register_buffer("blur_kernel", layer.blur.kernel.detach().to(dtype))
             self.blur_pad = layer.blur.pad
+            out_ch, in_ch, k, _ = weight.shape
+            if upsample_form == "auto" and not _backend.polyphase_wins_somewhere(in_ch, out_ch):
+                upsample_form = "transposed"
+            if upsample_form != "transposed":
+                self.register_buffer("weight_polyphase", polyphase_up_weight(weight, layer.blur.kernel).to(dtype))
+                self.polyphase_pad = polyphase_up_pad(k, layer.blur.kernel.shape[0])
+        self.upsample_form = upsample_form
         self.impl = layer.impl
+
+    def _form(self, x: torch.Tensor) -> str:
+        """The upsampling convolution's form for x: winners.json's per-shape choice on CUDA
+        under "auto" (the shape is static within a captured graph), the training form elsewhere."""
+        if self.upsample_form != "auto":
+            return self.upsample_form
+        if not x.is_cuda:
+            return "transposed"
+        return _backend.upsample_form(x.shape[1], self.weight.shape[0], x.shape[2])
 
     def undemodulated(self, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The convolution's output before demodulation and the (B, O) fp32 demodulation
@@ -138,6 +159,10 @@ class _ModulatedConv(nn.Module):
         if self.fused:
             out = modulated_conv2d(x, self.weight, styles.to(x.dtype), demodulate=False, up=self.up, fir=self.fir,
                                    impl=modconv_impl(self.impl))
+        elif self.up == 2 and self._form(x) == "polyphase":
+            # x·s, then the four output phases as the channels of one convolution, interleaved
+            x = x * styles.to(x.dtype)[:, :, None, None]
+            out = F.pixel_shuffle(F.conv2d(x, self.weight_polyphase, padding=self.polyphase_pad), 2)
         else:
             up_blur = (self.blur_kernel, self.blur_pad) if self.up == 2 else None
             out = shared_weight_conv(x, styles, self.weight, up_blur, self.impl)
@@ -155,9 +180,9 @@ class _StyledConv(nn.Module):
     On a GPU the passes are as many as StyledConv's (the cuda bias_act kernel fuses its three),
     the launches fewer."""
 
-    def __init__(self, layer: StyledConv, dtype: torch.dtype, fused: bool):
+    def __init__(self, layer: StyledConv, dtype: torch.dtype, fused: bool, upsample_form: str = "auto"):
         super().__init__()
-        self.conv = _ModulatedConv(layer.conv, dtype, fused)
+        self.conv = _ModulatedConv(layer.conv, dtype, fused, upsample_form)
         gain = LRELU.default_gain
         self.register_buffer("bias", (layer.activate.bias * gain).detach().to(dtype)[None, :, None, None])
         self.noise_strength = layer.noise.weight.item() * gain  # a constant: the weights are frozen
@@ -171,11 +196,13 @@ class _StyledConv(nn.Module):
 
 
 def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_modconv: bool = False,
-                     conv_adds_bias: bool = True) -> Stylizer:
+                     conv_adds_bias: bool = True, upsample_form: str = "auto") -> Stylizer:
     """A frozen copy of ``stylizer`` for inference in ``dtype``: encoder and decoder
     activations in ``dtype``; mapping network, style affines and clip_mapper in fp32.
     fused_modconv: see :class:`_ModulatedConv`; conv_adds_bias: see :func:`_conv_layer`
-    (the Engine's choice: True on the CPU, False on CUDA)."""
+    (the Engine's choice: True on the CPU, False on CUDA); upsample_form: see :class:`_ModulatedConv`."""
+    if upsample_form not in ("auto", *_backend.UPSAMPLE_FORMS):
+        raise ValueError(f"upsample_form must be 'auto' or one of {_backend.UPSAMPLE_FORMS}; got {upsample_form!r}")
     model = copy.deepcopy(stylizer).eval().requires_grad_(False)
     for name, child in model.named_children():
         child.to(dtype=dtype if name not in ("mapping_z", "clip_mapper") else torch.float32)
@@ -191,7 +218,7 @@ def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_mo
         elif isinstance(source, ResBlock):
             prepared = _ResBlock(source, dtype, conv_adds_bias)
         elif isinstance(source, StyledConv):
-            prepared = _StyledConv(source, dtype, fused_modconv)
+            prepared = _StyledConv(source, dtype, fused_modconv, upsample_form)
         elif isinstance(source, ModulatedConv2d):  # ToRGB's
             prepared = _ModulatedConv(source, dtype, fused_modconv)
         else:

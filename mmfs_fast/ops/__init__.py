@@ -5,7 +5,8 @@ from mmfs_fast.ops import bias_act as _bias_act_module
 from mmfs_fast.ops import modulated_conv2d as _modulated_conv2d_module
 from mmfs_fast.ops import upfirdn2d as _upfirdn2d_module
 from mmfs_fast.ops.bias_act import bias_act
-from mmfs_fast.ops._common import blur_pads, default_fir, demodulation, weight_energy
+from mmfs_fast.ops._common import (blur_pads, default_fir, demodulation, polyphase_up_pad, polyphase_up_weight,
+                                   weight_energy)
 from mmfs_fast.ops.modulated_conv2d import modulated_conv2d
 from mmfs_fast.ops.upfirdn2d import upfirdn2d
 
@@ -63,4 +64,5 @@ def cuda_extension_report() -> dict:
 
 
 __all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "default_fir", "blur_pads", "demodulation", "weight_energy",
+           "polyphase_up_weight", "polyphase_up_pad",
            "backends", "backend_plan", "cuda_extension_report"]

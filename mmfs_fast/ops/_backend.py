@@ -26,6 +26,10 @@ WINNERS_FILE = Path(__file__).with_name("winners.json")
 _WINNERS = json.loads(WINNERS_FILE.read_text())
 FASTEST_FIRST = tuple(_WINNERS["default"])
 FASTEST_FIRST_PER_OP = {op: tuple(entry["order"]) for op, entry in _WINNERS["ops"].items()}
+# the two forms of a decoder upsampling convolution (transposed conv + blur, or the blur folded
+# into four phase convolutions), fastest first: the default and per-shape "I×O@H" winners
+UPSAMPLE_FORMS = ("transposed", "polyphase")
+_UPSAMPLE = _WINNERS["upsample"]
 # what the kernels are built for; float64 (gradient checks) goes to ref under "auto"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -146,6 +150,24 @@ def why_not(impl: str, device: torch.device) -> str | None:
 
 def fastest_first(op: str) -> tuple[str, ...]:
     return FASTEST_FIRST_PER_OP.get(op, FASTEST_FIRST)
+
+
+def upsample_key(in_ch: int, out_ch: int, size: int) -> str:
+    """winners.json's key of an upsampling convolution: channels in × out @ input height."""
+    return f"{in_ch}x{out_ch}@{size}"
+
+
+def upsample_form(in_ch: int, out_ch: int, size: int) -> str:
+    """The faster form of the upsampling convolution at this shape (see UPSAMPLE_FORMS)."""
+    return _UPSAMPLE["shapes"].get(upsample_key(in_ch, out_ch, size), _UPSAMPLE["order"])[0]
+
+
+def polyphase_wins_somewhere(in_ch: int, out_ch: int) -> bool:
+    """Whether any resolution of an in_ch → out_ch upsampling convolution takes the polyphase form."""
+    if _UPSAMPLE["order"][0] == "polyphase":
+        return True
+    prefix = upsample_key(in_ch, out_ch, 0)[:-1]
+    return any(key.startswith(prefix) and forms[0] == "polyphase" for key, forms in _UPSAMPLE["shapes"].items())
 
 
 def available(op: str, implemented: Collection[str], x: torch.Tensor) -> list[str]:

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 DEMOD_EPS = 1e-8
 
@@ -89,3 +90,54 @@ def demodulation(styles: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     device = styles.device.type
     with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
         return torch.rsqrt(styles.to(acc).square() @ energy.to(acc).T + DEMOD_EPS)
+
+
+def polyphase_up_pad(k: int, fir_size: int) -> int:
+    """The padding of the stride-1 convolutions of :func:`polyphase_up_weight`.
+
+    Transposed conv (stride 2, k taps) then the blur (FIR of ``fir_size`` taps, pads p0, p1 of
+    :func:`blur_pads`) is one stride-2 upsampling by G = W ∗ FIR (full convolution, L = k +
+    fir_size − 1 taps): out[y] = Σ_i x[i]·G[y − 2i + c] with c = fir_size − 1 − p0. Output
+    phase r of y = 2a + r reads x[a − j] with tap n = 2j + r + c, 0 ≤ n < L, so j runs from
+    ⌈−(r + c)/2⌉ to ⌊(L − 1 − r − c)/2⌋; a cross-correlation with pad P takes j = P − t."""
+    p0, _ = blur_pads(fir_size, k, up=2, down=1)
+    c, length = fir_size - 1 - p0, k + fir_size - 1
+    j_max = max((length - 1 - r - c) // 2 for r in (0, 1))
+    j_min = min(-((r + c) // 2) for r in (0, 1))
+    if j_max != -j_min:
+        raise ValueError(f"polyphase upsampling: a {k}×{k} kernel with a {fir_size}-tap FIR needs asymmetric "
+                         f"pads ({j_max}, {-j_min}); only symmetric ones are implemented")
+    return j_max
+
+
+def polyphase_up_weight(weight: torch.Tensor, fir: torch.Tensor) -> torch.Tensor:
+    """(4·O, I, T, T) weights of one stride-1 convolution (padding :func:`polyphase_up_pad`)
+    whose output, pixel-shuffled by 2, equals ``upfirdn2d(conv_transpose2d(x, W, stride=2),
+    fir, pad=blur_pads(...))``: channel 4·o + 2·ry + rx is output phase (ry, rx) of channel o.
+
+    weight: (O, I, k, k) as the transposed convolution applies it (conv_transpose2d's weight
+    is its (I, O) transpose); fir: the blur's 2-D taps as upfirdn2d takes them (the ×4 of the
+    upsampling included). Tap t of phase r is G[2(P − t) + r + c] (see polyphase_up_pad), zero
+    outside G. Folded in at least fp32."""
+    o, i, k, _ = weight.shape
+    f = fir.shape[0]
+    pad = polyphase_up_pad(k, f)
+    p0, _ = blur_pads(f, k, up=2, down=1)
+    c, length = f - 1 - p0, k + f - 1
+    acc = _accumulation_dtype(weight)
+    # full 2-D convolution W ∗ FIR: correlation with the flipped FIR over W padded by f − 1
+    full = F.conv2d(weight.to(acc).reshape(o * i, 1, k, k), fir.to(device=weight.device, dtype=acc).flip((0, 1))[None, None],
+                    padding=f - 1).reshape(o, i, length, length)
+    taps = 2 * pad + 1
+    phases = []
+    for ry in (0, 1):
+        for rx in (0, 1):
+            rows = [2 * (pad - t) + ry + c for t in range(taps)]
+            cols = [2 * (pad - t) + rx + c for t in range(taps)]
+            phase = weight.new_zeros((o, i, taps, taps), dtype=acc)
+            for ty, n in enumerate(rows):
+                for tx, m in enumerate(cols):
+                    if 0 <= n < length and 0 <= m < length:
+                        phase[:, :, ty, tx] = full[:, :, n, m]
+            phases.append(phase)
+    return torch.stack(phases, dim=1).reshape(4 * o, i, taps, taps)
