@@ -3,16 +3,19 @@ PyTorch), ``cuda`` (csrc/, built ahead of time) or ``triton`` (kernels/)."""
 from mmfs_fast.ops import _backend
 from mmfs_fast.ops import bias_act as _bias_act_module
 from mmfs_fast.ops import modulated_conv2d as _modulated_conv2d_module
+from mmfs_fast.ops import styled_epilogue as _styled_epilogue_module
 from mmfs_fast.ops import upfirdn2d as _upfirdn2d_module
 from mmfs_fast.ops.bias_act import bias_act
 from mmfs_fast.ops._common import blur_pads, default_fir, demodulation, weight_energy
 from mmfs_fast.ops.modulated_conv2d import modulated_conv2d
+from mmfs_fast.ops.styled_epilogue import styled_epilogue
 from mmfs_fast.ops.upfirdn2d import upfirdn2d
 
 _MODULES = {
     "upfirdn2d": _upfirdn2d_module,
     "bias_act": _bias_act_module,
     "modulated_conv2d": _modulated_conv2d_module,
+    "styled_epilogue": _styled_epilogue_module,
 }
 
 
@@ -62,5 +65,5 @@ def cuda_extension_report() -> dict:
     }
 
 
-__all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "default_fir", "blur_pads", "demodulation", "weight_energy",
+__all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "styled_epilogue", "default_fir", "blur_pads", "demodulation", "weight_energy",
            "backends", "backend_plan", "cuda_extension_report"]
