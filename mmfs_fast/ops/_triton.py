@@ -101,6 +101,13 @@ def _styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, n
     return kernels.styled_epilogue(x, demod, bias, noise, noise_strength, alpha)
 
 
+@_styled_epilogue.register_fake
+def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, alpha):
+    """In place of triton_op's own fake kernel (the function run on fake tensors), which the
+    interpreter (TRITON_INTERPRET=1) would launch for real: the output layout is the kernel's."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
+
+
 # ---------------------------------------------------------------- the backend functions
 
 
