@@ -60,7 +60,7 @@ def cuda_extension_report() -> dict:
         "built_with_torch": build["torch_version"] if build else None,
         "runs_with_torch": torch.__version__,
         "supports_torch": f">={build['torch_target']}" if build else None,
-        "cuda_kernels": {op: extension is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "cuda_kernels": {op: _cuda.defines(op) and torch._C._dispatch_has_kernel_for_dispatch_key(
             f"mmfs_fast::{op}", "CUDA") for op in _cuda.OPS},
     }
 

@@ -4,13 +4,15 @@
 The caller folds the activation's gain into demod, bias and strength (lrelu(z)·g = lrelu(g·z)
 for g > 0), as models/inference.py does. Inference only: no backend has a backward, and
 autograd refuses one (the layers that train use bias_act, which has).
+
+Backends: ref, triton, and cuda where the loaded extension defines the op.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mmfs_fast.ops import _backend, _triton
+from mmfs_fast.ops import _backend, _cuda, _triton
 from mmfs_fast.ops.bias_act import ACTIVATIONS
 
 ALPHA = ACTIVATIONS["lrelu"].default_alpha
@@ -27,6 +29,8 @@ def styled_epilogue_ref(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor
 
 
 IMPLEMENTATIONS = {"ref": styled_epilogue_ref, "triton": _triton.styled_epilogue}
+if _cuda.defines("styled_epilogue"):  # an extension built before the op lacks it
+    IMPLEMENTATIONS["cuda"] = _cuda.styled_epilogue
 
 
 def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None = None,
