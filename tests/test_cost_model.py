@@ -95,7 +95,8 @@ def test_custom_op_is_one_kernel_with_its_declared_cost():
 
 
 def test_styled_epilogue_is_one_kernel_reading_x_and_writing_y():
-    """The triton backend's op (the CUDA extension here lacks it), with a broadcast noise plane."""
+    """The triton backend's op (the CUDA extension here lacks it), with one noise plane expanded
+    over the batch as the Engine passes it: read once, not copied per sample."""
     from mmfs_fast.ops import _backend, styled_epilogue
 
     if not _backend.triton_installed():
@@ -103,7 +104,7 @@ def test_styled_epilogue_is_one_kernel_reading_x_and_writing_y():
 
     def fn():
         x = torch.empty(2, 8, 4, 4, device="cuda", dtype=torch.float16)
-        noise = torch.empty(1, 1, 4, 4, device="cuda", dtype=torch.float16)
+        noise = torch.empty(1, 1, 4, 4, device="cuda", dtype=torch.float16).expand(2, 1, 4, 4)
         styled_epilogue(x, torch.empty(2, 8, device="cuda"), torch.empty(8, device="cuda"), noise, 0.5)
 
     (op,) = record(fn)

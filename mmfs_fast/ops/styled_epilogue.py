@@ -54,5 +54,7 @@ def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, no
     for name, t in (("demod", demod), ("bias", bias), ("noise", noise)):
         if t is not None and t.device != x.device:
             raise ValueError(f"styled_epilogue: {name} is on {t.device} but x is on {x.device}")
+    if noise is not None and noise.shape[0] > 1 and noise.stride(0) == 0:
+        noise = noise[:1]  # one plane expanded over the batch (the Engine's): read once, not copied per sample
     name = _backend.resolve("styled_epilogue", impl, IMPLEMENTATIONS, x)
     return IMPLEMENTATIONS[name](x, demod, bias, noise, float(noise_strength), ALPHA)
