@@ -19,6 +19,7 @@
 #include "bias_act_index.h"
 #include "index_math.h"
 #include "modulated_conv2d_index.h"
+#include "styled_epilogue_index.h"
 #include "upfirdn2d_index.h"
 
 #define __global__
@@ -232,6 +233,29 @@ int bias_act(const double* x_data, const double* bias, const double* grad, doubl
     } else {
       launch_serial({blocks, 1, 1}, [&] { bias_act_kernel<double, false>(x_data, bias, grad, out, p); });
     }
+  });
+}
+
+// styled_epilogue.cu's host function after its copies: the checks, the parameters, the kernel
+// on its grid; x is walked as it is (the caller copies it when walks_in_memory_order says no),
+// noise_sizes null: no noise. max_blocks: see bias_act.
+int styled_epilogue(const double* x_data, const float* demod, const float* bias, const double* noise, double* out,
+                    const int64_t* sizes, const int64_t* strides, int64_t rank, const int64_t* demod_sizes,
+                    int64_t demod_rank,
+                    const int64_t* bias_sizes, int64_t bias_rank, const int64_t* noise_sizes, int64_t noise_rank,
+                    double noise_strength, double slope, unsigned max_blocks, char* error, size_t error_size) {
+  return reporting(error, error_size, [&] {
+    const std::optional<IntArray> noise_shape =
+        noise_sizes != nullptr ? std::optional<IntArray>(ints(noise_sizes, noise_rank)) : std::nullopt;
+    check_styled_epilogue_args("mmfs_fast::styled_epilogue", ints(sizes, rank), ints(demod_sizes, demod_rank),
+                               ints(bias_sizes, bias_rank), noise_shape);
+    const StyledEpilogueParams p = styled_epilogue_params(ints(sizes, 4), ints(strides, 4),
+                                                          noise_sizes != nullptr ? noise_sizes[0] : 0,
+                                                          noise_strength, slope);
+    if (p.numel == 0) return;
+    unsigned blocks = grid_stride_blocks(p.numel);
+    if (max_blocks > 0) blocks = std::min(blocks, max_blocks);
+    launch_serial({blocks, 1, 1}, [&] { styled_epilogue_kernel<double>(x_data, demod, bias, noise, out, p); });
   });
 }
 

@@ -48,6 +48,21 @@ def bias_act(x, bias, act, alpha, gain, clamp, dim):
     return x
 
 
+def styled_epilogue(x, demod, bias, noise, strength, alpha):
+    """x (N, C, H, W), demod (N, C), bias (C,), noise None or (N or 1, 1, H, W); per element."""
+    n, c, h, w = x.shape
+    out = np.empty((n, c, h, w))
+    for b in range(n):
+        for ch in range(c):
+            for i in range(h):
+                for j in range(w):
+                    z = x[b, ch, i, j] * demod[b, ch] + bias[ch]
+                    if noise is not None:
+                        z += noise[b if noise.shape[0] > 1 else 0, 0, i, j] * strength
+                    out[b, ch, i, j] = z if z > 0 else alpha * z
+    return out
+
+
 def conv2d(x, w, stride, padding):
     """x (C, H, W), w (O, C, k, k) cross-correlation."""
     c, h, wd = x.shape

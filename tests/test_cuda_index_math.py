@@ -26,6 +26,7 @@ from mmfs_fast.ops import _cuda
 from mmfs_fast.ops._common import DEMOD_EPS
 from mmfs_fast.ops.bias_act import bias_act_ref
 from mmfs_fast.ops.modulated_conv2d import modulated_conv2d_ref
+from mmfs_fast.ops.styled_epilogue import styled_epilogue_ref
 from mmfs_fast.ops.upfirdn2d import upfirdn2d_ref
 
 THREADS = 256  # csrc/index_math.h's kThreads
@@ -37,6 +38,7 @@ KERNEL_SPANS = {
     "upfirdn2d.cu": ("namespace {\n", "template <typename scalar_t>\nvoid launch("),
     "modulated_conv2d.cu": ("namespace {\n", "// dst (dense, from empty_with_layout_of)"),
     "bias_act.cu": ("namespace {\n", "// x itself when the kernel"),
+    "styled_epilogue.cu": ("namespace {\n", "}  // namespace\n\nTensor styled_epilogue("),
 }
 
 
@@ -76,6 +78,10 @@ SIGNATURES = {  # name: (argument types, result type)
     "bias_act": ([VOID, VOID, VOID, VOID, I64P, I64P, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
                   ctypes.c_double, ctypes.c_double, ctypes.c_bool, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t],
                  ctypes.c_int),
+    "styled_epilogue": ([VOID, VOID, VOID, VOID, VOID, I64P, I64P, ctypes.c_int64, I64P, ctypes.c_int64, I64P,
+                         ctypes.c_int64, I64P,
+                         ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_uint, ctypes.c_char_p,
+                         ctypes.c_size_t], ctypes.c_int),
 }
 
 
@@ -179,6 +185,22 @@ class Harness:
 
     def bias_act_grad(self, grad, x, bias, slope, gain, clamp, dim):
         return self.bias_act(x, bias, slope, gain, clamp, dim, grad)
+
+    # styled_epilogue.cu
+
+    def styled_epilogue(self, x, demod, bias, noise, noise_strength, slope, max_blocks=2):
+        """styled_epilogue(): x walked in place or copied, demod and bias as contiguous float32,
+        noise contiguous in x's dtype, the checks, the parameters and the kernel."""
+        x = x if self.walks_in_memory_order(x) else x.contiguous()
+        out = torch.full_like(x, math.nan)  # empty_like: x's strides
+        demod32, bias32 = demod.float().contiguous(), bias.float().contiguous()
+        noise = None if noise is None else noise.to(x.dtype).contiguous()
+        self._checked(self.library.styled_epilogue, data(x), data(demod32), data(bias32), data(noise), data(out),
+                      ints(x.shape), ints(x.stride()), x.dim(), ints(demod.shape), demod.dim(), ints(bias.shape),
+                      bias.dim(),
+                      None if noise is None else ints(noise.shape), 0 if noise is None else noise.dim(),
+                      noise_strength, slope, max_blocks)
+        return unwritten(out)
 
     # modulated_conv2d.cu
 
@@ -477,6 +499,42 @@ def test_bias_act_on_one_grid_block_per_item_range(harness):
 def test_bias_act_checks_name_the_problem(harness, shape, dim, clamp, message):
     with pytest.raises(RuntimeError, match="mmfs_fast::bias_act: ") as error:
         harness.bias_act(rand(*shape), None, 0.2, 1.0, clamp, dim)
+    assert message in str(error.value)
+
+
+# ---------------------------------------------------------------- styled_epilogue.cu
+
+
+@pytest.mark.parametrize("layout_name", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("noise_batch", [None, 1, 3])
+@pytest.mark.parametrize("max_blocks", [0, 2])
+def test_styled_epilogue_kernel_matches_ref(harness, layout_name, noise_batch, max_blocks):
+    x = rand(3, 5, 6, 7)
+    if layout_name == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout_name == "transposed":  # dense but in neither layout: the kernel walks a copy
+        x = rand(3, 5, 7, 6).transpose(2, 3)
+    demod, bias = rand(3, 5, seed=1).float().double(), rand(5, seed=2).float().double()  # read as float32
+    noise = None if noise_batch is None else rand(noise_batch, 1, 6, 7, seed=3)
+    got = harness.styled_epilogue(x, demod, bias, noise, 0.7, 0.2, max_blocks)
+    want = styled_epilogue_ref(x, demod, bias, noise, 0.7, 0.2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if layout_name != "transposed":
+        assert got.stride() == x.stride()
+
+
+@pytest.mark.parametrize("x_shape,demod_shape,bias_shape,noise_shape,message", [
+    ((2, 3, 4), (2, 3), (3,), None, "x must be 4-D (B, C, H, W), got [2, 3, 4]"),
+    ((2, 3, 4, 4), (3, 2), (3,), None, "demod must have shape (2, 3), got [3, 2]"),
+    ((2, 3, 4, 4), (2, 3), (2,), None, "bias must have shape (3), got [2]"),
+    ((2, 3, 4, 4), (2, 3), (3,), (3, 1, 4, 4), "noise must have shape (1 or 2, 1, 4, 4), got [3, 1, 4, 4]"),
+    ((2, 3, 4, 4), (2, 3), (3,), (1, 1, 4, 5), "noise must have shape (1 or 2, 1, 4, 4), got [1, 1, 4, 5]"),
+])
+def test_styled_epilogue_checks_name_the_problem(harness, x_shape, demod_shape, bias_shape, noise_shape, message):
+    x = rand(*x_shape)
+    with pytest.raises(RuntimeError, match="mmfs_fast::styled_epilogue: ") as error:
+        harness.styled_epilogue(x, rand(*demod_shape), rand(*bias_shape),
+                                None if noise_shape is None else rand(*noise_shape), 0.5, 0.2)
     assert message in str(error.value)
 
 

@@ -363,3 +363,50 @@ def test_plain_stylizer_decode_replays_from_a_cuda_graph(impl):
             captured = model.decode(feat, w_plus, noise="zero")
         graph.replay()
     torch.testing.assert_close(captured, expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- styled_epilogue (inference only)
+
+STYLED_EPILOGUE = importlib.import_module("mmfs_fast.ops.styled_epilogue")  # the package attribute is the function
+needs_styled_epilogue = pytest.mark.skipif(not _cuda.defines("styled_epilogue"),
+                                           reason="mmfs_fast._C was built before styled_epilogue: rebuild it")
+
+
+def test_styled_epilogue_is_a_cuda_backend_exactly_when_the_extension_defines_it():
+    """An extension built before the op still loads: its cuda backend lacks just this op, and says so."""
+    from mmfs_fast.ops import cuda_extension_report
+
+    defined = hasattr(torch.ops.mmfs_fast, "styled_epilogue")
+    assert _cuda.defines("styled_epilogue") == defined
+    assert ("cuda" in STYLED_EPILOGUE.IMPLEMENTATIONS) == defined
+    assert cuda_extension_report()["cuda_kernels"]["styled_epilogue"] == defined
+    if defined:
+        from torch._library.simple_registry import singleton
+
+        assert singleton.find("mmfs_fast::styled_epilogue").fake_impl.kernel is not None
+    else:
+        with pytest.raises(RuntimeError, match="styled_epilogue has no 'cuda' implementation"):
+            STYLED_EPILOGUE.styled_epilogue(rand(1, 2, 3, 3), rand(1, 2), rand(2), impl="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_styled_epilogue
+@pytest.mark.parametrize("dtype", (torch.float32,) + LOW_PRECISION)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("noise_batch", [None, 1, 33])
+def test_styled_epilogue_matches_ref_on_gpu(dtype, channels_last, noise_batch):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x, demod, bias = rand(33, 5, 9, 7), rand(33, 5, seed=1).abs() + 0.1, rand(5, seed=2)
+    noise = None if noise_batch is None else rand(noise_batch, 1, 9, 7, seed=3)
+
+    def run(impl, dt):
+        out = STYLED_EPILOGUE.styled_epilogue(x.to("cuda", dt).contiguous(memory_format=layout), demod.cuda(),
+                                              bias.cuda(), None if noise is None else noise.to("cuda", dt), 0.7,
+                                              impl=impl)
+        assert out.dtype == dt and out.is_contiguous(memory_format=layout)
+        return out.float()
+
+    exact, low, got = run("ref", torch.float32), run("ref", dtype), run("cuda", dtype)
+    bound = 1e-5 * exact.abs().max().item() if dtype == torch.float32 else 2 * (low - exact).abs().max().item() + 1e-5
+    assert (got - exact).abs().max().item() <= bound

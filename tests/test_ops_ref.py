@@ -10,7 +10,7 @@ import naive
 import torch.nn.functional as F
 
 from mmfs_fast.ops import (backends, bias_act, blur_pads, default_fir, modulated_conv2d, polyphase_up_pad,
-                           polyphase_up_weight, upfirdn2d)
+                           polyphase_up_weight, styled_epilogue, upfirdn2d)
 from mmfs_fast.ops._common import adjoint_pads
 
 
@@ -144,6 +144,45 @@ def test_bias_act_derivatives(act):
     fn = lambda x, b: bias_act(x, b, act=act, clamp=2.5, impl="ref")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, bias))
     assert torch.autograd.gradgradcheck(fn, (x, bias))
+
+
+# -- styled_epilogue ------------------------------------------------------------
+@pytest.mark.parametrize("noise_batch", [None, 1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_styled_epilogue_matches_definition(noise_batch, channels_last):
+    x = rand(2, 3, 4, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    demod, bias = rand(2, 3, seed=1).abs() + 0.1, rand(3, seed=2)
+    noise = None if noise_batch is None else rand(noise_batch, 1, 4, 5, seed=3)
+    got = styled_epilogue(x, demod, bias, noise, noise_strength=0.7)
+    expected = naive.styled_epilogue(x.numpy(), demod.numpy(), bias.numpy(), None if noise is None else noise.numpy(),
+                                     0.7, 0.2)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    assert got.dtype == x.dtype and got.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_styled_epilogue_half_precision_storage_uses_fp32_arithmetic():
+    x, demod, bias = rand(1, 2, 3, 3).half(), rand(1, 2, seed=1).float(), rand(2, seed=2).float()
+    expected = naive.styled_epilogue(x.double().numpy(), demod.double().numpy(), bias.double().numpy(), None, 0.0, 0.2)
+    got = styled_epilogue(x, demod, bias)
+    assert got.dtype == torch.float16
+    # one fp16 rounding of the exact result, not one per step
+    np.testing.assert_array_equal(got.numpy(), torch.from_numpy(expected).half().numpy())
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(demod=rand(2, 4)), "demod must have shape"),
+    (dict(bias=rand(2)), "bias must have shape"),
+    (dict(noise=rand(3, 1, 4, 5)), "noise must have shape"),
+    (dict(noise=rand(1, 2, 4, 5)), "noise must have shape"),
+    (dict(x=rand(2, 3, 4)), "4-D floating-point"),
+])
+def test_styled_epilogue_rejects_bad_shapes(bad, match):
+    args = dict(x=rand(2, 3, 4, 5), demod=rand(2, 3), bias=rand(3), noise=None)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        styled_epilogue(**args)
 
 
 # -- modulated_conv2d -----------------------------------------------------------

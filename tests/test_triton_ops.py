@@ -15,7 +15,7 @@ import torch
 
 from conftest import TRITON_INTERPRETABLE
 from mmfs_fast.models import Stylizer, set_fused_modconv
-from mmfs_fast.ops import _backend, bias_act, modulated_conv2d, upfirdn2d
+from mmfs_fast.ops import _backend, bias_act, modulated_conv2d, styled_epilogue, upfirdn2d
 from mmfs_fast.ops._common import blur_pads, default_fir
 
 HAS_CUDA = torch.cuda.is_available()
@@ -148,6 +148,46 @@ def test_registered_ops_pass_opcheck():
     for op, args in cases:
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(op, args, test_utils=checks)
+
+
+# ---------------------------------------------------------------- styled_epilogue
+
+NOISE_FORMS = {"none": None, "per sample": (3, 1, 6, 5), "broadcast": (1, 1, 6, 5)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("noise", sorted(NOISE_FORMS))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_styled_epilogue_matches_ref(dtype, noise, channels_last):
+    """Inference only: outputs, no gradients."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x, demod, bias = randn(3, 7, 6, 5), randn(3, 7, seed=1).abs() + 0.1, randn(7, seed=2)
+    noise_tensor = None if NOISE_FORMS[noise] is None else randn(*NOISE_FORMS[noise], seed=3)
+    results = {}
+    for name, impl, dt in (("ref32", "ref", torch.float32), ("ref", "ref", dtype), ("triton", "triton", dtype)):
+        x_in = x.to(dt).contiguous(memory_format=layout)
+        out = styled_epilogue(x_in, demod, bias, None if noise_tensor is None else noise_tensor.to(dt), 0.7,
+                              impl=impl)
+        assert out.dtype == dt and out.is_contiguous(memory_format=layout)
+        results[name] = [out.float()]
+    assert_matches_ref(results, dtype)
+
+
+def test_styled_epilogue_refuses_a_backward():
+    x = randn(1, 2, 3, 3).requires_grad_()
+    y = styled_epilogue(x, randn(1, 2, seed=1), randn(2, seed=2), impl="triton")
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        y.sum().backward()
+
+
+def test_styled_epilogue_op_passes_opcheck():
+    """Inference only: no input requires grad (the op has no autograd formula to check)."""
+    checks = ("test_schema", "test_autograd_registration")
+    if HAS_CUDA:
+        checks += ("test_faketensor", "test_aot_dispatch_dynamic")
+    for noise in (None, randn(2, 1, 4, 4, seed=3)):
+        args = (randn(2, 3, 4, 4), randn(2, 3, seed=1), randn(3, seed=2), noise, 0.5, 0.2)
+        torch.library.opcheck(torch.ops.mmfs_fast.triton_styled_epilogue, args, test_utils=checks)
 
 
 # ---------------------------------------------------------------- a whole model

@@ -16,8 +16,9 @@ from mmfs_fast.models.layers import (ConvLayer, EqualLinear, FusedLeakyReLU, Mod
                                      modconv_impl, shared_weight_conv)
 from mmfs_fast.models.stylizer import Stylizer
 from mmfs_fast.ops import (_backend, bias_act, default_fir, demodulation, modulated_conv2d, polyphase_up_pad,
-                           polyphase_up_weight, weight_energy)
+                           polyphase_up_weight, styled_epilogue, weight_energy)
 from mmfs_fast.ops.bias_act import ACTIVATIONS
+from mmfs_fast.ops.styled_epilogue import IMPLEMENTATIONS as EPILOGUE_IMPLS
 
 LRELU = ACTIVATIONS["lrelu"]  # StyleGAN2's leaky ReLU: slope 0.2, gain sqrt(2)
 
@@ -174,25 +175,24 @@ class _ModulatedConv(nn.Module):
 
 
 class _StyledConv(nn.Module):
-    """StyledConv (modulated conv → noise → fused leaky ReLU) with its epilogue in two passes
-    instead of four: demodulation, bias and the activation's gain in one addcmul
-    (lrelu(z)·g = lrelu(g·z) for g > 0), the noise added in place, then an in-place leaky ReLU.
-    On a GPU the passes are as many as StyledConv's (the cuda bias_act kernel fuses its three),
-    the launches fewer."""
+    """StyledConv (modulated conv → noise → fused leaky ReLU) as the convolution and one
+    epilogue pass, the styled_epilogue op: demodulation, bias, noise and leaky ReLU, with the
+    activation's gain folded into the coefficients (lrelu(z)·g = lrelu(g·z) for g > 0)."""
 
     def __init__(self, layer: StyledConv, dtype: torch.dtype, fused: bool, upsample_form: str = "auto"):
         super().__init__()
         self.conv = _ModulatedConv(layer.conv, dtype, fused, upsample_form)
         gain = LRELU.default_gain
-        self.register_buffer("bias", (layer.activate.bias * gain).detach().to(dtype)[None, :, None, None])
+        # fp32 like the demodulation coefficients: the epilogue's arithmetic is fp32
+        self.register_buffer("bias", (layer.activate.bias * gain).detach().float())
         self.noise_strength = layer.noise.weight.item() * gain  # a constant: the weights are frozen
+        self.impl = "auto"
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        out, demod = self.conv.undemodulated(x, w)
-        out = torch.addcmul(self.bias, out, (demod * LRELU.default_gain).to(out.dtype)[:, :, None, None])
-        if noise is not None:
-            out.add_(noise, alpha=self.noise_strength)
-        return F.leaky_relu_(out, LRELU.default_alpha)
+        out, demod = self.conv.undemodulated(x, w)  # StyledConv always demodulates
+        # a model on a backend without this op's kernel runs it on "auto", as modconv_impl does
+        impl = self.impl if self.impl in EPILOGUE_IMPLS else "auto"
+        return styled_epilogue(out, demod * LRELU.default_gain, self.bias, noise, self.noise_strength, impl=impl)
 
 
 def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_modconv: bool = False,

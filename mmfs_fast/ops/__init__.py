@@ -3,17 +3,20 @@ PyTorch), ``cuda`` (csrc/, built ahead of time) or ``triton`` (kernels/)."""
 from mmfs_fast.ops import _backend
 from mmfs_fast.ops import bias_act as _bias_act_module
 from mmfs_fast.ops import modulated_conv2d as _modulated_conv2d_module
+from mmfs_fast.ops import styled_epilogue as _styled_epilogue_module
 from mmfs_fast.ops import upfirdn2d as _upfirdn2d_module
 from mmfs_fast.ops.bias_act import bias_act
 from mmfs_fast.ops._common import (blur_pads, default_fir, demodulation, polyphase_up_pad, polyphase_up_weight,
                                    weight_energy)
 from mmfs_fast.ops.modulated_conv2d import modulated_conv2d
+from mmfs_fast.ops.styled_epilogue import styled_epilogue
 from mmfs_fast.ops.upfirdn2d import upfirdn2d
 
 _MODULES = {
     "upfirdn2d": _upfirdn2d_module,
     "bias_act": _bias_act_module,
     "modulated_conv2d": _modulated_conv2d_module,
+    "styled_epilogue": _styled_epilogue_module,
 }
 
 
@@ -58,11 +61,11 @@ def cuda_extension_report() -> dict:
         "built_with_torch": build["torch_version"] if build else None,
         "runs_with_torch": torch.__version__,
         "supports_torch": f">={build['torch_target']}" if build else None,
-        "cuda_kernels": {op: extension is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "cuda_kernels": {op: _cuda.defines(op) and torch._C._dispatch_has_kernel_for_dispatch_key(
             f"mmfs_fast::{op}", "CUDA") for op in _cuda.OPS},
     }
 
 
-__all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "default_fir", "blur_pads", "demodulation", "weight_energy",
-           "polyphase_up_weight", "polyphase_up_pad",
+__all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "styled_epilogue", "default_fir", "blur_pads", "demodulation",
+           "weight_energy", "polyphase_up_weight", "polyphase_up_pad",
            "backends", "backend_plan", "cuda_extension_report"]

@@ -1,6 +1,7 @@
 """The ``cuda`` backend: the kernels of csrc/, compiled ahead of time into ``mmfs_fast._C``,
 which defines the ops ``torch.ops.mmfs_fast.{upfirdn2d, bias_act, bias_act_grad,
-modulated_conv2d}`` and their CUDA kernels. This module adds what torch.compile and
+modulated_conv2d, styled_epilogue}`` and their CUDA kernels (an extension built before an op
+was added lacks it: :func:`defines` tells). This module adds what torch.compile and
 autograd need: fake (meta) kernels and backward formulas.
 
 Backward passes are expressed with the ops themselves and plain torch ops, so they are
@@ -21,7 +22,12 @@ from mmfs_fast.ops._common import adjoint_pads, blur_pads, demodulation, output_
 
 _ops = torch.ops.mmfs_fast
 # the ops csrc/bindings.cpp defines
-OPS = ("upfirdn2d", "bias_act", "bias_act_grad", "modulated_conv2d")
+OPS = ("upfirdn2d", "bias_act", "bias_act_grad", "modulated_conv2d", "styled_epilogue")
+
+
+def defines(op: str) -> bool:
+    """Whether the loaded extension defines ``op``."""
+    return _backend.cuda_extension() is not None and hasattr(_ops, op)
 
 
 def _empty_with_layout_of(x: torch.Tensor, shape) -> torch.Tensor:
@@ -98,6 +104,13 @@ def _bias_act_grad_backward(ctx, grad_grad_x):
     return _ops.bias_act_grad(grad_grad_x, x, bias, *ctx.args), None, None, None, None, None, None
 
 
+# ---------------------------------------------------------------- styled_epilogue
+
+
+def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, slope):
+    return torch.empty_like(_walkable(x))
+
+
 # ---------------------------------------------------------------- modulated_conv2d
 
 
@@ -152,6 +165,8 @@ def _register() -> None:
     register_fake("mmfs_fast::bias_act", _bias_act_fake)
     register_fake("mmfs_fast::bias_act_grad", _bias_act_grad_fake)
     register_fake("mmfs_fast::modulated_conv2d", _modulated_conv2d_fake)
+    if defines("styled_epilogue"):  # inference only: no autograd formula
+        register_fake("mmfs_fast::styled_epilogue", _styled_epilogue_fake)
     register_autograd("mmfs_fast::upfirdn2d", _upfirdn2d_backward, setup_context=_upfirdn2d_setup)
     register_autograd("mmfs_fast::bias_act", _bias_act_backward, setup_context=_bias_act_setup)
     register_autograd("mmfs_fast::bias_act_grad", _bias_act_grad_backward, setup_context=_bias_act_grad_setup)
@@ -175,6 +190,11 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, alpha: float,
     # The kernels know one activation, z > 0 ? z : slope · z.
     slope = {"linear": 1.0, "relu": 0.0}.get(act, alpha)
     return _ops.bias_act(x, bias, slope, gain, clamp, dim)
+
+
+def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None,
+                    noise_strength: float, alpha: float) -> torch.Tensor:
+    return _ops.styled_epilogue(x, demod, bias, noise, noise_strength, alpha)
 
 
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool,

@@ -89,6 +89,25 @@ def _bias_act_grad_backward(ctx, ddx):
 register_autograd("mmfs_fast::triton_bias_act", _bias_act_backward, setup_context=_bias_act_setup)
 register_autograd("mmfs_fast::triton_bias_act_grad", _bias_act_grad_backward, setup_context=_bias_act_grad_setup)
 
+# ---------------------------------------------------------------- styled_epilogue
+
+
+@triton_op("mmfs_fast::triton_styled_epilogue", mutates_args={})
+def _styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None,
+                     noise_strength: float, alpha: float) -> torch.Tensor:
+    """Inference only: no autograd formula is registered, so autograd refuses a backward through it."""
+    from mmfs_fast.kernels import styled_epilogue as kernels
+
+    return kernels.styled_epilogue(x, demod, bias, noise, noise_strength, alpha)
+
+
+@_styled_epilogue.register_fake
+def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, alpha):
+    """In place of triton_op's own fake kernel (the function run on fake tensors), which the
+    interpreter (TRITON_INTERPRET=1) would launch for real: the output layout is the kernel's."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
+
+
 # ---------------------------------------------------------------- the backend functions
 
 
@@ -101,3 +120,10 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, alpha: float,
              clamp: float | None, dim: int) -> torch.Tensor:
     return _bias_act(x.contiguous(), None if bias is None else bias.contiguous(), act, alpha, gain, clamp, dim)
 
+
+
+def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None,
+                    noise_strength: float, alpha: float) -> torch.Tensor:
+    walkable = x if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) else x.contiguous()
+    return _styled_epilogue(walkable, demod.float().contiguous(), bias.float().contiguous(),
+                            None if noise is None else noise.contiguous(), noise_strength, alpha)
