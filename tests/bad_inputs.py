@@ -224,3 +224,22 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
             j = rng.randrange(len(buf))
             buf[i:i] = buf[j:j + rng.randint(1, 64)]
     return bytes(buf)
+
+
+def fuzz(prefix: Path, seeds: dict[str, bytes], cases: int, rng: random.Random, load, error: type) -> dict[str, int]:
+    """``cases`` seeded mutations of the valid files ``seeds`` (suffix → bytes), written next to
+    ``prefix`` and passed to ``load``: each must load (``load`` checks the result) or raise
+    ``error`` naming its file; nothing else may escape. Returns how many did which."""
+    counts = {"ok": 0, "error": 0}
+    for i in range(cases):
+        suffix, data = rng.choice(list(seeds.items()))
+        path = prefix.with_name(f"{prefix.name}{i % 20}{suffix}")
+        path.write_bytes(mutate(data, rng))
+        try:
+            load(path)
+        except error as e:
+            assert str(path) in str(e), e
+            counts["error"] += 1
+        else:
+            counts["ok"] += 1
+    return counts
