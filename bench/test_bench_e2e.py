@@ -22,7 +22,7 @@ PRECISION = "fp16" if ON_GPU else "fp32"  # the Engine offers fp16 on CUDA only
 FUSED_MODCONV = {f"{FASTEST}-fused-{impl}": impl for impl in ("cuda", "ref", "triton")} if ON_GPU else {}
 # candidate defaults not yet measured: NHWC activations; torch.compile(max-autotune) instead of
 # hand-captured graphs (the Engine's compile=True)
-CHANNELS_LAST, ENGINE_COMPILED = f"{FASTEST}-channels-last", f"{FASTEST}-compiled"
+NCHW, ENGINE_COMPILED = f"{FASTEST}-nchw", f"{FASTEST}-compiled"
 HEURISTIC_CUDNN = f"{FASTEST}-heuristic-cudnn"  # cudnn_benchmark=False: what autotuning the convolutions buys
 # fine-tuning through the modulated_conv2d op (FASTEST: the unfused default) with every op on one backend
 FINETUNE_FUSED = {f"{FASTEST}-fused-{impl}": impl for impl in ("ref", "cuda", "triton")} if ON_GPU else {}
@@ -36,7 +36,7 @@ def pipeline(config: str) -> mb.Workloads:
         impl = FUSED_MODCONV.get(config, "auto")
         stylizer, clip = mb.build_models(PROFILE, DEVICE, impl=impl, clip_dtype=mb.DTYPES[PRECISION])
         return mb.fastest_pipeline(stylizer, clip, PRECISION, impl=impl, fused_modconv=config in FUSED_MODCONV,
-                                   channels_last=config == CHANNELS_LAST or None, compile=config == ENGINE_COMPILED,
+                                   channels_last=False if config == NCHW else None, compile=config == ENGINE_COMPILED,
                                    cudnn_benchmark=config != HEURISTIC_CUDNN)
     stylizer, clip = mb.build_models(PROFILE, DEVICE, impl="ref")
     return mb.ModelPipeline(stylizer, clip, compile=config == COMPILED)
@@ -54,7 +54,7 @@ def _measure_e2e(config: str, scenario: str, batch: int, measure, benchmark) -> 
 
 
 @pytest.mark.parametrize("config,scenario,batch", _cases((BASELINE, FASTEST)) + [
-    (config, "guided_stylization", batch) for config in (CHANNELS_LAST, HEURISTIC_CUDNN, *FUSED_MODCONV)
+    (config, "guided_stylization", batch) for config in (NCHW, HEURISTIC_CUDNN, *FUSED_MODCONV)
     for batch in PROFILE.batches])
 def test_e2e(config: str, scenario: str, batch: int, measure, benchmark):
     _measure_e2e(config, scenario, batch, measure, benchmark)

@@ -15,8 +15,8 @@ import cost_model as cm  # noqa: E402
 
 # today's totals of the 512² guided stylization (fp16, Engine defaults), per batch size
 GUIDED_BOUNDS = {
-    1: {"kernels": 202, "bytes_per_image": 2.851e9, "cudnn_transposes": 56},
-    32: {"kernels": 202, "bytes_per_image": 2.810e9, "cudnn_transposes": 56},
+    1: {"kernels": 202, "bytes_per_image": 1.752e9, "cudnn_transposes": 0},
+    32: {"kernels": 202, "bytes_per_image": 1.711e9, "cudnn_transposes": 0},
 }
 
 
@@ -157,7 +157,9 @@ def guided():
     """Totals of the 512² guided stylization at batch 1 and 32 on the Engine's CUDA path."""
     with cm.fake_cuda() as recorder:
         models = cm.build_models(with_dino=False, with_clip=False)
-        return {batch: cm.totals(cm.count(recorder, models, "guided_stylization", batch)) for batch in GUIDED_BOUNDS}
+        counted = {batch: cm.count(recorder, models, "guided_stylization", batch) for batch in GUIDED_BOUNDS}
+    return {batch: dict(cm.totals(kernels), converting=[(k.op, k.layer) for k in kernels if k.layout_conversions])
+            for batch, kernels in counted.items()}
 
 
 @pytest.mark.parametrize("batch", sorted(GUIDED_BOUNDS))
@@ -166,7 +168,9 @@ def test_guided_stylization_launches_no_more_kernels_and_moves_no_more_bytes(gui
     assert got["kernels"] <= bound["kernels"], f"{got['kernels']} kernels > {bound['kernels']}: a pass was added"
     assert got["bytes"] / batch <= bound["bytes_per_image"], "more bytes per image: a pass or a copy was added"
     assert got["cudnn_transposes"] <= bound["cudnn_transposes"]
-    assert got["layout_conversions"] == 0, "an explicit layout copy on the Engine's path"
+    # channels_last end to end: the one layout change is the caller's NCHW faces, in the cast to
+    # fp16 that copies them anyway
+    assert got["converting"] == [("_to_copy", "outside modules")], "an explicit layout copy on the Engine's path"
     assert got["flops"] / batch == pytest.approx(172.0e9, rel=0.01)  # the convolutions' work, SPEC's model
 
 

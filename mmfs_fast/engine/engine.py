@@ -52,9 +52,10 @@ class Engine:
         fused_modconv: run the modulated convolutions as the modulated_conv2d op (per-sample
             weights, backend ``impl``) instead of the default unfused form, conv(x·s, W)
             through cuDNN with one weight for the whole batch (see README "Performance").
-        channels_last: keep weights and activations in NHWC. Default: on the CPU, where oneDNN's
-            convolutions are faster in it; off on CUDA, where no result shows it wins (bench config
-            mmfs-fast-channels-last).
+        channels_last: keep weights and activations in NHWC (default): oneDNN's convolutions are
+            faster in it on the CPU, and on CUDA cuDNN's fp16/bf16 tensor-core kernels are NHWC, so
+            NCHW activations would be transposed around every convolution (bench/cost_model.py; bench
+            config mmfs-fast-nchw measures the other layout).
         cudnn_benchmark: let cuDNN time its algorithms for each new shape (once, while warming
             up: the engine's shapes are static) instead of choosing them by heuristics; set only
             around the engine's own runs.
@@ -94,9 +95,7 @@ class Engine:
         self.config = stylizer.config
         self.clip = clip
         self.check_finite = check_finite
-        if channels_last is None:
-            channels_last = not on_cuda
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = torch.contiguous_format if channels_last is False else torch.channels_last
         self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv, conv_adds_bias=not on_cuda,
                                       upsample_form=upsample_form).to(
             self.device, memory_format=self.memory_format)
