@@ -42,6 +42,7 @@ from mmfs_fast.engine import Engine, LRUCache
 from mmfs_fast.models import N_LATENT
 from mmfs_fast.serve import metrics
 from mmfs_fast.serve.inputs import RequestError, decode_image, read_payload, validate
+from mmfs_fast.validation import SEED_LIMIT
 
 log = logging.getLogger("mmfs_fast.serve")
 
@@ -89,10 +90,10 @@ class _Fields(BaseModel):
 
 class StylizeFields(_Fields):
     """Plain fields of POST /v1/stylize; the files are ``image`` (required) and ``reference``."""
-    seed: int | None = Field(None, ge=0, lt=2 ** 63, description="random style from this seed")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="random style from this seed")
     text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="text prompt style (needs CLIP)")
     style_id: str | None = Field(None, max_length=64, description="a style registered with POST /v1/styles")
-    mix_seed: int | None = Field(None, ge=0, lt=2 ** 63, description="style mixing: a second style from this "
+    mix_seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="style mixing: a second style from this "
                                  "seed (with crossover)")
     mix_text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="style mixing: a second style "
                                  "from this prompt (needs CLIP)")
