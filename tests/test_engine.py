@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mmfs_fast.engine import Engine, LRUCache
-from mmfs_fast.models.inference import _ModulatedConv, prepare_stylizer
+from mmfs_fast.models.inference import _StyledConv, _StyleTable, prepare_stylizer
 from mmfs_fast import benchmark as mb
-from mmfs_fast.models.layers import ModulatedConv2d
+from mmfs_fast.models.layers import ModulatedConv2d, StyledConv
 from mmfs_fast.models.stylizer import Stylizer
 
 SIZE, DIM = 64, 32
@@ -75,12 +75,11 @@ def test_seed_styles_match_plain_stylizer(stylizer, engine):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("options", [{"fused_modconv": True}, {"compile": True}, {"upsample_form": "polyphase"}],
-                         ids=["fused-modconv", "compiled", "polyphase"])
+@pytest.mark.parametrize("options", [{"compile": True}, {"upsample_form": "polyphase"}],
+                         ids=["compiled", "polyphase"])
 def test_engine_variants_match_plain_stylizer(stylizer, options):
-    """The op path (per-sample weights) as well as the default unfused conv(x·s, W); and
-    compile=True, which traces the prepared model (folded epilogues, in-place activations);
-    and the upsampling convolutions in their polyphase form."""
+    """compile=True, which traces the prepared model (style table, folded epilogues, in-place
+    activations); and the upsampling convolutions in their polyphase form."""
     x, w_plus = faces(3), torch.randn(3, 10, DIM)
     engine = Engine(stylizer, device="cpu", **options)
     assert_images_close(engine.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
@@ -104,7 +103,7 @@ def test_both_layouts_match_plain_stylizer(stylizer, channels_last):
     """NHWC is the CPU default (measured faster there); NCHW on request."""
     x, w_plus = faces(2), torch.randn(2, 10, DIM)
     engine = Engine(stylizer, device="cpu", channels_last=channels_last)
-    nhwc = engine.model.decoder1a.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    nhwc = engine.model.synthesis.blocks[0][0].conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert nhwc == (channels_last is None) and engine.encode(x).is_contiguous(memory_format=engine.memory_format)
     assert_images_close(engine.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
     feats = engine.encode(x)
@@ -349,20 +348,32 @@ def test_bf16_error_within_twice_the_plain_model_cast_to_bf16(stylizer):
     assert_error_within_twice(out, plain, ref)
 
 
+def prepared_styled_conv(layer: StyledConv, dtype: torch.dtype, upsample_form: str = "auto"):
+    """One StyledConv's inference form with a style table of its own: (x, w) → its output, as
+    the Engine's synthesis pass runs it (x scaled by the table's styles, then conv + epilogue)."""
+    conv = _StyledConv(layer, dtype, upsample_form)
+    table = _StyleTable([layer.conv], [conv.conv.energy()], [0])
+
+    def run(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        styles, demod, _ = table(w[:, None])
+        return conv(x * styles[0].to(x.dtype)[:, :, None, None], demod[0], None)
+    return conv, run
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("upsample", [False, True])
-def test_fp16_modulation_is_safe_where_the_plain_fp16_layer_overflows(upsample, fused):
+def test_fp16_modulation_is_safe_where_the_plain_fp16_layer_overflows(upsample):
     torch.manual_seed(0)
-    layer = ModulatedConv2d(16, 8, 3, DIM, upsample=upsample).eval()  # the op: per-sample weights
+    layer = StyledConv(16, 8, 3, DIM, upsample=upsample).eval()  # the op: per-sample weights
     # styles ~1e5 exceed fp16's 65504 (the demodulation itself is fp32 everywhere: see
     # test_ops_ref's test_demodulation_stays_fp32)
-    layer.modulation.bias.fill_(1e5)
+    layer.conv.modulation.bias.fill_(1e5)
+    layer.activate.bias.normal_()
     x, w = torch.randn(2, 16, 8, 8), torch.randn(2, DIM)
-    ref = layer(x, w)
-    plain = copy.deepcopy(layer).half()(x.half(), w.half()).float()
+    ref = layer(x, w, None)
+    plain = copy.deepcopy(layer).half()(x.half(), w.half(), None).float()
     assert not torch.allclose(plain, ref, atol=0.1, equal_nan=True)  # the plain cast's styles are inf
-    prepared = _ModulatedConv(layer, torch.float16, fused)(x.half(), w)
+    prepared = prepared_styled_conv(layer, torch.float16)[1](x.half(), w)
     assert prepared.dtype == torch.float16
     torch.testing.assert_close(prepared.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
 
@@ -385,27 +396,28 @@ def _decoder_upsampling_shapes(scale: int = 16) -> list[tuple[int, int, int]]:
 @torch.no_grad()
 @pytest.mark.parametrize("in_ch,out_ch,size", _decoder_upsampling_shapes(), ids=lambda v: str(v))
 def test_polyphase_upsampling_layer_equals_the_training_form(in_ch, out_ch, size):
-    """The prepared upsampling convolution in polyphase form against the training layer
+    """The prepared upsampling StyledConv in polyphase form against the training layer
     (transposed conv + blur): to fp32 rounding in fp32; in fp16 within twice the error of the
-    prepared transposed form in fp16 (both against the layer in fp64)."""
+    prepared transposed form (the blur in the epilogue) in fp16 (both against the layer in fp64)."""
     torch.manual_seed(size)
-    layer = ModulatedConv2d(in_ch, out_ch, 3, DIM, upsample=True).eval().requires_grad_(False)
-    layer.fused = False  # the training form: shared_weight_conv, then demodulation
+    layer = randomise_biases(StyledConv(in_ch, out_ch, 3, DIM, upsample=True)).eval().requires_grad_(False)
+    layer.conv.fused = False  # the training form: shared_weight_conv, then demodulation
     x, w = torch.randn(2, in_ch, size, size), torch.randn(2, DIM)
-    ref = copy.deepcopy(layer).double()(x.double(), w.double())
-    polyphase = _ModulatedConv(layer, torch.float32, False, "polyphase")
-    assert polyphase.weight_polyphase.shape == (4 * out_ch, in_ch, 3, 3)
-    torch.testing.assert_close(polyphase(x, w).double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
-    torch.testing.assert_close(layer(x, w).double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
-    half = _ModulatedConv(layer, torch.float16, False, "polyphase")(x.half(), w)
-    transposed = _ModulatedConv(layer, torch.float16, False, "transposed")(x.half(), w)
+    ref = copy.deepcopy(layer).double()(x.double(), w.double(), None)
+    polyphase, run_polyphase = prepared_styled_conv(layer, torch.float32, "polyphase")
+    assert polyphase.conv.weight_polyphase.shape == (4 * out_ch, in_ch, 3, 3)
+    for prepared in (run_polyphase, prepared_styled_conv(layer, torch.float32, "transposed")[1]):
+        torch.testing.assert_close(prepared(x, w).double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(layer(x, w, None).double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    half = prepared_styled_conv(layer, torch.float16, "polyphase")[1](x.half(), w)
+    transposed = prepared_styled_conv(layer, torch.float16, "transposed")[1](x.half(), w)
     assert half.shape == transposed.shape == (2, out_ch, 2 * size, 2 * size)
     assert_error_within_twice(half.double(), transposed.double(), ref)
 
 
 def test_upsampling_form_auto_keeps_the_training_form_off_cuda_and_rejects_unknown_forms(stylizer):
     model = prepare_stylizer(stylizer, torch.float32, "auto")
-    layer = model.decoder1a.conv
+    layer = model.synthesis.blocks[0][0].conv
     assert layer.upsample_form in ("auto", "transposed") and layer._form(torch.empty(1, 1, 8, 8)) == "transposed"
     with pytest.raises(ValueError, match="upsample_form must be"):
         prepare_stylizer(stylizer, torch.float32, "auto", upsample_form="pixelshuffle")
@@ -454,16 +466,16 @@ def _gpu_stylizer():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("fused,channels_last", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @torch.no_grad()
-def test_gpu_low_precision_error_within_twice_the_plain_cast(precision, fused, channels_last):
+def test_gpu_low_precision_error_within_twice_the_plain_cast(precision, channels_last):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     stylizer = _gpu_stylizer()
     x, w_plus = faces(8).cuda(), torch.randn(8, 10, 512, device="cuda")
     ref = stylizer(x, w_plus=w_plus, noise="zero")
     plain = make_stylizer(style_dim=512).cuda().to(dtype)(x.to(dtype), w_plus=w_plus.to(dtype), noise="zero")
-    out = Engine(stylizer, precision=precision, fused_modconv=fused, channels_last=channels_last).stylize(x, w_plus)
+    out = Engine(stylizer, precision=precision, channels_last=channels_last).stylize(x, w_plus)
     assert torch.isfinite(out).all()
     assert_error_within_twice(out, plain, ref)
 

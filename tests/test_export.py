@@ -123,21 +123,30 @@ def test_onnx_metadata_describes_the_graph(onnx_files, models):
 
 
 def test_float16_onnx_keeps_styles_and_demodulation_in_float32(models, tmp_path):
-    """The convolutions run in float16; the style affines (Gemm/MatMul) and the demodulation
-    coefficients (rsqrt: Sqrt, Reciprocal) in float32, as the Engine computes them; the
-    interface stays float32."""
+    """The convolutions run in float16, but for the FIR blurs after the transposed convolutions,
+    which the decoder's epilogue runs in float32 arithmetic; the style affines (Gemm/MatMul) and
+    the demodulation coefficients (rsqrt: Sqrt, Reciprocal) in float32, as the Engine computes
+    them, and only the ToRGB products with their per-sample weights in float16; the interface
+    stays float32."""
     stylizer, _, engine = models
     path = export(stylizer, tmp_path / "fp16.onnx", "onnx", "stylize", dtype="float16", batch_size=2)["stylize"]
     proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     types = {v.name: v.type.tensor_type.elem_type for v in
              [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]}
     float16, float32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
-    kinds = {}
+    nodes = {}
     for node in proto.graph.node:
-        kinds.setdefault(node.op_type, set()).add(types[node.output[0]])
-    assert kinds["Conv"] == {float16} and kinds["ConvTranspose"] == {float16}
+        nodes.setdefault((node.op_type, types[node.output[0]]), []).append(node)
+    kinds = {op: {t for (o, t) in nodes if o == op} for op, _ in nodes}
+    attributes = lambda node: {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}  # noqa: E731
+    upsamplings = len(nodes[("ConvTranspose", float16)])
+    assert kinds["ConvTranspose"] == {float16} and upsamplings == 4
+    fp32_convs = nodes[("Conv", float32)]
+    assert len(fp32_convs) == upsamplings and all(attributes(n)["kernel_shape"] == [4, 4] and attributes(n)["group"] > 1
+                                                 for n in fp32_convs)
     assert kinds["Sqrt"] == kinds["Reciprocal"] == {float32}
-    assert {t for op in ("MatMul", "Gemm") for t in kinds.get(op, ())} == {float32}
+    assert len(nodes[("MatMul", float16)]) == 1 + upsamplings  # one ToRGB per resolution
+    assert {t for op in ("MatMul", "Gemm") for t in kinds.get(op, ())} == {float32, float16}
     assert {types[i.name] for i in [*proto.graph.input, *proto.graph.output]} == {float32}
     inputs, expected = case("stylize", 2, models)
     try:

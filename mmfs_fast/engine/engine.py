@@ -29,7 +29,7 @@ from mmfs_fast.engine.batcher import Batcher
 from mmfs_fast.engine.cache import LRUCache, cached_styles
 from mmfs_fast.engine.executor import DEFAULT_BUCKETS, Executor, cudnn_benchmark, parse_buckets
 from mmfs_fast.engine.memory import retain_freed_cpu_memory
-from mmfs_fast.models.inference import prepare_stylizer
+from mmfs_fast.models.inference import InferenceStylizer, prepare_stylizer
 from mmfs_fast.models.noise import NoiseSpec, make_noises
 from mmfs_fast.models.stylizer import N_LATENT, Stylizer, z_from_seeds
 from mmfs_fast.validation import check_finite, check_seed, check_tensor
@@ -49,9 +49,6 @@ class Engine:
             static shapes pay (CUDA graphs, compile) and no padding otherwise; None: no padding.
         style_cache_size: entries of each of the text and reference-image w+ caches.
         impl: op backend ("auto", "ref", "cuda", "triton").
-        fused_modconv: run the modulated convolutions as the modulated_conv2d op (per-sample
-            weights, backend ``impl``) instead of the default unfused form, conv(x·s, W)
-            through cuDNN with one weight for the whole batch (see README "Performance").
         channels_last: keep weights and activations in NHWC (default): oneDNN's convolutions are
             faster in it on the CPU, and on CUDA cuDNN's fp16/bf16 tensor-core kernels are NHWC, so
             NCHW activations would be transposed around every convolution (bench/cost_model.py; bench
@@ -74,12 +71,13 @@ class Engine:
 
     def __init__(self, stylizer: Stylizer, clip=None, precision: str | None = None, device=None,
                  cuda_graphs: bool = True, buckets: Sequence[int] | str | None = "auto",
-                 style_cache_size: int = 256, impl: str = "auto", fused_modconv: bool = False,
+                 style_cache_size: int = 256, impl: str = "auto",
                  channels_last: bool | None = None, cudnn_benchmark: bool = True, compile: bool = False,
                  max_batch: int | None = None, max_wait_ms: float = 2.0, graph_memory_limit: int | None = None,
                  retain_cpu_memory: bool = True, check_finite: bool = False, upsample_form: str = "auto"):
-        if not isinstance(stylizer, Stylizer):
-            raise TypeError(f"stylizer must be a mmfs_fast Stylizer, got {type(stylizer).__name__}")
+        if not isinstance(stylizer, Stylizer) or isinstance(stylizer, InferenceStylizer):
+            got = "an Engine's prepared model" if isinstance(stylizer, Stylizer) else type(stylizer).__name__
+            raise TypeError(f"stylizer must be a mmfs_fast Stylizer (the trained model), got {got}")
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         on_cuda = self.device.type == "cuda"
         if precision is None:
@@ -96,7 +94,7 @@ class Engine:
         self.clip = clip
         self.check_finite = check_finite
         self.memory_format = torch.contiguous_format if channels_last is False else torch.channels_last
-        self.model = prepare_stylizer(stylizer, self.dtype, impl, fused_modconv, conv_adds_bias=not on_cuda,
+        self.model = prepare_stylizer(stylizer, self.dtype, impl, conv_adds_bias=not on_cuda,
                                       upsample_form=upsample_form).to(
             self.device, memory_format=self.memory_format)
         self.cudnn_benchmark = cudnn_benchmark

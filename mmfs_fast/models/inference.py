@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmfs_fast.models.layers import (ConvLayer, EqualLinear, FusedLeakyReLU, ModulatedConv2d, ResBlock, StyledConv,
-                                     modconv_impl, shared_weight_conv)
-from mmfs_fast.models.stylizer import Stylizer
-from mmfs_fast.ops import (_backend, bias_act, default_fir, demodulation, modulated_conv2d, polyphase_up_pad,
-                           polyphase_up_weight, styled_epilogue, weight_energy)
+from mmfs_fast.models.layers import (ConvLayer, EqualLinear, FusedLeakyReLU, ModulatedConv2d, ResBlock, StyledConv, ToRGB,
+                                     style_slots)
+from mmfs_fast.models.stylizer import N_CONVS, Stylizer
+from mmfs_fast.ops import (_backend, bias_act, demodulation, polyphase_up_pad, polyphase_up_weight, styled_epilogue,
+                           weight_energy)
 from mmfs_fast.ops.bias_act import ACTIVATIONS
 from mmfs_fast.ops.styled_epilogue import IMPLEMENTATIONS as EPILOGUE_IMPLS
 
@@ -95,42 +95,34 @@ class _ResBlock(nn.Module):
 
 
 class _ModulatedConv(nn.Module):
-    """ModulatedConv2d safe in fp16: the style affine and the demodulation coefficients
-    are computed in fp32 and only the convolution runs in the activation dtype.
+    """ModulatedConv2d's convolution for inference, on an input its producer has already scaled
+    by the layer's styles (x·s: the previous epilogue writes it, see :class:`_Synthesis`); the
+    styles and demodulation coefficients come from the :class:`_StyleTable`.
 
-    Demodulated layers are pre-normalised as in NVlabs' stylegan3: each output
-    channel's weights to max |W| = 1/sqrt(fan_in), each sample's styles to max |s| = 1.
-    Demodulation cancels both scales exactly, and every fp16 product W·s stays ≤ 1.
+    Demodulated layers are pre-normalised as in NVlabs' stylegan3: each output channel's weights
+    to max |W| = 1/sqrt(fan_in) here, each sample's styles to max |s| = 1 in the table.
+    Demodulation cancels both scales exactly, and every fp16 product stays ≤ 1.
 
-    fused: the modulated_conv2d op (per-sample weights); otherwise StyleGAN2's unfused
-    form, :func:`~mmfs_fast.models.layers.shared_weight_conv`. The coefficients come from
-    :func:`~mmfs_fast.ops.demodulation`, as in the training layer.
-
-    upsample_form (unfused up=2 only): "transposed" (transposed conv, then the blur),
-    "polyphase" (the blur folded into four phase convolutions, :func:`~mmfs_fast.ops.polyphase_up_weight`)
-    or "auto" (winners.json's choice per shape on CUDA, see :meth:`_form`).
+    upsample_form (up=2 only): "transposed" (the transposed convolution; its blur is left to the
+    epilogue, :attr:`blur`), "polyphase" (the blur folded into four phase convolutions,
+    :func:`~mmfs_fast.ops.polyphase_up_weight`) or "auto" (winners.json's choice per shape on
+    CUDA, see :meth:`_form`).
     """
 
-    def __init__(self, layer: ModulatedConv2d, dtype: torch.dtype, fused: bool, upsample_form: str = "auto"):
+    def __init__(self, layer: ModulatedConv2d, dtype: torch.dtype, upsample_form: str = "auto"):
         super().__init__()
         weight = (layer.weight[0] * layer.scale).detach().float()
         self.demodulate = layer.demodulate
         if self.demodulate:
             weight = weight * (layer.scale / weight.abs().amax(dim=(1, 2, 3), keepdim=True))
         self.register_buffer("weight", weight.to(dtype))
-        # demodulation normalises exactly the weights the convolution applies
-        self.register_buffer("weight_sq", weight_energy(self.weight))
-        self.affine = _Linear(layer.modulation)
         self.up = 2 if layer.upsample else 1
-        self.fused = fused
-        if fused:
-            # the op takes the unit-sum FIR; a device buffer keeps the call free of host→device copies
-            fir = layer.blur.kernel / 4 if layer.upsample else default_fir(weight.device)
-            self.register_buffer("fir", fir.detach().to(dtype))
-        elif layer.upsample:
-            # the layer's own blur after the transposed convolution (FIR ×4 and its pads)
-            self.register_buffer("blur_kernel", layer.blur.kernel.detach().to(dtype))
-            self.blur_pad = layer.blur.pad
+        if layer.upsample:
+            # the layer's own blur after the transposed convolution (FIR ×4 and its symmetric pad)
+            self.register_buffer("blur", layer.blur.kernel.detach().to(dtype))
+            pad0, pad1 = layer.blur.pad
+            assert pad0 == pad1, "the decoder's blur pads are symmetric (blur_pads with a 3×3 kernel)"
+            self.blur_pad = pad0
             out_ch, in_ch, k, _ = weight.shape
             if upsample_form == "auto" and not _backend.polyphase_wins_somewhere(in_ch, out_ch):
                 upsample_form = "transposed"
@@ -138,7 +130,10 @@ class _ModulatedConv(nn.Module):
                 self.register_buffer("weight_polyphase", polyphase_up_weight(weight, layer.blur.kernel).to(dtype))
                 self.polyphase_pad = polyphase_up_pad(k, layer.blur.kernel.shape[0])
         self.upsample_form = upsample_form
-        self.impl = layer.impl
+
+    def energy(self) -> torch.Tensor:
+        """(O, I) Σ_taps W² of exactly the weights the convolution applies: what demodulation normalises."""
+        return weight_energy(self.weight)
 
     def _form(self, x: torch.Tensor) -> str:
         """The upsampling convolution's form for x: winners.json's per-shape choice on CUDA
@@ -149,67 +144,188 @@ class _ModulatedConv(nn.Module):
             return "transposed"
         return _backend.upsample_form(x.shape[1], self.weight.shape[0], x.shape[2])
 
-    def undemodulated(self, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The convolution's output before demodulation and the (B, O) fp32 demodulation
-        coefficients (None for a layer without demodulation)."""
-        styles = self.affine(w.float())
-        demod = None
-        if self.demodulate:
-            styles = styles / styles.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
-            demod = demodulation(styles, self.weight_sq)
-        if self.fused:
-            out = modulated_conv2d(x, self.weight, styles.to(x.dtype), demodulate=False, up=self.up, fir=self.fir,
-                                   impl=modconv_impl(self.impl))
-        elif self.up == 2 and self._form(x) == "polyphase":
-            # x·s, then the four output phases as the channels of one convolution, interleaved
-            x = x * styles.to(x.dtype)[:, :, None, None]
-            out = F.pixel_shuffle(F.conv2d(x, self.weight_polyphase, padding=self.polyphase_pad), 2)
-        else:
-            up_blur = (self.blur_kernel, self.blur_pad) if self.up == 2 else None
-            out = shared_weight_conv(x, styles, self.weight, up_blur, self.impl)
-        return out, demod
-
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        out, demod = self.undemodulated(x, w)
-        return out if demod is None else out * demod.to(out.dtype)[:, :, None, None]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The convolution of x (already scaled by the styles), before demodulation, and the FIR
+        blur still to apply to it (None when there is none)."""
+        if self.up == 1:
+            return F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2), None
+        if self._form(x) == "polyphase":
+            # the four output phases as the channels of one convolution, interleaved
+            return F.pixel_shuffle(F.conv2d(x, self.weight_polyphase, padding=self.polyphase_pad), 2), None
+        return F.conv_transpose2d(x, self.weight.transpose(0, 1), stride=2), self.blur
 
 
 class _StyledConv(nn.Module):
     """StyledConv (modulated conv → noise → fused leaky ReLU) as the convolution and one
-    epilogue pass, the styled_epilogue op: demodulation, bias, noise and leaky ReLU, with the
-    activation's gain folded into the coefficients (lrelu(z)·g = lrelu(g·z) for g > 0)."""
+    epilogue pass, the styled_epilogue op: the blur of a transposed convolution, demodulation,
+    bias, noise, leaky ReLU and, when given, the next convolution's styles, with the activation's
+    gain folded into the coefficients (lrelu(z)·g = lrelu(g·z) for g > 0; the table folds it into
+    demod)."""
 
-    def __init__(self, layer: StyledConv, dtype: torch.dtype, fused: bool, upsample_form: str = "auto"):
+    def __init__(self, layer: StyledConv, dtype: torch.dtype, upsample_form: str = "auto"):
         super().__init__()
-        self.conv = _ModulatedConv(layer.conv, dtype, fused, upsample_form)
+        self.conv = _ModulatedConv(layer.conv, dtype, upsample_form)
         gain = LRELU.default_gain
         # fp32 like the demodulation coefficients: the epilogue's arithmetic is fp32
         self.register_buffer("bias", (layer.activate.bias * gain).detach().float())
         self.noise_strength = layer.noise.weight.item() * gain  # a constant: the weights are frozen
         self.impl = "auto"
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        out, demod = self.conv.undemodulated(x, w)  # StyledConv always demodulates
-        # a model on a backend without this op's kernel runs it on "auto", as modconv_impl does
+    def forward(self, x: torch.Tensor, demod: torch.Tensor, noise: torch.Tensor | None,
+                next_styles: torch.Tensor | None = None) -> torch.Tensor:
+        """x already scaled by this layer's styles; demod (B, O) with the activation's gain;
+        next_styles (B, O): scale the result for the next convolution, its only reader."""
+        out, blur = self.conv(x)
+        # a model on a backend without this op's kernel runs it on "auto"
         impl = self.impl if self.impl in EPILOGUE_IMPLS else "auto"
-        return styled_epilogue(out, demod * LRELU.default_gain, self.bias, noise, self.noise_strength, impl=impl)
+        return styled_epilogue(out, demod, self.bias, noise, self.noise_strength, next_styles, blur,
+                               self.conv.blur_pad if blur is not None else 0, impl=impl)
 
 
-def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_modconv: bool = False,
-                     conv_adds_bias: bool = True, upsample_form: str = "auto") -> Stylizer:
+class _ToRGB(nn.Module):
+    """ToRGB (1×1 modulated conv to 3 channels, no demodulation, bias, upsampled skip) as one
+    batched matrix product with per-sample weights W·s (from the style table), so its input is
+    read once and never scaled, then the upsampled skip added."""
+
+    def __init__(self, layer: ToRGB, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("bias", layer.bias.detach().reshape(3).to(dtype))
+        if hasattr(layer, "upsample"):
+            self.upsample = copy.deepcopy(layer.upsample).to(dtype=dtype)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        """x (B, C, H, W); weight (B, 3, C) = W·s per sample; skip: the previous RGB or None."""
+        batch, channels, h, w = x.shape
+        bias = self.bias.reshape(1, 1, 3)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # (B, HW, C) @ (B, C, 3): the (B, H, W, 3) result is the channels-last image
+            rgb = torch.baddbmm(bias, x.permute(0, 2, 3, 1).reshape(batch, h * w, channels), weight.transpose(1, 2))
+            rgb = rgb.reshape(batch, h, w, 3).permute(0, 3, 1, 2)
+        else:
+            rgb = torch.baddbmm(bias.transpose(1, 2), weight, x.reshape(batch, channels, h * w)).reshape(batch, 3, h, w)
+        return rgb if skip is None else rgb.add_(self.upsample(skip))
+
+
+class _StyleTable(nn.Module):
+    """Every modulated layer's styles, demodulation coefficients and ToRGB per-sample weights from
+    w+ at once: they depend on w+ only, so a few batched kernels replace a chain of small ones per
+    layer. The layers' affines and weight energies are stacked, zero-padded to the widest layer
+    (padded styles are 0 and change no maximum or sum).
+
+    For the demodulated layers the styles are normalised to max |s| = 1 per sample (see
+    :class:`_ModulatedConv`) and demod carries the activation's gain (only StyledConvs
+    demodulate); ToRGB's styles are not normalised.
+
+    layers: the training layers in synthesis order; energies: the :meth:`_ModulatedConv.energy`
+    of each demodulated one (None for ToRGB's); slots: the w+ slot of each."""
+
+    def __init__(self, layers: list[ModulatedConv2d], energies: list[torch.Tensor | None], slots: list[int]):
+        super().__init__()
+        self.in_channels = [layer.weight.shape[2] for layer in layers]
+        self.out_channels = [layer.weight.shape[1] for layer in layers]
+        count, widest_in, widest_out = len(layers), max(self.in_channels), max(self.out_channels)
+        dim = layers[0].modulation.weight.shape[1]
+        affine_weight, affine_bias = torch.zeros(count, widest_in, dim), torch.zeros(count, 1, widest_in)
+        padded_energy = torch.zeros(count, widest_out, widest_in)
+        self.rgb_rows = [n for n, layer in enumerate(layers) if not layer.demodulate]
+        rgb_weight = torch.zeros(len(self.rgb_rows), 3, widest_in)
+        for n, (layer, energy) in enumerate(zip(layers, energies)):
+            i, o = self.in_channels[n], self.out_channels[n]
+            affine = _Linear(layer.modulation)
+            affine_weight[n, :i], affine_bias[n, 0, :i] = affine.weight.cpu(), affine.bias.cpu()
+            if layer.demodulate:
+                padded_energy[n, :o, :i] = energy.cpu()
+            else:
+                rgb_weight[self.rgb_rows.index(n), :, :i] = (layer.weight[0, :, :, 0, 0] * layer.scale).detach().cpu()
+        demodulated = torch.tensor([layer.demodulate for layer in layers])[:, None, None]
+        device = layers[0].weight.device
+        for name, value in (("slots", torch.tensor(slots, dtype=torch.long)), ("affine_weight", affine_weight),
+                            ("affine_bias", affine_bias), ("energy", padded_energy), ("demodulated", demodulated),
+                            ("gain", torch.where(demodulated, LRELU.default_gain, 1.0).float()),
+                            ("rgb_index", torch.tensor(self.rgb_rows, dtype=torch.long)), ("rgb_weight", rgb_weight)):
+            self.register_buffer(name, value.to(device))
+
+    def forward(self, w_plus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, n_latent, D) w+ → styles (L, B, I), demod (L, B, O) and the ToRGB weights
+        (R, B, 3, I), in fp32; layer n's own are the first in_channels[n] / out_channels[n]."""
+        w = w_plus.float().transpose(0, 1)[self.slots]
+        styles = torch.baddbmm(self.affine_bias, w, self.affine_weight.transpose(1, 2))
+        peak = torch.linalg.vector_norm(styles, float("inf"), dim=2, keepdim=True).clamp_min_(1e-30)
+        styles = styles / torch.where(self.demodulated, peak, 1.0)
+        demod = demodulation(styles, self.energy).mul_(self.gain)
+        rgb = styles[self.rgb_index][:, :, None, :] * self.rgb_weight[:, None]
+        return styles, demod, rgb
+
+
+class _Synthesis(nn.Module):
+    """The decoder's synthesis pass (:func:`~mmfs_fast.models.layers.synthesize`) in inference
+    form: all styles first (:class:`_StyleTable`), then per styled layer its convolution and one
+    epilogue pass. An epilogue whose output has one reader, the next convolution, writes it
+    already scaled by that convolution's styles; one read by a ToRGB too is scaled by a pass of
+    its own before the next convolution (ToRGB reads it unscaled).
+
+    layers: the training layers in synthesis order (first conv, first ToRGB, then upsampling
+    conv, conv and ToRGB per block)."""
+
+    def __init__(self, layers: list[StyledConv | ToRGB], dtype: torch.dtype, upsample_form: str):
+        super().__init__()
+        prepared = [_StyledConv(m, dtype, upsample_form) if isinstance(m, StyledConv) else _ToRGB(m, dtype)
+                    for m in layers]
+        self.first_conv, self.first_rgb = prepared[:2]
+        self.blocks = nn.ModuleList(nn.ModuleList(prepared[i:i + 3]) for i in range(2, len(prepared), 3))
+        self.table = _StyleTable([m.conv for m in layers],
+                                 [p.conv.energy() if isinstance(p, _StyledConv) else None for p in prepared],
+                                 style_slots(len(self.blocks)))
+
+    def forward(self, feat: torch.Tensor, w_plus: torch.Tensor, noises: list[torch.Tensor | None]) -> torch.Tensor:
+        styles, demod, rgb_weights = self.table(w_plus)
+        ins, outs = self.table.in_channels, self.table.out_channels
+        scales = styles.to(feat.dtype)[..., None, None]  # for the passes that scale a two-reader output
+        rgb_weights = rgb_weights.to(feat.dtype)
+        conv_noises = iter(noises)
+        y = self.first_conv(feat * scales[0, :, :ins[0]], demod[0, :, :outs[0]], next(conv_noises))
+        rgb = self.first_rgb(y, rgb_weights[0, :, :, :ins[1]], None)
+        for n, (conv_up, conv, to_rgb) in enumerate(self.blocks):
+            up, same, colour = 3 * n + 2, 3 * n + 3, 3 * n + 4  # their rows in the table
+            x = conv_up(y * scales[up, :, :ins[up]], demod[up, :, :outs[up]], next(conv_noises),
+                        next_styles=styles[same, :, :ins[same]])
+            y = conv(x, demod[same, :, :outs[same]], next(conv_noises))
+            rgb = to_rgb(y, rgb_weights[n + 1, :, :, :ins[colour]], rgb)
+        return rgb
+
+
+class InferenceStylizer(Stylizer):
+    """A Stylizer in inference form (made by :func:`prepare_stylizer`): the encoder, mapping and
+    clip_mapper prepared in place, and the decoder as :attr:`synthesis`."""
+
+    synthesis: _Synthesis
+
+    def _param(self) -> torch.Tensor:
+        return self.synthesis.first_conv.conv.weight
+
+    def synthesize(self, feat: torch.Tensor, w_plus: torch.Tensor,
+                   noises: list[torch.Tensor | None] | None) -> torch.Tensor:
+        return self.synthesis(feat, w_plus, noises or [None] * N_CONVS)
+
+
+def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, conv_adds_bias: bool = True,
+                     upsample_form: str = "auto") -> InferenceStylizer:
     """A frozen copy of ``stylizer`` for inference in ``dtype``: encoder and decoder
-    activations in ``dtype``; mapping network, style affines and clip_mapper in fp32.
-    fused_modconv: see :class:`_ModulatedConv`; conv_adds_bias: see :func:`_conv_layer`
-    (the Engine's choice: True on the CPU, False on CUDA); upsample_form: see :class:`_ModulatedConv`."""
+    activations in ``dtype``; mapping network, styles and clip_mapper in fp32.
+    conv_adds_bias: see :func:`_conv_layer` (the Engine's choice: True on the CPU, False on
+    CUDA); upsample_form: see :class:`_ModulatedConv`."""
     if upsample_form not in ("auto", *_backend.UPSAMPLE_FORMS):
         raise ValueError(f"upsample_form must be 'auto' or one of {_backend.UPSAMPLE_FORMS}; got {upsample_form!r}")
     model = copy.deepcopy(stylizer).eval().requires_grad_(False)
+    decoder = stylizer.decoder_layer_names()
+    for name in decoder:
+        delattr(model, name)  # rebuilt below as one synthesis module
     for name, child in model.named_children():
         child.to(dtype=dtype if name not in ("mapping_z", "clip_mapper") else torch.float32)
     # rebuilt from the caller's modules, so they read the weights before any cast
-    replaced: list[str] = []
+    replaced: list[str] = list(decoder)
     for name, source in stylizer.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in replaced):
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in replaced):
             continue  # inside a module rebuilt as a whole
         if isinstance(source, EqualLinear):
             prepared = _Linear(source)
@@ -217,14 +333,12 @@ def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, fused_mo
             prepared = _conv_layer(source, dtype, conv_adds_bias)
         elif isinstance(source, ResBlock):
             prepared = _ResBlock(source, dtype, conv_adds_bias)
-        elif isinstance(source, StyledConv):
-            prepared = _StyledConv(source, dtype, fused_modconv, upsample_form)
-        elif isinstance(source, ModulatedConv2d):  # ToRGB's
-            prepared = _ModulatedConv(source, dtype, fused_modconv)
         else:
             continue
         replaced.append(name)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, prepared)
+    model.__class__ = InferenceStylizer  # the same modules and state, with a synthesis pass of its own
+    model.synthesis = _Synthesis([getattr(stylizer, name) for name in decoder], dtype, upsample_form)
     model.set_impl(impl)
     return model

@@ -239,18 +239,26 @@ class ToRGB(nn.Module):
         return out if skip is None else out + self.upsample(skip)
 
 
+def style_slots(n_blocks: int) -> list[int]:
+    """The w+ slot each modulated layer of the synthesis pass reads, in layer order: the first
+    conv, the first ToRGB, then (upsampling conv, conv, ToRGB) per block. The official indexing:
+    each ToRGB shares its slot with the next block's upsampling conv."""
+    return [0, 1] + [slot for n in range(n_blocks) for slot in (2 * n + 1, 2 * n + 2, 2 * n + 3)]
+
+
 def synthesize(first_conv: StyledConv, first_rgb: ToRGB, blocks, feat: torch.Tensor, styles: torch.Tensor,
                noises: list[torch.Tensor | None]) -> torch.Tensor:
     """The StyleGAN2 synthesis pass shared by the Stylizer decoder and the Generator.
 
-    blocks: (upsampling conv, conv, ToRGB) per resolution. styles: (B, n_latent, D);
-    style i feeds the first conv, then each ToRGB shares its style with the next
-    block's upsampling conv (the official indexing). noises: one per conv, in order.
+    blocks: (upsampling conv, conv, ToRGB) per resolution. styles: (B, n_latent, D), read as
+    :func:`style_slots` says. noises: one per conv, in order.
     """
-    feat = first_conv(feat, styles[:, 0], noises[0])
-    rgb = first_rgb(feat, styles[:, 1])
-    for n, (conv_up, conv, to_rgb) in enumerate(blocks):
-        feat = conv_up(feat, styles[:, 2 * n + 1], noises[2 * n + 1])
-        feat = conv(feat, styles[:, 2 * n + 2], noises[2 * n + 2])
-        rgb = to_rgb(feat, styles[:, 2 * n + 3], rgb)
+    slots = iter(style_slots(len(blocks)))
+    conv_noises = iter(noises)
+    feat = first_conv(feat, styles[:, next(slots)], next(conv_noises))
+    rgb = first_rgb(feat, styles[:, next(slots)])
+    for conv_up, conv, to_rgb in blocks:
+        feat = conv_up(feat, styles[:, next(slots)], next(conv_noises))
+        feat = conv(feat, styles[:, next(slots)], next(conv_noises))
+        rgb = to_rgb(feat, styles[:, next(slots)], rgb)
     return rgb

@@ -148,9 +148,16 @@ class Stylizer(nn.Module):
                    noises: list[torch.Tensor | None] | None) -> torch.Tensor:
         """The decoder on checked inputs, unclamped: one noise map (or None) per conv, or None
         for no noise at all."""
-        blocks = [(getattr(self, f"decoder{i}a"), getattr(self, f"decoder{i}b"), getattr(self, f"to_rgb{i}"))
-                  for i in range(1, N_UPSAMPLINGS + 1)]
-        return synthesize(self.decoder0, self.to_rgb0, blocks, feat, w_plus, noises or [None] * N_CONVS)
+        first_conv, first_rgb, *rest = (getattr(self, name) for name in self.decoder_layer_names())
+        blocks = [rest[i:i + 3] for i in range(0, len(rest), 3)]
+        return synthesize(first_conv, first_rgb, blocks, feat, w_plus, noises or [None] * N_CONVS)
+
+    @staticmethod
+    def decoder_layer_names() -> list[str]:
+        """The decoder's layers in synthesis order: decoder0 and to_rgb0, then per upsampling
+        decoder{i}a (upsampling), decoder{i}b and to_rgb{i}."""
+        return ["decoder0", "to_rgb0"] + [name for i in range(1, N_UPSAMPLINGS + 1)
+                                          for name in (f"decoder{i}a", f"decoder{i}b", f"to_rgb{i}")]
 
     def style_from_z(self, z: torch.Tensor, mixing: bool = False,
                      generator: torch.Generator | None = None) -> torch.Tensor:

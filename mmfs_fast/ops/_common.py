@@ -81,7 +81,8 @@ def weight_energy(weight: torch.Tensor) -> torch.Tensor:
 def demodulation(styles: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     """StyleGAN2's demodulation coefficients of modulating W by styles (B, I):
     rsqrt(Σ_{i,taps} (W·s)² + eps) = rsqrt(s² @ Σ_taps W² + eps), (B, O), with ``energy``
-    the (O, I) :func:`weight_energy` of W.
+    the (O, I) :func:`weight_energy` of W. Batched over leading dimensions: styles (..., B, I)
+    and energy (..., O, I) give (..., B, O).
 
     In at least fp32 whatever the inputs' dtype, and outside autocast, which would run the
     product in bf16/fp16: the sums of squares of 512 or more terms need fp32's range and
@@ -89,7 +90,7 @@ def demodulation(styles: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     acc = torch.promote_types(_accumulation_dtype(styles), energy.dtype)
     device = styles.device.type
     with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
-        return torch.rsqrt(styles.to(acc).square() @ energy.to(acc).T + DEMOD_EPS)
+        return torch.rsqrt(styles.to(acc).square() @ energy.to(acc).mT + DEMOD_EPS)
 
 
 def polyphase_up_pad(k: int, fir_size: int) -> int:
