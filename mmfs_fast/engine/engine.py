@@ -50,7 +50,7 @@ class Engine:
         style_cache_size: entries of each of the text and reference-image w+ caches.
         impl: op backend ("auto", "ref", "cuda", "triton").
         fused_modconv: run the modulated convolutions as the modulated_conv2d op (per-sample
-            weights, backend ``impl``) instead of the default unfused form, conv(x·s, W)
+            weights, one grouped convolution) instead of the default unfused form, conv(x·s, W)
             through cuDNN with one weight for the whole batch (see README "Performance").
         channels_last: keep weights and activations in NHWC (default): oneDNN's convolutions are
             faster in it on the CPU, and on CUDA cuDNN's fp16/bf16 tensor-core kernels are NHWC, so

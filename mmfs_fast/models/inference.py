@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfs_fast.models.layers import (ConvLayer, EqualLinear, FusedLeakyReLU, ModulatedConv2d, ResBlock, StyledConv,
-                                     modconv_impl, shared_weight_conv)
+                                     shared_weight_conv)
 from mmfs_fast.models.stylizer import Stylizer
 from mmfs_fast.ops import (_backend, bias_act, default_fir, demodulation, modulated_conv2d, polyphase_up_pad,
                            polyphase_up_weight, styled_epilogue, weight_energy)
@@ -158,8 +158,7 @@ class _ModulatedConv(nn.Module):
             styles = styles / styles.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
             demod = demodulation(styles, self.weight_sq)
         if self.fused:
-            out = modulated_conv2d(x, self.weight, styles.to(x.dtype), demodulate=False, up=self.up, fir=self.fir,
-                                   impl=modconv_impl(self.impl))
+            out = modulated_conv2d(x, self.weight, styles.to(x.dtype), demodulate=False, up=self.up, fir=self.fir)
         elif self.up == 2 and self._form(x) == "polyphase":
             # x·s, then the four output phases as the channels of one convolution, interleaved
             x = x * styles.to(x.dtype)[:, :, None, None]
@@ -190,7 +189,7 @@ class _StyledConv(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         out, demod = self.conv.undemodulated(x, w)  # StyledConv always demodulates
-        # a model on a backend without this op's kernel runs it on "auto", as modconv_impl does
+        # a model on a backend without this op's kernel runs it on "auto"
         impl = self.impl if self.impl in EPILOGUE_IMPLS else "auto"
         return styled_epilogue(out, demod * LRELU.default_gain, self.bias, noise, self.noise_strength, impl=impl)
 
