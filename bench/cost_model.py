@@ -130,10 +130,6 @@ def _custom_op_cost(name: str, args, out_tensors) -> dict:
     if name.endswith("upfirdn2d"):
         fir, up = args[1], args[2]
         return dict(bytes=traffic, flops=2.0 * out.numel() * fir.numel() / up ** 2)
-    if name.endswith("modulated_conv2d"):
-        x, weight, transposed = args[0], args[1], args[4]
-        return dict(bytes=traffic, flops=_conv_flops(x, weight[0] if weight.ndim == 5 else weight, out, transposed),
-                    tensor_cores=True)
     if name.endswith("styled_epilogue"):  # one pass: x read, y written, plus demod, bias and a noise plane
         noise = args[3]  # per element: a multiply-add, the select, and the noise's multiply-add
         return dict(bytes=traffic, flops=(3.0 + 2.0 * (noise is not None)) * out.numel())
@@ -731,8 +727,7 @@ def calibrate(counted: dict[tuple[str, int], list[Kernel]], measured: dict[tuple
 def backend_orders() -> dict[str, list[str]]:
     """The dispatcher's order per op, from the same winners file: the counted path is the one
     "auto" takes on a GPU (the first backend installed here, so build the extension first)."""
-    return {op: list(_backend.fastest_first(op)) for op in ("upfirdn2d", "bias_act", "modulated_conv2d",
-                                                            "styled_epilogue")}
+    return {op: list(_backend.fastest_first(op)) for op in ("upfirdn2d", "bias_act", "styled_epilogue")}
 
 
 def run(workloads, batches, upsample: str = "winners") -> dict:

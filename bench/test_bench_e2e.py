@@ -17,15 +17,13 @@ from mmfs_fast import benchmark as mb
 
 BASELINE, COMPILED, FASTEST = "eager-fp32-ref", "compile-fp32-ref", "mmfs-fast"
 PRECISION = "fp16" if ON_GPU else "fp32"  # the Engine offers fp16 on CUDA only
-# the Engine with the modulated_conv2d op (per-sample weights) on each GPU backend instead of
-# its unfused cuDNN convolution: the measurement behind Engine's fused_modconv=False default
-FUSED_MODCONV = {f"{FASTEST}-fused-{impl}": impl for impl in ("cuda", "ref", "triton")} if ON_GPU else {}
+# fine-tuning through the modulated_conv2d op (per-sample weights) instead of the unfused
+# shared-weight convolution: the measurement behind fast fine-tuning's fused_modconv=False
+FUSED = (f"{FASTEST}-fused",) if ON_GPU else ()
 # candidate defaults not yet measured: NHWC activations; torch.compile(max-autotune) instead of
 # hand-captured graphs (the Engine's compile=True)
 NCHW, ENGINE_COMPILED = f"{FASTEST}-nchw", f"{FASTEST}-compiled"
 HEURISTIC_CUDNN = f"{FASTEST}-heuristic-cudnn"  # cudnn_benchmark=False: what autotuning the convolutions buys
-# fine-tuning through the modulated_conv2d op (FASTEST: the unfused default) with every op on one backend
-FINETUNE_FUSED = {f"{FASTEST}-fused-{impl}": impl for impl in ("ref", "cuda", "triton")} if ON_GPU else {}
 FINETUNE_STEPS = 10 if ON_GPU else 2
 FINETUNE_BATCH = 8 if ON_GPU else 2  # the paper's batch on a GPU
 
@@ -33,9 +31,8 @@ FINETUNE_BATCH = 8 if ON_GPU else 2  # the paper's batch on a GPU
 @functools.cache
 def pipeline(config: str) -> mb.Workloads:
     if config.startswith(FASTEST):
-        impl = FUSED_MODCONV.get(config, "auto")
-        stylizer, clip = mb.build_models(PROFILE, DEVICE, impl=impl, clip_dtype=mb.DTYPES[PRECISION])
-        return mb.fastest_pipeline(stylizer, clip, PRECISION, impl=impl, fused_modconv=config in FUSED_MODCONV,
+        stylizer, clip = mb.build_models(PROFILE, DEVICE, clip_dtype=mb.DTYPES[PRECISION])
+        return mb.fastest_pipeline(stylizer, clip, PRECISION,
                                    channels_last=False if config == NCHW else None, compile=config == ENGINE_COMPILED,
                                    cudnn_benchmark=config != HEURISTIC_CUDNN)
     stylizer, clip = mb.build_models(PROFILE, DEVICE, impl="ref")
@@ -54,27 +51,27 @@ def _measure_e2e(config: str, scenario: str, batch: int, measure, benchmark) -> 
 
 
 @pytest.mark.parametrize("config,scenario,batch", _cases((BASELINE, FASTEST)) + [
-    (config, "guided_stylization", batch) for config in (NCHW, HEURISTIC_CUDNN, *FUSED_MODCONV)
+    (config, "guided_stylization", batch) for config in (NCHW, HEURISTIC_CUDNN)
     for batch in PROFILE.batches])
 def test_e2e(config: str, scenario: str, batch: int, measure, benchmark):
     _measure_e2e(config, scenario, batch, measure, benchmark)
 
 
-@pytest.mark.parametrize("config", [BASELINE, FASTEST, *FINETUNE_FUSED])
+@pytest.mark.parametrize("config", [BASELINE, FASTEST, *FUSED])
 def test_finetune(config: str, measure, benchmark):
     """FINETUNE_STEPS steps of text-prompt fine-tuning (setup included, so the per-step
     time is an upper bound); extra_info has the projected 200-step time."""
     from mmfs_fast.finetune import finetune
 
     fast = config != BASELINE
-    stylizer, clip = mb.build_models(PROFILE, DEVICE, impl=FINETUNE_FUSED.get(config, "auto" if fast else "ref"))
+    stylizer, clip = mb.build_models(PROFILE, DEVICE, impl="auto" if fast else "ref")
     dino = mb.build_dino(PROFILE, DEVICE)
     size = PROFILE.stylizer.size
     faces = torch.rand(FINETUNE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 2 - 1
 
     def run():
         finetune(stylizer, clip, dino, faces, text="a pop art portrait", steps=FINETUNE_STEPS, decay_steps=0,
-                 batch_size=FINETUNE_BATCH, progress=False, fast=fast, fused_modconv=not fast or config in FINETUNE_FUSED)
+                 batch_size=FINETUNE_BATCH, progress=False, fast=fast, fused_modconv=not fast or config in FUSED)
 
     seconds = measure(run, group="finetune", rounds=2 if ON_GPU else 1, scenario="finetune", config=config,
                       batch=FINETUNE_BATCH, steps=FINETUNE_STEPS, precision="bf16-autocast" if fast and ON_GPU else "fp32")

@@ -1,14 +1,13 @@
-"""Per-op benchmarks: upfirdn2d, bias_act and modulated_conv2d at the exact calls the
-Stylizer and the Discriminator make (bench/op_shapes.py), for each installed impl,
-torch.compile of ``ref``, each dtype, forward and forward+backward.
-
-modulated_conv2d reports TFLOP/s (its convolution work); upfirdn2d and bias_act,
-being memory-bound, report GB/s of the ideal traffic (each input read once, each
-output written once). extra_info.uses says how often each model makes the call.
+"""Per-op benchmarks: upfirdn2d and bias_act at the exact calls the Stylizer and the
+Discriminator make (bench/op_shapes.py), for each installed impl, torch.compile of ``ref``,
+each dtype, forward and forward+backward. Being memory-bound, they report GB/s of the ideal
+traffic (each input read once, each output written once). extra_info.uses says how often
+each model makes the call. (modulated_conv2d has no backend to choose: the Engine's
+``mmfs-fast-fused`` configuration of test_bench_e2e.py times it.)
 
 test_upsample_form times the Engine's unfused upsampling convolution in both of its forms
-(transposed conv + blur, polyphase) at each decoder shape; on a GPU its cases rewrite the
-"upsample" entry of winners.json (bench/winners.py).
+(transposed conv + blur, polyphase) at each decoder shape of the modulated convolutions, in
+TFLOP/s; on a GPU its cases rewrite the "upsample" entry of winners.json (bench/winners.py).
 """
 from __future__ import annotations
 
@@ -29,21 +28,12 @@ from op_shapes import PUBLIC_OPS, OpCall, op_calls
 OP_BATCHES = (PROFILE.batches[0], PROFILE.batches[-1])
 CALLS = op_calls(PROFILE.stylizer, PROFILE.stylizer.size, PROFILE.stylizer.ngf, OP_BATCHES)
 GPU_IMPLS = ("cuda", "triton")
+TIMED_OPS = tuple(op for op in PUBLIC_OPS if op in ops.backends())  # the ops with a backend to choose
 # torch.compile takes seconds per shape, dtype and direction, so it runs on the
 # heaviest call of each op and batch size only: enough to place it beside the rest.
 # On the CPU one op keeps the path alive (compiling there takes minutes).
 COMPILED_PER_OP_AND_BATCH = 1
-COMPILED_OPS = tuple(PUBLIC_OPS) if ON_GPU else ("upfirdn2d",)
-
-
-def conv_flops(call: OpCall, out: torch.Tensor) -> float:
-    """Multiply-adds ×2 of the convolution: per input pixel for the transposed (up=2)
-    conv, per output pixel otherwise."""
-    shapes, options = dict(call.shapes), dict(call.options)
-    b, i, h, w = shapes["x"]
-    o, _, k, _ = shapes["weight"]
-    pixels = h * w if options["up"] == 2 else out.shape[2] * out.shape[3]
-    return 2.0 * b * o * i * k * k * pixels
+COMPILED_OPS = TIMED_OPS if ON_GPU else ("upfirdn2d",)
 
 
 def ideal_bytes(call: OpCall, x: torch.Tensor, out: torch.Tensor, backward: bool) -> float:
@@ -56,9 +46,8 @@ def ideal_bytes(call: OpCall, x: torch.Tensor, out: torch.Tensor, backward: bool
 
 
 def _work(call: OpCall) -> int:
-    """Size of the call, for picking the heaviest: elements of x (times the weight's for convs)."""
-    shapes = dict(call.shapes)
-    return math.prod(shapes["x"]) * math.prod(shapes.get("weight") or ())
+    """Size of the call, for picking the heaviest: elements of x."""
+    return math.prod(dict(call.shapes)["x"])
 
 
 def _cases() -> list:
@@ -71,6 +60,8 @@ def _cases() -> list:
     impls = ["ref"] + (list(GPU_IMPLS) if ON_GPU else [])
     cases = []
     for call, uses in CALLS:
+        if call.op not in TIMED_OPS:
+            continue
         for impl in impls + (["compile"] if call in compiled else []):
             cases.append(pytest.param(call, uses, impl, id=f"{call.op}-{call.label}-{impl}"))
     return cases
@@ -104,10 +95,7 @@ def test_op(call: OpCall, uses: dict, impl: str, dtype: str, direction: str, mea
         fn = torch.no_grad()(lambda: op(**args))
     seconds = measure(fn, group=f"{call.op} {call.label} {dtype} {direction}", rounds=OP_ROUNDS, op=call.op, impl=impl, dtype=dtype,
                       direction=direction, batch=call.batch, shape=call.label, uses=uses)
-    if call.op == "modulated_conv2d":
-        record_rate(benchmark, seconds, dtype, flops=conv_flops(call, out) * (3 if backward else 1))
-    else:
-        record_rate(benchmark, seconds, dtype, bytes_moved=ideal_bytes(call, args["x"], out, backward))
+    record_rate(benchmark, seconds, dtype, bytes_moved=ideal_bytes(call, args["x"], out, backward))
 
 
 UPSAMPLE_CALLS = [call for call, _ in CALLS if call.op == "modulated_conv2d" and dict(call.options)["up"] == 2]

@@ -16,8 +16,6 @@ STABLE_TORCH_LIBRARY(mmfs_fast, m) {
   m.def("upfirdn2d(Tensor x, Tensor kernel, int up, int down, int[4] pad) -> Tensor");
   m.def("bias_act(Tensor x, Tensor? bias, float slope, float gain, float? clamp, int dim) -> Tensor");
   m.def("bias_act_grad(Tensor grad, Tensor x, Tensor? bias, float slope, float gain, float? clamp, int dim) -> Tensor");
-  m.def("modulated_conv2d(Tensor x, Tensor weight, Tensor styles, bool demodulate, bool transposed, int stride, "
-        "int padding) -> Tensor");
   m.def("styled_epilogue(Tensor x, Tensor demod, Tensor bias, Tensor? noise, float noise_strength, float slope) "
         "-> Tensor");
 }
@@ -26,7 +24,6 @@ STABLE_TORCH_LIBRARY_IMPL(mmfs_fast, CUDA, m) {
   m.impl("upfirdn2d", TORCH_BOX(&mmfs_fast::upfirdn2d));
   m.impl("bias_act", TORCH_BOX(&mmfs_fast::bias_act));
   m.impl("bias_act_grad", TORCH_BOX(&mmfs_fast::bias_act_grad));
-  m.impl("modulated_conv2d", TORCH_BOX(&mmfs_fast::modulated_conv2d));
   m.impl("styled_epilogue", TORCH_BOX(&mmfs_fast::styled_epilogue));
 }
 

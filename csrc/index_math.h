@@ -24,7 +24,6 @@ namespace mmfs_fast {
 using IntArray = torch::headeronly::IntHeaderOnlyArrayRef;
 
 constexpr int kThreads = 256;  // threads per block, every kernel
-constexpr int kWarp = 32;
 constexpr int64_t kMaxGridYZ = 65535;  // gridDim.y's and gridDim.z's limit
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -23,11 +23,6 @@ Tensor bias_act(const Tensor& x, const std::optional<Tensor>& bias, double slope
 Tensor bias_act_grad(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& bias, double slope,
                      double gain, std::optional<double> clamp, int64_t dim);
 
-// Per-sample modulated convolution: out[b] = demod[b] * conv(x[b] * styles[b], weight), a
-// transposed convolution when `transposed`. The FIR blur of the resampling paths is not part of it.
-Tensor modulated_conv2d(const Tensor& x, const Tensor& weight, const Tensor& styles, bool demodulate,
-                        bool transposed, int64_t stride, int64_t padding);
-
 // (z > 0 ? z : slope * z) with z = x * demod[b, c] + bias[c] + noise[b or 0, 0, h, w] * noise_strength,
 // in acc_type; demod (B, C) and bias (C,) are read in fp32. Inference only: no gradient kernel.
 Tensor styled_epilogue(const Tensor& x, const Tensor& demod, const Tensor& bias, const std::optional<Tensor>& noise,

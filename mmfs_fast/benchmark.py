@@ -206,7 +206,7 @@ class EnginePipeline(Workloads):
 
 def fastest_pipeline(stylizer: Stylizer, clip, precision: str, impl: str = "auto", **engine_options) -> EnginePipeline:
     """The fastest mmfs_fast configuration: the Engine with CUDA graphs (where there is CUDA);
-    engine_options (fused_modconv, channels_last, compile) select the variants bench/ compares."""
+    engine_options (channels_last, compile, cudnn_benchmark) select the variants bench/ compares."""
     from mmfs_fast.engine import Engine
 
     return EnginePipeline(Engine(stylizer, clip, precision=precision, device=clip.device, cuda_graphs=True,

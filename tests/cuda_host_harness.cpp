@@ -2,7 +2,7 @@
 // (output sizes, argument checks, layout rules, kernel choice, grids, kernel parameters) is
 // csrc/*_index.h itself; tests/test_cuda_index_math.py cuts the kernels out of the .cu files
 // into kernels.inc, and this file gives them what they use of CUDA. For kernels that share
-// memory or shuffle, a block's threads are real threads that meet at __syncthreads (a
+// memory, a block's threads are real threads that meet at __syncthreads (a
 // std::barrier), so the shared-memory phases run as on a GPU; blocks run one after another.
 // Instantiated for double data (the float weights and taps stay float, as in csrc/).
 #include <barrier>
@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <deque>
 #include <exception>
 #include <optional>
 #include <thread>
@@ -18,7 +17,6 @@
 
 #include "bias_act_index.h"
 #include "index_math.h"
-#include "modulated_conv2d_index.h"
 #include "styled_epilogue_index.h"
 #include "upfirdn2d_index.h"
 
@@ -30,7 +28,6 @@
 #define __shared__ static  // one block at a time: static storage is that block's shared memory
 
 using mmfs_fast::kThreads;
-using mmfs_fast::kWarp;
 
 struct Dim {
   unsigned x = 0, y = 0, z = 0;
@@ -46,22 +43,6 @@ void __syncthreads() {
   }
   block_barrier->arrive_and_wait();
 }
-
-// Warp shuffles through a per-warp exchange buffer, each warp's lanes meeting at their own
-// barrier (whole warps may leave a kernel early, as on a GPU).
-std::deque<std::barrier<>>* warp_barriers = nullptr;  // a deque: barriers do not move
-float warp_exchange[kThreads / kWarp][kWarp];
-
-float __shfl_xor_sync(unsigned, float value, int lane_mask) {
-  const unsigned warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  warp_exchange[warp][lane] = value;
-  (*warp_barriers)[warp].arrive_and_wait();
-  const float other = warp_exchange[warp][lane ^ lane_mask];
-  (*warp_barriers)[warp].arrive_and_wait();
-  return other;
-}
-
-float rsqrtf(float value) { return 1.f / std::sqrt(value); }
 
 namespace mmfs_fast {
 template <class T>
@@ -81,9 +62,6 @@ void launch(Dim grid, Kernel&& kernel) {
   blockDim = {kThreads, 1, 1};
   std::barrier<> barrier(kThreads);
   block_barrier = &barrier;
-  std::deque<std::barrier<>> warps;
-  for (int w = 0; w < kThreads / kWarp; ++w) warps.emplace_back(kWarp);
-  warp_barriers = &warps;
   std::vector<std::thread> threads;
   for (unsigned t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
@@ -100,7 +78,7 @@ void launch(Dim grid, Kernel&& kernel) {
   for (auto& thread : threads) thread.join();
 }
 
-// For kernels whose threads never meet (no __syncthreads, no shuffles): each block's threads
+// For kernels whose threads never meet (no __syncthreads): each block's threads
 // run one after another, without the cost of starting 256 threads per launch.
 template <class Kernel>
 void launch_serial(Dim grid, Kernel&& kernel) {
@@ -183,34 +161,6 @@ void upfirdn2d(const double* x_data, const float* taps, double* out_data, const 
           upfirdn2d_tiled_kernel<double, decltype(up)::value, decltype(down)::value>(x_data, taps, out_data, p);
         });
       });
-}
-
-// out_hw: the output's height and width.
-int modulated_conv2d_output_size(const int64_t* x, int64_t x_rank, const int64_t* weight, int64_t weight_rank,
-                                 const int64_t* styles, int64_t styles_rank, bool transposed, int64_t stride,
-                                 int64_t padding, int64_t* out_hw, char* error, size_t error_size) {
-  return reporting(error, error_size, [&] {
-    const ModulatedConv2dSize size = mmfs_fast::modulated_conv2d_output_size(
-        ints(x, x_rank), ints(weight, weight_rank), ints(styles, styles_rank), transposed, stride, padding);
-    out_hw[0] = size.h, out_hw[1] = size.w;
-  });
-}
-
-void demod(const float* weight, const float* styles, float* out, int batch, int out_channels, int in_channels,
-           int taps) {
-  launch({demod_blocks(batch, out_channels), 1, 1},
-         [&] { demod_kernel(weight, styles, out, batch, out_channels, in_channels, taps); });
-}
-
-// modulated_conv2d.cu's scale_channels(): scale null is a layout copy. max_blocks > 0 caps
-// the grid, so that the grid-stride loop takes several rounds.
-void scale_channels(const double* src, const int64_t* src_strides, const float* scale, double* dst,
-                    const int64_t* dst_sizes, const int64_t* dst_strides, unsigned max_blocks) {
-  const ScaleParams p = scale_params(ints(src_strides, 4), ints(dst_sizes, 4), ints(dst_strides, 4));
-  if (p.numel == 0) return;
-  unsigned blocks = grid_stride_blocks(p.numel);
-  if (max_blocks > 0) blocks = std::min(blocks, max_blocks);
-  launch_serial({blocks, 1, 1}, [&] { scale_channels_kernel<double>(src, scale, dst, p); });
 }
 
 // bias_act.cu's run(): the checks, the parameters, the kernel on its grid; x is walked as it

@@ -7,8 +7,7 @@ kernels that share memory run on real threads meeting at __syncthreads) and comp
 ref ops, with torch's layout predicates and with the grids that CUDA's limits dictate.
 
 What stays in Python is the glue of each host function that allocates tensors: it calls the
-harness in the order the .cu does (output size, layout, kernels), and modulated_conv2d()'s cuDNN
-call between its kernels is F.conv2d in float64. The backward formulas of mmfs_fast/ops/_cuda.py
+harness in the order the .cu does (output size, layout, kernels). The backward formulas of mmfs_fast/ops/_cuda.py
 are checked with gradcheck/gradgradcheck around the compiled kernels.
 """
 import ctypes
@@ -20,12 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mmfs_fast.ops import _cuda
-from mmfs_fast.ops._common import DEMOD_EPS
 from mmfs_fast.ops.bias_act import bias_act_ref
-from mmfs_fast.ops.modulated_conv2d import modulated_conv2d_ref
 from mmfs_fast.ops.styled_epilogue import styled_epilogue_ref
 from mmfs_fast.ops.upfirdn2d import upfirdn2d_ref
 
@@ -36,7 +32,6 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # harness; the host code after them is not (it allocates tensors and launches with <<<>>>).
 KERNEL_SPANS = {
     "upfirdn2d.cu": ("namespace {\n", "template <typename scalar_t>\nvoid launch("),
-    "modulated_conv2d.cu": ("namespace {\n", "// dst (dense, from empty_with_layout_of)"),
     "bias_act.cu": ("namespace {\n", "// x itself when the kernel"),
     "styled_epilogue.cu": ("namespace {\n", "}  // namespace\n\nTensor styled_epilogue("),
 }
@@ -70,11 +65,6 @@ SIGNATURES = {  # name: (argument types, result type)
                         ctypes.POINTER(ctypes.c_uint)], None),
     "upfirdn2d": ([VOID, VOID, VOID, I64P, I64P, I64P, I64P, I64P, ctypes.c_int64, ctypes.c_int64, I64P,
                    ctypes.c_uint], None),
-    "modulated_conv2d_output_size": ([I64P, ctypes.c_int64, I64P, ctypes.c_int64, I64P, ctypes.c_int64, ctypes.c_bool,
-                                      ctypes.c_int64, ctypes.c_int64, I64P, ctypes.c_char_p, ctypes.c_size_t],
-                                     ctypes.c_int),
-    "demod": ([VOID, VOID, VOID, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int], None),
-    "scale_channels": ([VOID, I64P, VOID, VOID, I64P, I64P, ctypes.c_uint], None),
     "bias_act": ([VOID, VOID, VOID, VOID, I64P, I64P, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
                   ctypes.c_double, ctypes.c_double, ctypes.c_bool, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t],
                  ctypes.c_int),
@@ -202,26 +192,6 @@ class Harness:
                       noise_strength, slope, max_blocks)
         return unwritten(out)
 
-    # modulated_conv2d.cu
-
-    def modulated_conv2d_output_size(self, x_shape, weight_shape, styles_shape, transposed, stride, padding):
-        out_hw = ints([0, 0])
-        self._checked(self.library.modulated_conv2d_output_size, ints(x_shape), len(x_shape), ints(weight_shape),
-                      len(weight_shape), ints(styles_shape), len(styles_shape), transposed, stride, padding, out_hw)
-        return tuple(out_hw)
-
-    def demod(self, weight, styles, batch, out_channels, in_channels, taps):
-        demod = torch.full((batch * out_channels,), math.nan)
-        self.library.demod(data(weight), data(styles), data(demod), batch, out_channels, in_channels, taps)
-        return unwritten(demod)
-
-    def scale_channels(self, src, scale, dst, max_blocks=2):
-        """Fills dst (from empty_with_layout_of) with src · scale[n, c], or copies src into dst's
-        layout when scale is None. max_blocks: see bias_act."""
-        src = src.detach()
-        self.library.scale_channels(data(src), ints(src.stride()), data(scale), data(dst), ints(dst.shape),
-                                    ints(dst.stride()), max_blocks)
-        return unwritten(dst)
 
 
 @pytest.fixture(scope="module")
@@ -361,103 +331,6 @@ def test_upfirdn2d_output_size_at_the_edge_of_empty(harness):
     assert harness.upfirdn2d_output_size((2, 3, 4, 4), (4, 4), 1, 3, (0, 2, 0, 2)) == (1, 1)
 
 
-# ---------------------------------------------------------------- modulated_conv2d.cu
-
-
-def modconv_host(x, weight, styles, demodulate, transposed, stride, padding, harness):
-    """modulated_conv2d() on the compiled index math and kernels, with F.conv2d /
-    F.conv_transpose2d in float64 for its cuDNN call: the output size and checks, modulation
-    (scale_channels_kernel), the convolution, demodulation (demod_kernel, scale_channels_kernel)."""
-    batch, in_channels = x.shape[:2]
-    out_channels, k = weight.shape[0], weight.shape[2]
-    out_hw = harness.modulated_conv2d_output_size(x.shape, weight.shape, styles.shape, transposed, stride, padding)
-    out = harness.empty_with_layout_of(x, (batch, out_channels, *out_hw))
-    styles_f = styles.detach().float().contiguous()
-    modulated = harness.scale_channels(x, styles_f, harness.empty_with_layout_of(x, x.shape))
-    if transposed:
-        conv = F.conv_transpose2d(modulated, weight.transpose(0, 1), stride=stride, padding=padding)
-    else:
-        conv = F.conv2d(modulated, weight, stride=stride, padding=padding)
-    assert conv.shape == out.shape, "the op's output size is not the convolution's"
-    if not demodulate:
-        return conv if harness.same_strides(conv, out) else harness.scale_channels(conv, None, out)
-    demod = harness.demod(weight.detach().float().contiguous(), styles_f, batch, out_channels, in_channels, k * k)
-    return harness.scale_channels(conv, demod, out)
-
-
-def raw_modconv_ref(x, weight, styles, demodulate, transposed, stride, padding):
-    """The semantics of torch.ops.mmfs_fast.modulated_conv2d (ops.h) in plain torch."""
-    xs = x * styles[:, :, None, None]
-    if transposed:
-        out = F.conv_transpose2d(xs, weight.transpose(0, 1), stride=stride, padding=padding)
-    else:
-        out = F.conv2d(xs, weight, stride=stride, padding=padding)
-    if demodulate:
-        sum_sq = styles.square() @ weight.square().sum((2, 3)).T
-        out = out * torch.rsqrt(sum_sq + DEMOD_EPS)[:, :, None, None]
-    return out
-
-
-MODCONV_CASES = [
-    # (batch, in, out channels, k, size, transposed, stride, padding)
-    (2, 5, 6, 3, (7, 9), False, 1, 1),
-    (1, 67, 129, 3, (17, 13), False, 1, 1),
-    (3, 8, 4, 3, (5, 6), True, 2, 0),
-    (2, 70, 3, 1, (7, 9), False, 1, 0),
-    (2, 5, 6, 3, (8, 9), False, 2, 0),
-    (1, 3, 65, 3, (4, 5), True, 2, 0),
-    (2, 4, 3, 4, (5, 4), True, 3, 1),
-    (1, 3, 2, 5, (6, 7), False, 2, 2),
-]
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("demodulate", [True, False], ids=["demod", "plain"])
-@pytest.mark.parametrize("batch,in_channels,out_channels,k,size,transposed,stride,padding", MODCONV_CASES)
-def test_modconv_kernel_matches_ref(harness, batch, in_channels, out_channels, k, size, transposed, stride, padding,
-                                    demodulate, channels_last):
-    x = layout(rand(batch, in_channels, *size), channels_last)
-    weight = rand(out_channels, in_channels, k, k, seed=1).float().double()  # demod_kernel reads float32 copies
-    styles = rand(batch, in_channels, seed=2).float().double()
-    args = (demodulate, transposed, stride, padding)
-    got = modconv_host(x, weight, styles, *args, harness)
-    want = raw_modconv_ref(x, weight, styles, *args)
-    # a float32 demod: index errors are of order one
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-@pytest.mark.parametrize("to_channels_last", [False, True], ids=["to_nchw", "to_nhwc"])
-def test_scale_channels_copies_into_the_other_layout(harness, to_channels_last):
-    """No scale: the copy modulated_conv2d makes when cuDNN's output layout is not the op's."""
-    src = layout(rand(2, 5, 4, 3), not to_channels_last)
-    dst = nans((2, 5, 4, 3), to_channels_last)
-    strides = dst.stride()
-    got = harness.scale_channels(src, None, dst)
-    assert torch.equal(got, src) and got.stride() == strides
-
-
-def test_modconv_output_size_at_the_edge_of_empty(harness):
-    assert harness.modulated_conv2d_output_size((1, 2, 3, 4), (1, 2, 5, 5), (1, 2), False, 2, 1) == (1, 1)
-    assert harness.modulated_conv2d_output_size((1, 2, 1, 1), (1, 2, 1, 1), (1, 2), True, 3, 0) == (1, 1)
-
-
-@pytest.mark.parametrize("x_shape,weight_shape,styles_shape,transposed,stride,padding,message", [
-    ((2, 3, 4), (4, 3, 3, 3), (2, 3), False, 1, 1, "expected x (B, I, H, W), weight (O, I, k, k) and styles (B, I)"),
-    ((2, 3, 4, 4), (4, 2, 3, 3), (2, 3), False, 1, 1, "weight [4, 2, 3, 3] must be (O, 3, k, k)"),
-    ((2, 3, 4, 4), (4, 3, 3, 3), (1, 3), False, 1, 1, "styles must be (2, 3), got [1, 3]"),
-    ((2, 3, 4, 4), (4, 3, 3, 3), (2, 3), False, 0, 1, "stride must be >= 1 and padding >= 0, got 0 and 1"),
-    # 2 + 2 - 5 = -1 rows, which C's division by the stride would round up to one output row
-    ((2, 3, 2, 4), (4, 3, 5, 5), (2, 3), False, 2, 1, "leaves an empty output"),
-    ((2, 3, 1, 4), (4, 3, 1, 1), (2, 3), True, 1, 1, "leaves an empty output"),
-])
-def test_modconv_checks_name_the_problem(harness, x_shape, weight_shape, styles_shape, transposed, stride, padding,
-                                         message):
-    with pytest.raises(RuntimeError, match="mmfs_fast::modulated_conv2d: ") as error:
-        harness.modulated_conv2d_output_size(x_shape, weight_shape, styles_shape, transposed, stride, padding)
-    assert message in str(error.value)
-
-
 # ---------------------------------------------------------------- bias_act.cu
 
 
@@ -541,22 +414,6 @@ def test_styled_epilogue_checks_name_the_problem(harness, x_shape, demod_shape, 
 # ---------------------------------------------------------------- the Python glue of _cuda.py
 
 
-@pytest.mark.parametrize("up,down", [(1, 1), (2, 1), (1, 2)])
-def test_cuda_backend_resampling_paths_match_ref(harness, monkeypatch, up, down):
-    """_cuda.modulated_conv2d's composition (transposed conv + blur, blur + strided conv) on the
-    compiled kernels equals the official ref."""
-    monkeypatch.setattr(_cuda, "_ops", types.SimpleNamespace(
-        upfirdn2d=harness.upfirdn2d, modulated_conv2d=lambda *args: modconv_host(*args, harness)))
-    x = rand(2, 4, 7, 6)
-    weight, styles = rand(5, 4, 3, 3, seed=1).float().double(), rand(2, 4, seed=2).float().double()
-    fir = torch.outer(*[torch.tensor([1.0, 2.0, 4.0, 1.0], dtype=torch.float64)] * 2)
-    fir = fir / fir.sum()  # asymmetric: a wrong flip shows
-    padding = 1 if up == down == 1 else 0
-    got = _cuda.modulated_conv2d(x, weight, styles, True, up, down, padding, fir)
-    want = modulated_conv2d_ref(x, weight, styles, True, up, down, padding, fir)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())  # float32 demod
-
-
 def autograd_op(forward, setup_context, backward):
     """An op with the given forward and _cuda.py's setup_context and backward, as
     torch.library.register_autograd wires them around the CUDA kernel."""
@@ -568,14 +425,11 @@ def autograd_op(forward, setup_context, backward):
 
 @pytest.fixture
 def autograd_ops(harness, monkeypatch):
-    """torch.ops.mmfs_fast as _cuda.py sees it, with the compiled kernels as forwards (but
-    modulated_conv2d's, whose float32 weights would blur numerical derivatives)."""
+    """torch.ops.mmfs_fast as _cuda.py sees it, with the compiled kernels as forwards."""
     ops = types.SimpleNamespace(
         upfirdn2d=autograd_op(harness.upfirdn2d, _cuda._upfirdn2d_setup, _cuda._upfirdn2d_backward),
         bias_act=autograd_op(harness.bias_act_forward, _cuda._bias_act_setup, _cuda._bias_act_backward),
-        bias_act_grad=autograd_op(harness.bias_act_grad, _cuda._bias_act_grad_setup, _cuda._bias_act_grad_backward),
-        modulated_conv2d=autograd_op(raw_modconv_ref, _cuda._modulated_conv2d_setup,
-                                     _cuda._modulated_conv2d_backward))
+        bias_act_grad=autograd_op(harness.bias_act_grad, _cuda._bias_act_grad_setup, _cuda._bias_act_grad_backward))
     monkeypatch.setattr(_cuda, "_ops", ops)
     return ops
 
@@ -598,17 +452,6 @@ def test_bias_act_backward_formula(autograd_ops, slope, clamp):
     assert torch.autograd.gradgradcheck(op, (x, bias), fast_mode=True)
 
 
-@pytest.mark.parametrize("demodulate", [True, False], ids=["demod", "plain"])
-@pytest.mark.parametrize("transposed,stride,padding", [(False, 1, 1), (True, 2, 0), (False, 2, 0)])
-def test_modconv_backward_formula(autograd_ops, demodulate, transposed, stride, padding):
-    x = rand(2, 3, 5, 4).requires_grad_()
-    weight = rand(2, 3, 3, 3, seed=1).requires_grad_()
-    styles = rand(2, 3, seed=2).requires_grad_()
-    op = lambda *t: autograd_ops.modulated_conv2d(*t, demodulate, transposed, stride, padding)  # noqa: E731
-    assert torch.autograd.gradcheck(op, (x, weight, styles), fast_mode=True)
-    assert torch.autograd.gradgradcheck(op, (x, weight, styles), fast_mode=True)
-
-
 def test_fake_kernels_agree_with_the_compiled_host_code(harness):
     """The fake kernels of _cuda.py (shapes and strides for torch.compile) against the output
     sizes and layouts that the compiled host code gives."""
@@ -623,9 +466,3 @@ def test_fake_kernels_agree_with_the_compiled_host_code(harness):
             fake = _cuda._bias_act_fake(x, None, 0.2, 1.0, None, dim)
             got = harness.bias_act(x, None, 0.2, 1.0, None, dim)
             assert fake.shape == got.shape and fake.stride() == got.stride()
-    x = rand(2, 3, 9, 7).contiguous(memory_format=torch.channels_last)
-    weight, styles = rand(4, 3, 3, 3), rand(2, 3)
-    for transposed, stride, padding in [(False, 1, 1), (True, 2, 0), (False, 2, 0)]:
-        fake = _cuda._modulated_conv2d_fake(x, weight, styles, True, transposed, stride, padding)
-        got = modconv_host(x, weight, styles, True, transposed, stride, padding, harness)
-        assert fake.shape == got.shape and fake.stride() == got.stride()

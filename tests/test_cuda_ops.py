@@ -19,7 +19,7 @@ from mmfs_fast.ops._torch_target import TORCH_TARGET
 pytestmark = pytest.mark.skipif(_backend.cuda_extension() is None,
                                 reason="mmfs_fast._C is not built (no nvcc or CPU-only torch at install time)")
 needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-OPS = ("upfirdn2d", "bias_act", "bias_act_grad", "modulated_conv2d")
+OPS = ("upfirdn2d", "bias_act", "bias_act_grad")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -41,15 +41,6 @@ def bias_act_case(act, clamp=None, shape=(3, 5, 6, 7)):
     return run, {"x": shape, "bias": (shape[1],)}, {}
 
 
-def modulated_conv2d_case(k, demodulate, up=1, down=1, batch=2, channels=(5, 6), size=(7, 9)):
-    def run(tensors, impl):
-        fir = tensors["fir"] / tensors["fir"].sum()  # asymmetric taps: a wrong flip shows
-        return modulated_conv2d(tensors["x"], tensors["weight"], tensors["styles"], demodulate=demodulate,
-                                up=up, down=down, fir=fir, impl=impl)
-    i, o = channels
-    return run, {"x": (batch, i, *size), "weight": (o, i, k, k), "styles": (batch, i)}, {"fir": (4,)}
-
-
 CASES = {
     "fir_up2": upfirdn2d_case(2, 1, (2, 1)),
     "fir_blur11": upfirdn2d_case(1, 1, (1, 1)),
@@ -61,12 +52,6 @@ CASES = {
     "bias_lrelu": bias_act_case("lrelu"),
     "bias_relu_clamp": bias_act_case("relu", clamp=0.5),
     "bias_linear": bias_act_case("linear", shape=(33, 7)),
-    "modconv_3x3": modulated_conv2d_case(3, True),
-    "modconv_up2": modulated_conv2d_case(3, True, up=2),
-    "modconv_down2": modulated_conv2d_case(3, True, down=2),
-    "modconv_torgb": modulated_conv2d_case(1, False, channels=(70, 3)),
-    "modconv_batch1_wide": modulated_conv2d_case(3, True, batch=1, channels=(67, 129), size=(17, 13)),
-    "modconv_batch33": modulated_conv2d_case(3, True, batch=33, channels=(8, 4), size=(5, 6)),
 }
 
 
@@ -108,19 +93,18 @@ def test_auto_picks_cuda_only_for_cuda_tensors():
         x = torch.zeros(1, device="cuda")
         assert _backend.resolve("upfirdn2d", "auto", module.IMPLEMENTATIONS, x) == "cuda"
         assert _backend.resolve("upfirdn2d", "auto", module.IMPLEMENTATIONS, x.double()) == "ref"
-        modconv = importlib.import_module("mmfs_fast.ops.modulated_conv2d")
-        assert _backend.resolve("modulated_conv2d", "auto", modconv.IMPLEMENTATIONS, x) == "ref"
 
 
 def test_auto_order_is_per_op(monkeypatch, recwarn):
-    """modulated_conv2d prefers cuDNN (ref) by measurement, without the slow-fallback warning;
-    the other ops take the CUDA kernel first."""
+    """An op measured fastest on ref takes it without the slow-fallback warning; the other ops
+    keep their own order, the CUDA kernel first."""
     monkeypatch.setattr(_backend, "can_run", lambda impl, x: True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setitem(_backend.FASTEST_FIRST_PER_OP, "upfirdn2d", ("ref", "cuda", "triton"))
     x = torch.zeros(1)
-    assert _backend.available("modulated_conv2d", _backend.IMPLS, x) == ["ref", "cuda"]
+    assert _backend.available("upfirdn2d", _backend.IMPLS, x) == ["ref", "cuda", "triton"]
     assert _backend.available("bias_act", _backend.IMPLS, x) == ["cuda", "triton", "ref"]
-    assert _backend.resolve("modulated_conv2d", "auto", _backend.IMPLS, x) == "ref"
+    assert _backend.resolve("upfirdn2d", "auto", _backend.IMPLS, x) == "ref"
     assert not [w for w in recwarn if "falls back" in str(w.message)]
 
 
@@ -129,8 +113,6 @@ def op_samples(device="meta"):
     fir = torch.rand(4, 4, device=device)
     x = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
     x_cl = torch.randn(2, 3, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
-    styles = torch.randn(2, 3, device=device, requires_grad=True)
     bias = torch.randn(3, device=device, requires_grad=True)
     return [
         ("upfirdn2d", (x, fir, 2, 1, [2, 1, 2, 1])),
@@ -138,8 +120,6 @@ def op_samples(device="meta"):
         ("bias_act", (x, bias, 0.2, math.sqrt(2), None, 1)),
         ("bias_act", (x_cl, None, 0.0, 1.0, 256.0, 1)),
         ("bias_act_grad", (torch.randn(2, 3, 8, 8, device=device), x, bias, 0.2, 1.0, 0.5, 1)),
-        ("modulated_conv2d", (x, weight, styles, True, False, 1, 1)),
-        ("modulated_conv2d", (x_cl, weight, styles, True, True, 2, 0)),
     ]
 
 
@@ -162,7 +142,7 @@ def test_fake_kernels_match_shapes(sample):
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         out = op(*args)
-    expected_shape = {0: (2, 3, 16, 16), 1: (2, 3, 4, 4), 5: (2, 4, 8, 8), 6: (2, 4, 17, 17)}.get(sample, (2, 3, 8, 8))
+    expected_shape = {0: (2, 3, 16, 16), 1: (2, 3, 4, 4)}.get(sample, (2, 3, 8, 8))
     assert tuple(out.shape) == expected_shape
     assert out.is_contiguous(memory_format=torch.channels_last) == args[0].is_contiguous(
         memory_format=torch.channels_last)
@@ -177,10 +157,11 @@ def test_opcheck_on_meta(sample):
 
 
 def small_generator_block(x, weight, styles, bias, rgb_weight, fir):
-    """StyledConv(up) -> FusedLeakyReLU -> ToRGB -> Upsample, through the cuda backend's functions."""
-    out = _cuda.modulated_conv2d(x, weight, styles[:, :x.shape[1]], True, 2, 1, 0, fir)
+    """StyledConv(up) -> FusedLeakyReLU -> ToRGB -> Upsample: the modulated convolutions through
+    their op (plain torch), the rest through the cuda backend's functions."""
+    out = modulated_conv2d(x, weight, styles[:, :x.shape[1]], up=2, fir=fir)
     out = _cuda.bias_act(out, bias, "lrelu", 0.2, math.sqrt(2), None, 1)
-    rgb = _cuda.modulated_conv2d(out, rgb_weight, styles, False, 1, 1, 0, fir)
+    rgb = modulated_conv2d(out, rgb_weight, styles, demodulate=False, fir=fir)
     return _cuda.upfirdn2d(rgb, fir * 4, 2, 1, (2, 1, 2, 1))
 
 
@@ -197,7 +178,7 @@ def test_compile_traces_the_ops_on_meta():
             for shape in ((2, 4, 8, 8), (5, 4, 3, 3), (2, 5), (5,), (3, 5, 1, 1))]
     out = compiled(*args, default_fir("meta"))
     assert out.shape == (2, 3, 32, 32) and out.device.type == "meta"
-    assert all(f"mmfs_fast.{op}" in graphs[0] for op in ("upfirdn2d", "bias_act", "modulated_conv2d"))
+    assert all(f"mmfs_fast.{op}" in graphs[0] for op in ("upfirdn2d", "bias_act"))
     out.sum().backward()
     assert all(a.grad is not None and a.grad.shape == a.shape for a in args)
 

@@ -193,7 +193,7 @@ def test_modulated_conv2d_matches_definition(k, demodulate, up, down):
     x, weight, styles = rand(2, 3, 5, 6), rand(4, 3, k, k, seed=1), rand(2, 3, seed=2)
     fir = default_fir(dtype=torch.float64)
     expected = naive.modulated_conv2d(x.numpy(), weight.numpy(), styles.numpy(), demodulate, up, down, fir.numpy())
-    out = modulated_conv2d(x, weight, styles, demodulate=demodulate, up=up, down=down, impl="ref")
+    out = modulated_conv2d(x, weight, styles, demodulate=demodulate, up=up, down=down)
     assert out.shape == expected.shape
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-12)
 
@@ -259,7 +259,7 @@ def test_modulated_conv2d_derivatives(up, down, demodulate):
     x = rand(2, 2, 4, 4).requires_grad_()
     weight = rand(3, 2, 3, 3, seed=1).requires_grad_()
     styles = rand(2, 2, seed=2).requires_grad_()
-    fn = lambda x, w, s: modulated_conv2d(x, w, s, demodulate=demodulate, up=up, down=down, impl="ref")  # noqa: E731
+    fn = lambda x, w, s: modulated_conv2d(x, w, s, demodulate=demodulate, up=up, down=down)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, weight, styles))
     assert torch.autograd.gradgradcheck(fn, (x, weight, styles))
 

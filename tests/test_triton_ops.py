@@ -195,7 +195,7 @@ def test_styled_epilogue_op_passes_opcheck():
 def test_small_stylizer_matches_ref():
     torch.manual_seed(0)
     model = Stylizer(size=16, ngf=2, style_dim=8, n_mlp=1, clip_mapper=False).to(DEVICE)
-    set_fused_modconv(model, True)  # the modulated_conv2d op (ref: it has no triton kernel) between triton's ops
+    set_fused_modconv(model, True)  # the modulated_conv2d op (plain torch) between triton's ops
     x = torch.rand(1, 3, 16, 16, device=DEVICE) * 2 - 1
     w_plus = randn(1, 10, 8, seed=1)
     noises = [randn(1, 1, r, r, seed=2 + n) for n, r in enumerate(model.noise_resolutions)]
@@ -247,7 +247,7 @@ def test_cuda_graph_capture():
 def test_compile_fullgraph_with_gradients():
     """A StyledConv-like chain of the three ops compiles without graph breaks, forward and backward."""
     def styled_conv(x, weight, styles, bias):
-        out = modulated_conv2d(x, weight, styles, up=2)  # no triton kernel: auto
+        out = modulated_conv2d(x, weight, styles, up=2)  # plain torch: no backend to choose
         return upfirdn2d(bias_act(out, bias, impl="triton"), FIR.to(DEVICE), pad=1, impl="triton")
 
     inputs = [randn(2, 32, 16, 16), randn(16, 32, 3, 3, seed=1) / 17, randn(2, 32, seed=2) + 1, randn(16, seed=3)]

@@ -145,12 +145,6 @@ class ResBlock(nn.Module):
         return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)
 
 
-def modconv_impl(impl: str) -> str:
-    """The modulated_conv2d op's backend for a layer on ``impl``: a model on triton runs the op,
-    which has no triton kernel, on "auto"."""
-    return "auto" if impl == "triton" else impl
-
-
 def set_fused_modconv(module: nn.Module, fused: bool | None) -> None:
     """How every ModulatedConv2d of ``module`` runs: True, the modulated_conv2d op (per-sample
     weights, the official computation); False, :func:`shared_weight_conv` plus demodulation;
@@ -198,7 +192,7 @@ class ModulatedConv2d(nn.Module):
             # The op applies the ×4 of the upsampling blur itself; it takes the unit-sum FIR.
             fir = self.blur.kernel / 4 if self.upsample else None
             return modulated_conv2d(x, weight, styles, demodulate=self.demodulate,
-                                    up=2 if self.upsample else 1, fir=fir, impl=modconv_impl(self.impl))
+                                    up=2 if self.upsample else 1, fir=fir)
         out = shared_weight_conv(x, styles, weight, (self.blur.kernel, self.blur.pad) if self.upsample else None,
                                  self.impl)
         if not self.demodulate:

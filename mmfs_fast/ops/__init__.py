@@ -1,8 +1,8 @@
-"""The op layer: one public function per op, each dispatching to ``ref`` (plain
-PyTorch), ``cuda`` (csrc/, built ahead of time) or ``triton`` (kernels/)."""
+"""The op layer: one public function per op. upfirdn2d, bias_act and styled_epilogue dispatch
+to ``ref`` (plain PyTorch), ``cuda`` (csrc/, built ahead of time) or ``triton`` (kernels/);
+modulated_conv2d is plain PyTorch only (cuDNN's grouped convolution on a GPU)."""
 from mmfs_fast.ops import _backend
 from mmfs_fast.ops import bias_act as _bias_act_module
-from mmfs_fast.ops import modulated_conv2d as _modulated_conv2d_module
 from mmfs_fast.ops import styled_epilogue as _styled_epilogue_module
 from mmfs_fast.ops import upfirdn2d as _upfirdn2d_module
 from mmfs_fast.ops.bias_act import bias_act
@@ -12,10 +12,10 @@ from mmfs_fast.ops.modulated_conv2d import modulated_conv2d
 from mmfs_fast.ops.styled_epilogue import styled_epilogue
 from mmfs_fast.ops.upfirdn2d import upfirdn2d
 
+# the ops with a choice of backend
 _MODULES = {
     "upfirdn2d": _upfirdn2d_module,
     "bias_act": _bias_act_module,
-    "modulated_conv2d": _modulated_conv2d_module,
     "styled_epilogue": _styled_epilogue_module,
 }
 

@@ -1,13 +1,12 @@
 """The ``cuda`` backend: the kernels of csrc/, compiled ahead of time into ``mmfs_fast._C``,
-which defines the ops ``torch.ops.mmfs_fast.{upfirdn2d, bias_act, bias_act_grad,
-modulated_conv2d, styled_epilogue}`` and their CUDA kernels (an extension built before an op
-was added lacks it: :func:`defines` tells). This module adds what torch.compile and
-autograd need: fake (meta) kernels and backward formulas.
+which defines the ops ``torch.ops.mmfs_fast.{upfirdn2d, bias_act, bias_act_grad, styled_epilogue}``
+and their CUDA kernels (an extension built before an op was added lacks it: :func:`defines`
+tells). This module adds what torch.compile and autograd need: fake (meta) kernels and
+backward formulas.
 
 Backward passes are expressed with the ops themselves and plain torch ops, so they are
-differentiable again: upfirdn2d's adjoint is an upfirdn2d, bias_act's gradient kernel is
-its own derivative, and modulated_conv2d's backward, like its forward, runs its
-convolutions on cuDNN.
+differentiable again: upfirdn2d's adjoint is an upfirdn2d and bias_act's gradient kernel is
+its own derivative.
 
 The public functions at the bottom have the signatures of the ``ref`` functions of the op
 modules, which import this one; what both need comes from :mod:`mmfs_fast.ops._common`.
@@ -18,11 +17,11 @@ import torch
 from torch.library import register_autograd, register_fake
 
 from mmfs_fast.ops import _backend
-from mmfs_fast.ops._common import adjoint_pads, blur_pads, demodulation, output_size, weight_energy
+from mmfs_fast.ops._common import adjoint_pads, output_size
 
 _ops = torch.ops.mmfs_fast
 # the ops csrc/bindings.cpp defines
-OPS = ("upfirdn2d", "bias_act", "bias_act_grad", "modulated_conv2d", "styled_epilogue")
+OPS = ("upfirdn2d", "bias_act", "bias_act_grad", "styled_epilogue")
 
 
 def defines(op: str) -> bool:
@@ -111,67 +110,15 @@ def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, slope):
     return torch.empty_like(_walkable(x))
 
 
-# ---------------------------------------------------------------- modulated_conv2d
-
-
-def _modulated_conv2d_fake(x, weight, styles, demodulate, transposed, stride, padding):
-    k = weight.shape[2]
-
-    def out_size(size):
-        return (size - 1) * stride - 2 * padding + k if transposed else (size + 2 * padding - k) // stride + 1
-
-    return _empty_with_layout_of(x, (x.shape[0], weight.shape[0], out_size(x.shape[2]), out_size(x.shape[3])))
-
-
-def _modulated_conv2d_setup(ctx, inputs, output):
-    x, weight, styles, ctx.demodulate, ctx.transposed, ctx.stride, ctx.padding = inputs
-    ctx.save_for_backward(x, weight, styles, output if ctx.demodulate else None)
-
-
-def _modulated_conv2d_backward(ctx, grad):
-    """out = demod · conv(x · s, W): a plain batched convolution with a shared weight between
-    two per-channel scalings, so cuDNN computes the convolution gradients; the demodulation
-    terms are (B, O) x (O, I) products. Every step is differentiable."""
-    x, weight, styles, out = ctx.saved_tensors
-    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 sums for fp16/bf16 activations
-    s = styles.to(x.dtype)[:, :, None, None]
-    if ctx.demodulate:
-        weight_sq = weight_energy(weight).to(acc)  # (O, I)
-        demod = demodulation(styles, weight_sq).to(acc)  # (B, O)
-        # out = demod · undemodulated, so d loss / d demod = sum(grad · out) / demod.
-        grad_demod = (grad.to(acc) * out.to(acc)).sum((2, 3)) / demod
-        grad = grad * demod.to(grad.dtype)[:, :, None, None]
-    conv_weight = weight.to(x.dtype)
-    if ctx.transposed:
-        conv_weight = conv_weight.transpose(0, 1)
-    grad_xs, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad, x * s, conv_weight, None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1], ctx.transposed, [0, 0], 1,
-        [True, True, False])
-    if ctx.transposed:
-        grad_weight = grad_weight.transpose(0, 1)
-    grad_weight = grad_weight.to(acc)
-    grad_styles = (grad_xs.to(acc) * x.to(acc)).sum((2, 3))
-    if ctx.demodulate:
-        # d demod / d(sum of squares) = -demod³ / 2; the sum of squares is s² · W² summed over I and taps.
-        # (the ½ of the rsqrt's derivative cancels the 2 of the squares' derivatives)
-        grad_sum_sq = -grad_demod * demod.pow(3)  # (B, O)
-        grad_styles = grad_styles + styles.to(acc) * (grad_sum_sq @ weight_sq)
-        grad_weight = grad_weight + weight.to(acc) * (grad_sum_sq.T @ styles.to(acc).square())[:, :, None, None]
-    return (grad_xs * s, grad_weight.to(weight.dtype), grad_styles.to(styles.dtype), None, None, None, None)
-
-
 def _register() -> None:
     register_fake("mmfs_fast::upfirdn2d", _upfirdn2d_fake)
     register_fake("mmfs_fast::bias_act", _bias_act_fake)
     register_fake("mmfs_fast::bias_act_grad", _bias_act_grad_fake)
-    register_fake("mmfs_fast::modulated_conv2d", _modulated_conv2d_fake)
     if defines("styled_epilogue"):  # inference only: no autograd formula
         register_fake("mmfs_fast::styled_epilogue", _styled_epilogue_fake)
     register_autograd("mmfs_fast::upfirdn2d", _upfirdn2d_backward, setup_context=_upfirdn2d_setup)
     register_autograd("mmfs_fast::bias_act", _bias_act_backward, setup_context=_bias_act_setup)
     register_autograd("mmfs_fast::bias_act_grad", _bias_act_grad_backward, setup_context=_bias_act_grad_setup)
-    register_autograd("mmfs_fast::modulated_conv2d", _modulated_conv2d_backward,
-                      setup_context=_modulated_conv2d_setup)
 
 
 if _backend.cuda_extension() is not None:  # importing mmfs_fast._C defined the ops
@@ -196,15 +143,3 @@ def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, no
                     noise_strength: float, alpha: float) -> torch.Tensor:
     return _ops.styled_epilogue(x, demod, bias, noise, noise_strength, alpha)
 
-
-def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool,
-                     up: int, down: int, padding: int, fir: torch.Tensor) -> torch.Tensor:
-    """up=2: transposed conv (stride 2), then the FIR blur ×4; down=2: blur, then conv stride 2."""
-    if up == 1 and down == 1:
-        return _ops.modulated_conv2d(x, weight, styles, demodulate, False, 1, padding)
-    p0, p1 = blur_pads(fir.shape[0], weight.shape[2], up, down)
-    if up == 2:
-        out = _ops.modulated_conv2d(x, weight, styles, demodulate, True, 2, 0)
-        return _ops.upfirdn2d(out, fir * 4, 1, 1, [p0, p1, p0, p1])
-    x = _ops.upfirdn2d(x, fir, 1, 1, [p0, p1, p0, p1])
-    return _ops.modulated_conv2d(x, weight, styles, demodulate, False, 2, 0)

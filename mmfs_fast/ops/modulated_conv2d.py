@@ -1,13 +1,15 @@
 """modulated_conv2d: StyleGAN2's per-sample modulated (and demodulated) convolution,
 with the official up=2 (transposed conv, then FIR blur) and down=2 (FIR blur, then
-strided conv) paths.
+strided conv) paths, computed as the official code does: per-sample weights, one grouped
+convolution. Plain PyTorch only, so there is no backend to choose (on a GPU the convolution
+is cuDNN's). The Engine's default, unfused form shares one weight across the batch instead
+(:func:`~mmfs_fast.models.layers.shared_weight_conv`).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mmfs_fast.ops import _backend, _cuda
 from mmfs_fast.ops._common import as_2d_kernel, blur_pads, default_fir, demodulation, weight_energy
 from mmfs_fast.ops.upfirdn2d import upfirdn2d_ref
 
@@ -20,8 +22,8 @@ def modulate_weight(weight: torch.Tensor, styles: torch.Tensor, demodulate: bool
     return w
 
 
-def modulated_conv2d_ref(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool,
-                         up: int, down: int, padding: int, fir: torch.Tensor) -> torch.Tensor:
+def _grouped_conv(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool,
+                  up: int, down: int, padding: int, fir: torch.Tensor) -> torch.Tensor:
     """The official computation: batch folded into groups of one grouped convolution."""
     b, i, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -41,12 +43,9 @@ def modulated_conv2d_ref(x: torch.Tensor, weight: torch.Tensor, styles: torch.Te
     return out.reshape(b, o, out.shape[2], out.shape[3])
 
 
-IMPLEMENTATIONS = {"ref": modulated_conv2d_ref, "cuda": _cuda.modulated_conv2d}
-
-
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool = True,
-                     up: int = 1, down: int = 1, padding: int | None = None, fir: torch.Tensor | None = None,
-                     impl: str = "auto") -> torch.Tensor:
+                     up: int = 1, down: int = 1, padding: int | None = None,
+                     fir: torch.Tensor | None = None) -> torch.Tensor:
     """StyleGAN2 modulated convolution.
 
     x: (B, I, H, W). weight: (O, I, k, k), already multiplied by its equalized-lr
@@ -77,5 +76,4 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     elif up != 1 or down != 1:
         raise ValueError("modulated_conv2d: padding is fixed by the official resampling when up or down is 2")
     fir = default_fir(x.device) if fir is None else as_2d_kernel(fir).to(x.device)
-    name = _backend.resolve("modulated_conv2d", impl, IMPLEMENTATIONS, x)
-    return IMPLEMENTATIONS[name](x, weight, styles, demodulate, up, down, padding, fir)
+    return _grouped_conv(x, weight, styles, demodulate, up, down, padding, fir)
