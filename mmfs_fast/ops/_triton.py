@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.library import register_autograd, triton_op
 
-from mmfs_fast.ops._common import adjoint_pads, output_size
+from mmfs_fast.ops._common import adjoint_pads, blurred_size, output_size
 
 # ---------------------------------------------------------------- upfirdn2d
 
@@ -92,14 +92,6 @@ register_autograd("mmfs_fast::triton_bias_act_grad", _bias_act_grad_backward, se
 # ---------------------------------------------------------------- styled_epilogue
 
 
-def _styled_epilogue_size(x: torch.Tensor, blur: torch.Tensor | None, blur_pad: int) -> tuple[int, int]:
-    h, w = x.shape[2:]
-    if blur is None:
-        return h, w
-    return output_size(h, blur.shape[0], 1, 1, blur_pad, blur_pad), output_size(w, blur.shape[1], 1, 1, blur_pad,
-                                                                                 blur_pad)
-
-
 @triton_op("mmfs_fast::triton_styled_epilogue", mutates_args={})
 def _styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None,
                      noise_strength: float, alpha: float, next_styles: torch.Tensor | None, blur: torch.Tensor | None,
@@ -108,14 +100,14 @@ def _styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, n
     from mmfs_fast.kernels import styled_epilogue as kernels
 
     return kernels.styled_epilogue(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad,
-                                   _styled_epilogue_size(x, blur, blur_pad))
+                                   blurred_size(x, blur, blur_pad))
 
 
 @_styled_epilogue.register_fake
 def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad):
     """In place of triton_op's own fake kernel (the function run on fake tensors), which the
     interpreter (TRITON_INTERPRET=1) would launch for real: the output layout is the kernel's."""
-    return torch.empty((*x.shape[:2], *_styled_epilogue_size(x, blur, blur_pad)), dtype=x.dtype, device=x.device,
+    return torch.empty((*x.shape[:2], *blurred_size(x, blur, blur_pad)), dtype=x.dtype, device=x.device,
                        memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
 
 
