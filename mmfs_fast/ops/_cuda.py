@@ -18,7 +18,7 @@ import torch
 from torch.library import register_autograd, register_fake
 
 from mmfs_fast.ops import _backend
-from mmfs_fast.ops._common import adjoint_pads, blur_pads, demodulation, output_size, weight_energy
+from mmfs_fast.ops._common import adjoint_pads, blur_pads, blurred_size, demodulation, output_size, weight_energy
 
 _ops = torch.ops.mmfs_fast
 # the ops csrc/bindings.cpp defines
@@ -107,8 +107,8 @@ def _bias_act_grad_backward(ctx, grad_grad_x):
 # ---------------------------------------------------------------- styled_epilogue
 
 
-def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, slope):
-    return torch.empty_like(_walkable(x))
+def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, slope, next_styles, blur, blur_pad):
+    return _empty_with_layout_of(x, (*x.shape[:2], *blurred_size(x, blur, blur_pad)))
 
 
 # ---------------------------------------------------------------- modulated_conv2d
@@ -193,8 +193,9 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, alpha: float,
 
 
 def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None,
-                    noise_strength: float, alpha: float) -> torch.Tensor:
-    return _ops.styled_epilogue(x, demod, bias, noise, noise_strength, alpha)
+                    noise_strength: float, alpha: float, next_styles: torch.Tensor | None, blur: torch.Tensor | None,
+                    blur_pad: int) -> torch.Tensor:
+    return _ops.styled_epilogue(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad)
 
 
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool,
