@@ -130,9 +130,14 @@ def _custom_op_cost(name: str, args, out_tensors) -> dict:
     if name.endswith("upfirdn2d"):
         fir, up = args[1], args[2]
         return dict(bytes=traffic, flops=2.0 * out.numel() * fir.numel() / up ** 2)
-    if name.endswith("styled_epilogue"):  # one pass: x read, y written, plus demod, bias and a noise plane
-        noise = args[3]  # per element: a multiply-add, the select, and the noise's multiply-add
-        return dict(bytes=traffic, flops=(3.0 + 2.0 * (noise is not None)) * out.numel())
+    if name.endswith("styled_epilogue"):
+        # one pass: x read once (the blur's windows overlap in cache), y written, plus demod, bias, a
+        # noise plane, next_styles and the taps. Per output element: the blur's multiply-adds, a
+        # multiply-add, the select, the noise's multiply-add and the next styles' multiply.
+        noise, next_styles, blur = args[3], args[6], args[7]
+        per_element = (3.0 + 2.0 * (noise is not None) + (next_styles is not None)
+                       + (0 if blur is None else 2.0 * blur.numel()))
+        return dict(bytes=traffic, flops=per_element * out.numel())
     return dict(bytes=traffic, flops=float(out.numel()))  # bias_act and its gradient: one pass
 
 

@@ -23,9 +23,12 @@ Tensor bias_act(const Tensor& x, const std::optional<Tensor>& bias, double slope
 Tensor bias_act_grad(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& bias, double slope,
                      double gain, std::optional<double> clamp, int64_t dim);
 
-// (z > 0 ? z : slope * z) with z = x * demod[b, c] + bias[c] + noise[b or 0, 0, h, w] * noise_strength,
-// in acc_type; demod (B, C) and bias (C,) are read in fp32. Inference only: no gradient kernel.
+// (z > 0 ? z : slope * z) * next_styles[b, c] with
+// z = blur(x) * demod[b, c] + bias[c] + noise[b or 0, 0, h, w] * noise_strength, in acc_type; blur
+// is upfirdn2d(x, blur, pad = blur_pad on every side), so noise has the blurred size; demod (B, C),
+// bias (C,), next_styles (B, C) and the blur's taps are read in fp32. Inference only: no gradient kernel.
 Tensor styled_epilogue(const Tensor& x, const Tensor& demod, const Tensor& bias, const std::optional<Tensor>& noise,
-                       double noise_strength, double slope);
+                       double noise_strength, double slope, const std::optional<Tensor>& next_styles,
+                       const std::optional<Tensor>& blur, int64_t blur_pad);
 
 }  // namespace mmfs_fast

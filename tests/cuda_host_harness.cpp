@@ -96,6 +96,11 @@ void launch_serial(Dim grid, Kernel&& kernel) {
 
 IntArray ints(const int64_t* values, int64_t count) { return IntArray(values, size_t(count)); }
 
+// null: the input is absent
+std::optional<IntArray> optional_ints(const int64_t* values, int64_t count) {
+  return values != nullptr ? std::optional<IntArray>(ints(values, count)) : std::nullopt;
+}
+
 // Runs body; a check that fails (STD_TORCH_CHECK throws) comes back as 1 and its message.
 template <class Body>
 int reporting(char* error, size_t error_size, Body&& body) {
@@ -186,27 +191,38 @@ int bias_act(const double* x_data, const double* bias, const double* grad, doubl
   });
 }
 
-// styled_epilogue.cu's host function after its copies: the checks, the parameters, the kernel
-// on its grid; x is walked as it is (the caller copies it when walks_in_memory_order says no),
-// noise_sizes null: no noise. max_blocks: see bias_act.
-int styled_epilogue(const double* x_data, const float* demod, const float* bias, const double* noise, double* out,
-                    const int64_t* sizes, const int64_t* strides, int64_t rank, const int64_t* demod_sizes,
-                    int64_t demod_rank,
-                    const int64_t* bias_sizes, int64_t bias_rank, const int64_t* noise_sizes, int64_t noise_rank,
-                    double noise_strength, double slope, unsigned max_blocks, char* error, size_t error_size) {
+// styled_epilogue.cu's checks and output size; a null shape: that input is absent. out_hw: the
+// output's height and width.
+int styled_epilogue_output_size(const int64_t* x, int64_t x_rank, const int64_t* demod, int64_t demod_rank,
+                                const int64_t* bias, int64_t bias_rank, const int64_t* noise, int64_t noise_rank,
+                                const int64_t* next_styles, int64_t next_styles_rank, const int64_t* blur,
+                                int64_t blur_rank, int64_t blur_pad, int64_t* out_hw, char* error,
+                                size_t error_size) {
   return reporting(error, error_size, [&] {
-    const std::optional<IntArray> noise_shape =
-        noise_sizes != nullptr ? std::optional<IntArray>(ints(noise_sizes, noise_rank)) : std::nullopt;
-    check_styled_epilogue_args("mmfs_fast::styled_epilogue", ints(sizes, rank), ints(demod_sizes, demod_rank),
-                               ints(bias_sizes, bias_rank), noise_shape);
-    const StyledEpilogueParams p = styled_epilogue_params(ints(sizes, 4), ints(strides, 4),
-                                                          noise_sizes != nullptr ? noise_sizes[0] : 0,
-                                                          noise_strength, slope);
-    if (p.numel == 0) return;
-    unsigned blocks = grid_stride_blocks(p.numel);
-    if (max_blocks > 0) blocks = std::min(blocks, max_blocks);
-    launch_serial({blocks, 1, 1}, [&] { styled_epilogue_kernel<double>(x_data, demod, bias, noise, out, p); });
+    const StyledEpilogueSize size = mmfs_fast::styled_epilogue_output_size(
+        "mmfs_fast::styled_epilogue", ints(x, x_rank), ints(demod, demod_rank), ints(bias, bias_rank),
+        optional_ints(noise, noise_rank), optional_ints(next_styles, next_styles_rank),
+        optional_ints(blur, blur_rank), blur_pad);
+    out_hw[0] = size.h, out_hw[1] = size.w;
   });
+}
+
+// styled_epilogue.cu's host function after its checks and copies: the parameters and the kernel
+// on its grid. x is walked as it is (the caller copies it when walks_in_memory_order says no),
+// out has empty_with_layout_of's layout; a null pointer: that input is absent (blur_sizes with
+// blur). max_blocks: see bias_act.
+void styled_epilogue(const double* x_data, const float* demod, const float* bias, const double* noise,
+                     const float* next_styles, const float* blur, double* out, const int64_t* sizes,
+                     const int64_t* strides, const int64_t* out_hw, int64_t noise_batch, const int64_t* blur_sizes,
+                     int64_t blur_pad, double noise_strength, double slope, unsigned max_blocks) {
+  const StyledEpilogueParams p =
+      styled_epilogue_params(ints(sizes, 4), ints(strides, 4), {out_hw[0], out_hw[1]}, noise_batch,
+                             next_styles != nullptr, optional_ints(blur_sizes, 2), blur_pad, noise_strength, slope);
+  if (p.numel == 0) return;
+  unsigned blocks = grid_stride_blocks(p.numel);
+  if (max_blocks > 0) blocks = std::min(blocks, max_blocks);
+  launch_serial({blocks, 1, 1},
+                [&] { styled_epilogue_kernel<double>(x_data, demod, bias, noise, next_styles, blur, out, p); });
 }
 
 }  // extern "C"

@@ -48,18 +48,30 @@ def bias_act(x, bias, act, alpha, gain, clamp, dim):
     return x
 
 
-def styled_epilogue(x, demod, bias, noise, strength, alpha):
-    """x (N, C, H, W), demod (N, C), bias (C,), noise None or (N or 1, 1, H, W); per element."""
+def styled_epilogue(x, demod, bias, noise, strength, alpha, next_styles=None, blur=None, blur_pad=0):
+    """x (N, C, H, W), demod (N, C), bias (C,), noise None or (N or 1, 1, H', W'), next_styles None
+    or (N, C), blur None or (kh, kw) with zero padding blur_pad (H' = H + 2·blur_pad - kh + 1);
+    per output element."""
     n, c, h, w = x.shape
-    out = np.empty((n, c, h, w))
+    kernel = np.ones((1, 1)) if blur is None else blur
+    kh, kw = kernel.shape
+    out_h, out_w = h + 2 * blur_pad - kh + 1, w + 2 * blur_pad - kw + 1
+    out = np.empty((n, c, out_h, out_w))
     for b in range(n):
         for ch in range(c):
-            for i in range(h):
-                for j in range(w):
-                    z = x[b, ch, i, j] * demod[b, ch] + bias[ch]
+            for i in range(out_h):
+                for j in range(out_w):
+                    blurred = 0.0
+                    for ky in range(kh):
+                        for kx in range(kw):
+                            si, sj = i + ky - blur_pad, j + kx - blur_pad
+                            if 0 <= si < h and 0 <= sj < w:  # true convolution: the kernel is flipped
+                                blurred += kernel[kh - 1 - ky, kw - 1 - kx] * x[b, ch, si, sj]
+                    z = blurred * demod[b, ch] + bias[ch]
                     if noise is not None:
                         z += noise[b if noise.shape[0] > 1 else 0, 0, i, j] * strength
-                    out[b, ch, i, j] = z if z > 0 else alpha * z
+                    z = z if z > 0 else alpha * z
+                    out[b, ch, i, j] = z if next_styles is None else z * next_styles[b, ch]
     return out
 
 

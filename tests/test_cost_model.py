@@ -141,6 +141,30 @@ def test_styled_epilogue_is_one_kernel_reading_x_and_writing_y():
     assert op.flops == 5 * 2 * 8 * 16
 
 
+def test_blurred_styled_epilogue_is_one_kernel_reading_x_once():
+    """The decoder's form after a transposed convolution: the 4×4 FIR over a (2r + 1)² input with
+    pad 1 and the next convolution's styles, in one kernel that reads x once and writes the (2r)² output."""
+    from mmfs_fast.ops import _backend, default_fir, styled_epilogue
+
+    if not _backend.triton_installed():
+        pytest.skip("triton is not installed: the op has no kernel to count on CUDA")
+
+    def fn():
+        x = torch.empty(2, 8, 9, 9, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+        noise = torch.empty(1, 1, 8, 8, device="cuda", dtype=torch.float16).expand(2, 1, 8, 8)
+        out = styled_epilogue(x, torch.empty(2, 8, device="cuda"), torch.empty(8, device="cuda"), noise, 0.5,
+                              next_styles=torch.empty(2, 8, device="cuda"), blur=default_fir(device="cuda") * 4,
+                              blur_pad=1)
+        assert out.shape == (2, 8, 8, 8) and out.is_contiguous(memory_format=torch.channels_last)
+
+    kernels = record(fn)
+    (op,) = [k for k in kernels if k.op.endswith("styled_epilogue")]
+    assert op.kernels == 1
+    # x read and y written in fp16; demod, bias, next_styles and the 16 taps in fp32; one fp16 noise plane
+    assert op.bytes == (2 * 8 * 81 + 2 * 8 * 64) * 2 + (2 * 8 + 8 + 2 * 8 + 16) * 4 + 64 * 2
+    assert op.flops == (2 * 16 + 3 + 2 + 1) * 2 * 8 * 64
+
+
 def test_roofline_takes_the_slower_of_compute_and_memory():
     peak = cm.peaks.peak_for("H200")
     c = cm.Constants(memory_efficiency=0.5, compute_efficiency=0.25, cudnn_transposes=1.0)

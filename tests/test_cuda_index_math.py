@@ -33,7 +33,7 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 KERNEL_SPANS = {
     "upfirdn2d.cu": ("namespace {\n", "template <typename scalar_t>\nvoid launch("),
     "bias_act.cu": ("namespace {\n", "// x itself when the kernel"),
-    "styled_epilogue.cu": ("namespace {\n", "}  // namespace\n\nTensor styled_epilogue("),
+    "styled_epilogue.cu": ("namespace {\n", "// The host function's optional inputs."),
 }
 
 
@@ -68,10 +68,10 @@ SIGNATURES = {  # name: (argument types, result type)
     "bias_act": ([VOID, VOID, VOID, VOID, I64P, I64P, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
                   ctypes.c_double, ctypes.c_double, ctypes.c_bool, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t],
                  ctypes.c_int),
-    "styled_epilogue": ([VOID, VOID, VOID, VOID, VOID, I64P, I64P, ctypes.c_int64, I64P, ctypes.c_int64, I64P,
-                         ctypes.c_int64, I64P,
-                         ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_uint, ctypes.c_char_p,
-                         ctypes.c_size_t], ctypes.c_int),
+    "styled_epilogue_output_size": ([I64P, ctypes.c_int64] * 6 + [ctypes.c_int64, I64P, ctypes.c_char_p,
+                                                                  ctypes.c_size_t], ctypes.c_int),
+    "styled_epilogue": ([VOID] * 7 + [I64P, I64P, I64P, ctypes.c_int64, I64P, ctypes.c_int64, ctypes.c_double,
+                                      ctypes.c_double, ctypes.c_uint], None),
 }
 
 
@@ -178,18 +178,26 @@ class Harness:
 
     # styled_epilogue.cu
 
-    def styled_epilogue(self, x, demod, bias, noise, noise_strength, slope, max_blocks=2):
-        """styled_epilogue(): x walked in place or copied, demod and bias as contiguous float32,
-        noise contiguous in x's dtype, the checks, the parameters and the kernel."""
+    def styled_epilogue(self, x, demod, bias, noise, noise_strength, slope, next_styles=None, blur=None, blur_pad=0,
+                        max_blocks=2):
+        """styled_epilogue(): the checks and output size, x walked in place or copied, the output in
+        its layout, demod, bias, next_styles and the taps as contiguous float32, noise contiguous
+        in x's dtype, the parameters and the kernel. max_blocks: see bias_act."""
+        def shape(t):
+            return (None, 0) if t is None else (ints(t.shape), t.dim())
+
+        out_hw = ints([0, 0])
+        self._checked(self.library.styled_epilogue_output_size, *shape(x), *shape(demod), *shape(bias), *shape(noise),
+                      *shape(next_styles), *shape(blur), blur_pad, out_hw)
         x = x if self.walks_in_memory_order(x) else x.contiguous()
-        out = torch.full_like(x, math.nan)  # empty_like: x's strides
+        out = self.empty_with_layout_of(x, (*x.shape[:2], *out_hw))
         demod32, bias32 = demod.float().contiguous(), bias.float().contiguous()
+        next32, taps = [None if t is None else t.float().contiguous() for t in (next_styles, blur)]
         noise = None if noise is None else noise.to(x.dtype).contiguous()
-        self._checked(self.library.styled_epilogue, data(x), data(demod32), data(bias32), data(noise), data(out),
-                      ints(x.shape), ints(x.stride()), x.dim(), ints(demod.shape), demod.dim(), ints(bias.shape),
-                      bias.dim(),
-                      None if noise is None else ints(noise.shape), 0 if noise is None else noise.dim(),
-                      noise_strength, slope, max_blocks)
+        self.library.styled_epilogue(data(x), data(demod32), data(bias32), data(noise), data(next32), data(taps),
+                                     data(out), ints(x.shape), ints(x.stride()), out_hw,
+                                     0 if noise is None else noise.shape[0], shape(blur)[0], blur_pad,
+                                     noise_strength, slope, max_blocks)
         return unwritten(out)
 
 
@@ -378,36 +386,64 @@ def test_bias_act_checks_name_the_problem(harness, shape, dim, clamp, message):
 # ---------------------------------------------------------------- styled_epilogue.cu
 
 
+# (blur, blur_pad, next_styles): the decoder's FIR ×4 after a transposed convolution (2r + 1 → 2r
+# with pad 1), and an asymmetric one with a wider pad, where a wrong flip, a transposed axis or a
+# wrong border shows; taps that float32 holds exactly, as the kernel reads them
+EPILOGUE_FORMS = {
+    "plain": (None, 0, False),
+    "next styles": (None, 0, True),
+    "decoder blur": (torch.outer(*[torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64)] * 2) / 16, 1, True),
+    "asymmetric blur": (rand(3, 4, seed=5).float().double(), 2, False),
+}
+
+
 @pytest.mark.parametrize("layout_name", ["contiguous", "channels_last", "transposed"])
 @pytest.mark.parametrize("noise_batch", [None, 1, 3])
 @pytest.mark.parametrize("max_blocks", [0, 2])
-def test_styled_epilogue_kernel_matches_ref(harness, layout_name, noise_batch, max_blocks):
+@pytest.mark.parametrize("form", EPILOGUE_FORMS.values(), ids=EPILOGUE_FORMS.keys())
+def test_styled_epilogue_kernel_matches_ref(harness, layout_name, noise_batch, max_blocks, form):
+    blur, blur_pad, with_next = form
     x = rand(3, 5, 6, 7)
     if layout_name == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout_name == "transposed":  # dense but in neither layout: the kernel walks a copy
         x = rand(3, 5, 7, 6).transpose(2, 3)
     demod, bias = rand(3, 5, seed=1).float().double(), rand(5, seed=2).float().double()  # read as float32
-    noise = None if noise_batch is None else rand(noise_batch, 1, 6, 7, seed=3)
-    got = harness.styled_epilogue(x, demod, bias, noise, 0.7, 0.2, max_blocks)
-    want = styled_epilogue_ref(x, demod, bias, noise, 0.7, 0.2)
+    next_styles = rand(3, 5, seed=4).float().double() if with_next else None
+    out_size = (6, 7) if blur is None else (6 + 2 * blur_pad - blur.shape[0] + 1, 7 + 2 * blur_pad - blur.shape[1] + 1)
+    noise = None if noise_batch is None else rand(noise_batch, 1, *out_size, seed=3)
+    got = harness.styled_epilogue(x, demod, bias, noise, 0.7, 0.2, next_styles, blur, blur_pad, max_blocks)
+    want = styled_epilogue_ref(x, demod, bias, noise, 0.7, 0.2, next_styles, blur, blur_pad)
+    assert got.shape == (3, 5, *out_size)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    if layout_name != "transposed":
-        assert got.stride() == x.stride()
+    # the output keeps x's layout (a copy's, for x in neither)
+    assert got.is_contiguous(memory_format=torch.channels_last if layout_name == "channels_last" else
+                             torch.contiguous_format)
 
 
-@pytest.mark.parametrize("x_shape,demod_shape,bias_shape,noise_shape,message", [
-    ((2, 3, 4), (2, 3), (3,), None, "x must be 4-D (B, C, H, W), got [2, 3, 4]"),
-    ((2, 3, 4, 4), (3, 2), (3,), None, "demod must have shape (2, 3), got [3, 2]"),
-    ((2, 3, 4, 4), (2, 3), (2,), None, "bias must have shape (3), got [2]"),
-    ((2, 3, 4, 4), (2, 3), (3,), (3, 1, 4, 4), "noise must have shape (1 or 2, 1, 4, 4), got [3, 1, 4, 4]"),
-    ((2, 3, 4, 4), (2, 3), (3,), (1, 1, 4, 5), "noise must have shape (1 or 2, 1, 4, 4), got [1, 1, 4, 5]"),
+@pytest.mark.parametrize("bad,message", [
+    (dict(x=(2, 3, 4)), "x must be 4-D (B, C, H, W), got [2, 3, 4]"),
+    (dict(demod=(3, 2)), "demod must have shape (2, 3), got [3, 2]"),
+    (dict(bias=(2,)), "bias must have shape (3), got [2]"),
+    (dict(noise=(3, 1, 4, 4)), "noise must have shape (1 or 2, 1, 4, 4), got [3, 1, 4, 4]"),
+    (dict(noise=(1, 1, 4, 5)), "noise must have shape (1 or 2, 1, 4, 4), got [1, 1, 4, 5]"),
+    (dict(next_styles=(2, 4)), "next_styles must have shape (2, 3), got [2, 4]"),
+    (dict(next_styles=(6,)), "next_styles must have shape (2, 3), got [6]"),
+    (dict(blur_pad=1), "blur_pad is given (1) without a blur"),
+    (dict(blur=(16,), blur_pad=1), "blur must be a 2-D FIR (kh, kw), got [16]"),
+    (dict(blur=(0, 3)), "blur must be a 2-D FIR (kh, kw), got [0, 3]"),
+    (dict(blur=(3, 3), blur_pad=-1), "blur_pad must be in [0, 2^24), got -1"),
+    (dict(blur=(6, 3)), "a [6, 3] blur with pad 0 leaves nothing of x's [4, 4]"),
+    # with a blur the noise has the output's size, not x's
+    (dict(blur=(4, 4), blur_pad=1, noise=(1, 1, 4, 4)), "noise must have shape (1 or 2, 1, 3, 3), got [1, 1, 4, 4]"),
 ])
-def test_styled_epilogue_checks_name_the_problem(harness, x_shape, demod_shape, bias_shape, noise_shape, message):
-    x = rand(*x_shape)
+def test_styled_epilogue_checks_name_the_problem(harness, bad, message):
+    shapes = dict(x=(2, 3, 4, 4), demod=(2, 3), bias=(3,), noise=None, next_styles=None, blur=None, blur_pad=0) | bad
+    blur_pad = shapes.pop("blur_pad")
+    t = {name: None if shape is None else rand(*shape) for name, shape in shapes.items()}
     with pytest.raises(RuntimeError, match="mmfs_fast::styled_epilogue: ") as error:
-        harness.styled_epilogue(x, rand(*demod_shape), rand(*bias_shape),
-                                None if noise_shape is None else rand(*noise_shape), 0.5, 0.2)
+        harness.styled_epilogue(t["x"], t["demod"], t["bias"], t["noise"], 0.5, 0.2, t["next_styles"], t["blur"],
+                                blur_pad)
     assert message in str(error.value)
 
 
@@ -465,4 +501,11 @@ def test_fake_kernels_agree_with_the_compiled_host_code(harness):
         for dim in (1, 3):
             fake = _cuda._bias_act_fake(x, None, 0.2, 1.0, None, dim)
             got = harness.bias_act(x, None, 0.2, 1.0, None, dim)
+            assert fake.shape == got.shape and fake.stride() == got.stride()
+    for x in (rand(2, 3, 9, 7).contiguous(memory_format=torch.channels_last), rand(2, 3, 9, 7),
+              rand(2, 1, 9, 7).contiguous(memory_format=torch.channels_last), rand(2, 3, 7, 9).transpose(2, 3)):
+        demod, bias = rand(*x.shape[:2]), rand(x.shape[1])
+        for blur, blur_pad in [(None, 0), (rand(4, 4), 1), (rand(3, 4), 2)]:
+            fake = _cuda._styled_epilogue_fake(x, demod, bias, None, 0.5, 0.2, None, blur, blur_pad)
+            got = harness.styled_epilogue(x, demod, bias, None, 0.5, 0.2, None, blur, blur_pad)
             assert fake.shape == got.shape and fake.stride() == got.stride()

@@ -370,24 +370,84 @@ def test_styled_epilogue_is_a_cuda_backend_exactly_when_the_extension_defines_it
             STYLED_EPILOGUE.styled_epilogue(rand(1, 2, 3, 3), rand(1, 2), rand(2), impl="cuda")
 
 
+# (blur, blur_pad, next_styles): the decoder's FIR ×4 after a transposed convolution (2r + 1 →
+# 2r with pad 1), and an asymmetric one with a wider pad, where a wrong flip or border shows
+EPILOGUE_FORMS = {
+    "plain": (None, 0, False),
+    "next styles": (None, 0, True),
+    "decoder blur": (default_fir() * 4, 1, True),
+    "asymmetric blur": (rand(3, 4, seed=5), 2, False),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @needs_styled_epilogue
 @pytest.mark.parametrize("dtype", (torch.float32,) + LOW_PRECISION)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("noise_batch", [None, 1, 33])
-def test_styled_epilogue_matches_ref_on_gpu(dtype, channels_last, noise_batch):
+@pytest.mark.parametrize("form", EPILOGUE_FORMS.values(), ids=EPILOGUE_FORMS.keys())
+def test_styled_epilogue_matches_ref_on_gpu(dtype, channels_last, noise_batch, form):
+    blur, blur_pad, with_next = form
     layout = torch.channels_last if channels_last else torch.contiguous_format
     x, demod, bias = rand(33, 5, 9, 7), rand(33, 5, seed=1).abs() + 0.1, rand(5, seed=2)
-    noise = None if noise_batch is None else rand(noise_batch, 1, 9, 7, seed=3)
+    next_styles = rand(33, 5, seed=4).cuda() if with_next else None
+    out_size = (9, 7) if blur is None else (9 + 2 * blur_pad - blur.shape[0] + 1, 7 + 2 * blur_pad - blur.shape[1] + 1)
+    noise = None if noise_batch is None else rand(noise_batch, 1, *out_size, seed=3)
 
     def run(impl, dt):
         out = STYLED_EPILOGUE.styled_epilogue(x.to("cuda", dt).contiguous(memory_format=layout), demod.cuda(),
                                               bias.cuda(), None if noise is None else noise.to("cuda", dt), 0.7,
-                                              impl=impl)
-        assert out.dtype == dt and out.is_contiguous(memory_format=layout)
+                                              next_styles=next_styles, blur=None if blur is None else blur.cuda(),
+                                              blur_pad=blur_pad, impl=impl)
+        assert out.dtype == dt and out.shape == (33, 5, *out_size) and out.is_contiguous(memory_format=layout)
         return out.float()
 
     exact, low, got = run("ref", torch.float32), run("ref", dtype), run("cuda", dtype)
     bound = 1e-5 * exact.abs().max().item() if dtype == torch.float32 else 2 * (low - exact).abs().max().item() + 1e-5
     assert (got - exact).abs().max().item() <= bound
+
+
+def styled_epilogue_samples(device="meta"):
+    """Arguments of the op, each form of its inputs, in both layouts; the blurred ones 9×9 → 8×8."""
+    x = torch.randn(2, 3, 9, 9, device=device)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    demod, bias = torch.randn(2, 3, device=device), torch.randn(3, device=device)
+    next_styles, fir = torch.randn(2, 3, device=device), torch.rand(4, 4, device=device)
+    return [
+        (x, demod, bias, None, 0.0, 0.2, None, None, 0),
+        (x_cl, demod, bias, torch.randn(2, 1, 9, 9, device=device), 0.5, 0.2, next_styles, None, 0),
+        (x, demod, bias, torch.randn(1, 1, 8, 8, device=device), 0.5, 0.2, next_styles, fir, 1),
+        (x_cl, demod, bias, None, 0.0, 0.2, None, fir, 1),
+    ]
+
+
+@needs_styled_epilogue
+def test_styled_epilogue_is_reached_through_the_stable_abi():
+    """Without a GPU: every form of the arguments unboxes (the schema matches the C++ signature)
+    and reaches the op's own device check."""
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    for args in styled_epilogue_samples("cpu"):
+        with pytest.raises(RuntimeError, match=r"mmfs_fast::styled_epilogue: x must be a CUDA tensor, got one on cpu"):
+            torch.ops.mmfs_fast.styled_epilogue.default.redispatch(cuda_only, *args)
+
+
+@needs_styled_epilogue
+@pytest.mark.parametrize("sample", range(len(styled_epilogue_samples())))
+def test_styled_epilogue_fake_kernel_and_opcheck_on_meta(sample):
+    args = styled_epilogue_samples()[sample]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = torch.ops.mmfs_fast.styled_epilogue(*args)
+    assert tuple(out.shape) == ((2, 3, 9, 9) if args[7] is None else (2, 3, 8, 8))
+    assert out.is_contiguous(memory_format=torch.channels_last) == (sample % 2 == 1)
+    torch.library.opcheck(torch.ops.mmfs_fast.styled_epilogue, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_styled_epilogue
+@pytest.mark.parametrize("sample", range(len(styled_epilogue_samples())))
+def test_styled_epilogue_opcheck_on_gpu(sample):
+    torch.library.opcheck(torch.ops.mmfs_fast.styled_epilogue, styled_epilogue_samples("cuda")[sample])

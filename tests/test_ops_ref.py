@@ -147,26 +147,57 @@ def test_bias_act_derivatives(act):
 
 
 # -- styled_epilogue ------------------------------------------------------------
+# (blur, blur_pad, next_styles) on a 5×5 x: the decoder's FIR ×4 after a transposed convolution
+# (2r + 1 → 2r with pad 1), and an asymmetric one with a wider pad, where a wrong flip, a transposed
+# axis or a wrong border shows
+EPILOGUE_FORMS = {
+    "plain": (None, 0, False),
+    "next styles": (None, 0, True),
+    "decoder blur": (default_fir(dtype=torch.float64) * 4, 1, True),
+    "asymmetric blur": (torch.arange(1.0, 13.0, dtype=torch.float64).reshape(3, 4), 2, False),
+}
+
+
+def epilogue_inputs(form, noise_batch, dtype=torch.float64):
+    """x, demod, bias, noise (of the output's size), next_styles, blur, blur_pad."""
+    blur, blur_pad, with_next = EPILOGUE_FORMS[form]
+    x, demod, bias = rand(2, 3, 5, 5).to(dtype), (rand(2, 3, seed=1).abs() + 0.1).to(dtype), rand(3, seed=2).to(dtype)
+    out_size = (5, 5) if blur is None else tuple(5 + 2 * blur_pad - k + 1 for k in blur.shape)
+    noise = None if noise_batch is None else rand(noise_batch, 1, *out_size, seed=3).to(dtype)
+    next_styles = rand(2, 3, seed=4).to(dtype) if with_next else None
+    return x, demod, bias, noise, next_styles, None if blur is None else blur.to(dtype), blur_pad
+
+
+def naive_epilogue(x, demod, bias, noise, strength, next_styles, blur, blur_pad):
+    numpy = lambda t: None if t is None else t.double().numpy()  # noqa: E731
+    return naive.styled_epilogue(numpy(x), numpy(demod), numpy(bias), numpy(noise), strength, 0.2, numpy(next_styles),
+                                 numpy(blur), blur_pad)
+
+
+@pytest.mark.parametrize("form", EPILOGUE_FORMS)
 @pytest.mark.parametrize("noise_batch", [None, 1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_styled_epilogue_matches_definition(noise_batch, channels_last):
-    x = rand(2, 3, 4, 5)
+def test_styled_epilogue_matches_definition(form, noise_batch, channels_last):
+    x, demod, bias, noise, next_styles, blur, blur_pad = epilogue_inputs(form, noise_batch)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    demod, bias = rand(2, 3, seed=1).abs() + 0.1, rand(3, seed=2)
-    noise = None if noise_batch is None else rand(noise_batch, 1, 4, 5, seed=3)
-    got = styled_epilogue(x, demod, bias, noise, noise_strength=0.7)
-    expected = naive.styled_epilogue(x.numpy(), demod.numpy(), bias.numpy(), None if noise is None else noise.numpy(),
-                                     0.7, 0.2)
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    got = styled_epilogue(x, demod, bias, noise, noise_strength=0.7, next_styles=next_styles, blur=blur,
+                          blur_pad=blur_pad)
+    expected = naive_epilogue(x, demod, bias, noise, 0.7, next_styles, blur, blur_pad)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
     assert got.dtype == x.dtype and got.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-def test_styled_epilogue_half_precision_storage_uses_fp32_arithmetic():
-    x, demod, bias = rand(1, 2, 3, 3).half(), rand(1, 2, seed=1).float(), rand(2, seed=2).float()
-    expected = naive.styled_epilogue(x.double().numpy(), demod.double().numpy(), bias.double().numpy(), None, 0.0, 0.2)
-    got = styled_epilogue(x, demod, bias)
-    assert got.dtype == torch.float16
+@pytest.mark.parametrize("form", EPILOGUE_FORMS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_styled_epilogue_half_precision_storage_uses_fp32_arithmetic(form, channels_last):
+    x, demod, bias, noise, next_styles, blur, blur_pad = epilogue_inputs(form, 1, torch.float16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = naive_epilogue(x, demod, bias, noise, 0.7, next_styles, blur, blur_pad)
+    got = styled_epilogue(x, demod, bias, noise, 0.7, next_styles=next_styles, blur=blur, blur_pad=blur_pad)
+    assert got.dtype == torch.float16 and got.is_contiguous(memory_format=torch.channels_last) == channels_last
     # one fp16 rounding of the exact result, not one per step
     np.testing.assert_array_equal(got.numpy(), torch.from_numpy(expected).half().numpy())
 
@@ -177,8 +208,18 @@ def test_styled_epilogue_half_precision_storage_uses_fp32_arithmetic():
     (dict(noise=rand(3, 1, 4, 5)), "noise must have shape"),
     (dict(noise=rand(1, 2, 4, 5)), "noise must have shape"),
     (dict(x=rand(2, 3, 4)), "4-D floating-point"),
+    (dict(next_styles=rand(2, 4)), "next_styles must have shape"),
+    (dict(next_styles=rand(3)), "next_styles must have shape"),
+    (dict(blur_pad=1), "blur_pad is given without a blur"),
+    (dict(blur=rand(4), blur_pad=1), "blur must be a 2-D floating-point FIR"),
+    (dict(blur=rand(3, 3), blur_pad=-1), "blur_pad must be an int >= 0"),
+    (dict(blur=rand(6, 3), blur_pad=0), "leaves nothing of x's"),
+    # with a blur the noise has the output's size, not x's
+    (dict(blur=rand(4, 4), blur_pad=1, noise=rand(1, 1, 4, 5)), r"noise must have shape \(1 or 2, 1, 3, 4\)"),
+    (dict(next_styles=torch.empty(2, 3, device="meta")), "next_styles is on meta but x is on cpu"),
+    (dict(blur=torch.empty(3, 3, device="meta"), blur_pad=1), "blur is on meta but x is on cpu"),
 ])
-def test_styled_epilogue_rejects_bad_shapes(bad, match):
+def test_styled_epilogue_rejects_bad_arguments(bad, match):
     args = dict(x=rand(2, 3, 4, 5), demod=rand(2, 3), bias=rand(3), noise=None)
     args.update(bad)
     with pytest.raises(ValueError, match=match):

@@ -152,23 +152,37 @@ def test_registered_ops_pass_opcheck():
 
 # ---------------------------------------------------------------- styled_epilogue
 
-NOISE_FORMS = {"none": None, "per sample": (3, 1, 6, 5), "broadcast": (1, 1, 6, 5)}
+NOISE_BATCHES = {"none": None, "per sample": 3, "broadcast": 1}
+# (blur, blur_pad, next_styles): the decoder's FIR ×4 after a transposed convolution (input
+# 2r + 1, pad 1, output 2r), and an asymmetric one with a wider pad, where a wrong flip, a
+# transposed axis or a wrong border shows
+EPILOGUE_FORMS = {
+    "plain": (None, 0, False),
+    "next styles": (None, 0, True),
+    "decoder blur": (FIR * 4, 1, True),
+    "asymmetric blur": (torch.arange(1.0, 13.0).reshape(3, 4) / 78, 2, False),
+}
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("noise", sorted(NOISE_FORMS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("noise", sorted(NOISE_BATCHES))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_styled_epilogue_matches_ref(dtype, noise, channels_last):
+@pytest.mark.parametrize("form", EPILOGUE_FORMS.values(), ids=EPILOGUE_FORMS.keys())
+def test_styled_epilogue_matches_ref(dtype, noise, channels_last, form):
     """Inference only: outputs, no gradients."""
+    blur, blur_pad, with_next = form
+    blur = None if blur is None else blur.to(DEVICE)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    x, demod, bias = randn(3, 7, 6, 5), randn(3, 7, seed=1).abs() + 0.1, randn(7, seed=2)
-    noise_tensor = None if NOISE_FORMS[noise] is None else randn(*NOISE_FORMS[noise], seed=3)
+    x, demod, bias = randn(3, 7, 9, 9), randn(3, 7, seed=1).abs() + 0.1, randn(7, seed=2)
+    next_styles = randn(3, 7, seed=4) if with_next else None
+    out_size = (9, 9) if blur is None else tuple(9 + 2 * blur_pad - k + 1 for k in blur.shape)
+    noise_tensor = None if NOISE_BATCHES[noise] is None else randn(NOISE_BATCHES[noise], 1, *out_size, seed=3)
     results = {}
     for name, impl, dt in (("ref32", "ref", torch.float32), ("ref", "ref", dtype), ("triton", "triton", dtype)):
         x_in = x.to(dt).contiguous(memory_format=layout)
         out = styled_epilogue(x_in, demod, bias, None if noise_tensor is None else noise_tensor.to(dt), 0.7,
-                              impl=impl)
-        assert out.dtype == dt and out.is_contiguous(memory_format=layout)
+                              next_styles=next_styles, blur=blur, blur_pad=blur_pad, impl=impl)
+        assert out.dtype == dt and out.shape == (3, 7, *out_size) and out.is_contiguous(memory_format=layout)
         results[name] = [out.float()]
     assert_matches_ref(results, dtype)
 
@@ -185,9 +199,13 @@ def test_styled_epilogue_op_passes_opcheck():
     checks = ("test_schema", "test_autograd_registration")
     if HAS_CUDA:
         checks += ("test_faketensor", "test_aot_dispatch_dynamic")
-    for noise in (None, randn(2, 1, 4, 4, seed=3)):
-        args = (randn(2, 3, 4, 4), randn(2, 3, seed=1), randn(3, seed=2), noise, 0.5, 0.2)
-        torch.library.opcheck(torch.ops.mmfs_fast.triton_styled_epilogue, args, test_utils=checks)
+    x, demod, bias = randn(2, 3, 5, 5), randn(2, 3, seed=1), randn(3, seed=2)
+    fused = (randn(1, 1, 4, 4, seed=3), randn(2, 3, seed=4), (FIR * 4).to(DEVICE), 1)  # blur: 5×5 → 4×4
+    for noise, next_styles, blur, blur_pad in [(None, None, None, 0), (randn(2, 1, 5, 5, seed=3), None, None, 0),
+                                               fused]:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            args = (x.contiguous(memory_format=layout), demod, bias, noise, 0.5, 0.2, next_styles, blur, blur_pad)
+            torch.library.opcheck(torch.ops.mmfs_fast.triton_styled_epilogue, args, test_utils=checks)
 
 
 # ---------------------------------------------------------------- a whole model

@@ -60,6 +60,15 @@ def output_size(in_size: int, k: int, up: int, down: int, pad0: int, pad1: int) 
     return (in_size * up + pad0 + pad1 - k) // down + 1
 
 
+def blurred_size(x: torch.Tensor, blur: torch.Tensor | None, pad: int) -> tuple[int, int]:
+    """x's (H, W) after styled_epilogue's blur, if any: upfirdn2d with up = down = 1 and ``pad`` on
+    every side."""
+    h, w = x.shape[2:]
+    if blur is None:
+        return h, w
+    return output_size(h, blur.shape[0], 1, 1, pad, pad), output_size(w, blur.shape[1], 1, 1, pad, pad)
+
+
 def adjoint_pads(in_size: tuple[int, int], out_size: tuple[int, int], kernel_size: tuple[int, int], up: int,
                  down: int, pad: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     """Pads (x0, x1, y0, y1) that make ``upfirdn2d(dy, flipped kernel, up=down, down=up)``

@@ -17,7 +17,7 @@ import torch
 from torch.library import register_autograd, register_fake
 
 from mmfs_fast.ops import _backend
-from mmfs_fast.ops._common import adjoint_pads, output_size
+from mmfs_fast.ops._common import adjoint_pads, blurred_size, output_size
 
 _ops = torch.ops.mmfs_fast
 # the ops csrc/bindings.cpp defines
@@ -106,8 +106,8 @@ def _bias_act_grad_backward(ctx, grad_grad_x):
 # ---------------------------------------------------------------- styled_epilogue
 
 
-def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, slope):
-    return torch.empty_like(_walkable(x))
+def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, slope, next_styles, blur, blur_pad):
+    return _empty_with_layout_of(x, (*x.shape[:2], *blurred_size(x, blur, blur_pad)))
 
 
 def _register() -> None:
@@ -140,6 +140,7 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, alpha: float,
 
 
 def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None,
-                    noise_strength: float, alpha: float) -> torch.Tensor:
-    return _ops.styled_epilogue(x, demod, bias, noise, noise_strength, alpha)
+                    noise_strength: float, alpha: float, next_styles: torch.Tensor | None, blur: torch.Tensor | None,
+                    blur_pad: int) -> torch.Tensor:
+    return _ops.styled_epilogue(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.library import register_autograd, triton_op
 
-from mmfs_fast.ops._common import adjoint_pads, output_size
+from mmfs_fast.ops._common import adjoint_pads, blurred_size, output_size
 
 # ---------------------------------------------------------------- upfirdn2d
 
@@ -94,18 +94,21 @@ register_autograd("mmfs_fast::triton_bias_act_grad", _bias_act_grad_backward, se
 
 @triton_op("mmfs_fast::triton_styled_epilogue", mutates_args={})
 def _styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None,
-                     noise_strength: float, alpha: float) -> torch.Tensor:
+                     noise_strength: float, alpha: float, next_styles: torch.Tensor | None, blur: torch.Tensor | None,
+                     blur_pad: int) -> torch.Tensor:
     """Inference only: no autograd formula is registered, so autograd refuses a backward through it."""
     from mmfs_fast.kernels import styled_epilogue as kernels
 
-    return kernels.styled_epilogue(x, demod, bias, noise, noise_strength, alpha)
+    return kernels.styled_epilogue(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad,
+                                   blurred_size(x, blur, blur_pad))
 
 
 @_styled_epilogue.register_fake
-def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, alpha):
+def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad):
     """In place of triton_op's own fake kernel (the function run on fake tensors), which the
     interpreter (TRITON_INTERPRET=1) would launch for real: the output layout is the kernel's."""
-    return torch.empty_like(x, memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
+    return torch.empty((*x.shape[:2], *blurred_size(x, blur, blur_pad)), dtype=x.dtype, device=x.device,
+                       memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
 
 
 # ---------------------------------------------------------------- the backend functions
@@ -121,9 +124,11 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, alpha: float,
     return _bias_act(x.contiguous(), None if bias is None else bias.contiguous(), act, alpha, gain, clamp, dim)
 
 
-
 def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None,
-                    noise_strength: float, alpha: float) -> torch.Tensor:
+                    noise_strength: float, alpha: float, next_styles: torch.Tensor | None, blur: torch.Tensor | None,
+                    blur_pad: int) -> torch.Tensor:
     walkable = x if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) else x.contiguous()
     return _styled_epilogue(walkable, demod.float().contiguous(), bias.float().contiguous(),
-                            None if noise is None else noise.contiguous(), noise_strength, alpha)
+                            None if noise is None else noise.contiguous(), noise_strength, alpha,
+                            None if next_styles is None else next_styles.float().contiguous(),
+                            None if blur is None else blur.float().contiguous(), blur_pad)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfs_fast.ops import _backend, _cuda, _triton
-from mmfs_fast.ops._common import output_size
+from mmfs_fast.ops._common import blurred_size
 from mmfs_fast.ops.bias_act import ACTIVATIONS
 from mmfs_fast.ops.upfirdn2d import upfirdn2d_ref
 
@@ -54,8 +54,7 @@ def _check(x, demod, bias, noise, next_styles, blur, blur_pad) -> tuple[int, int
                              f"{blur.dtype}")
         if not isinstance(blur_pad, int) or blur_pad < 0:
             raise ValueError(f"styled_epilogue: blur_pad must be an int >= 0, got {blur_pad!r}")
-        h = output_size(h, blur.shape[0], 1, 1, blur_pad, blur_pad)
-        w = output_size(w, blur.shape[1], 1, 1, blur_pad, blur_pad)
+        h, w = blurred_size(x, blur, blur_pad)
         if h < 1 or w < 1:
             raise ValueError(f"styled_epilogue: a {tuple(blur.shape)} blur with pad {blur_pad} leaves nothing of "
                              f"x's {tuple(x.shape[2:])}")
