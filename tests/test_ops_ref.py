@@ -211,8 +211,10 @@ def test_styled_epilogue_half_precision_storage_uses_fp32_arithmetic(form, chann
     (dict(next_styles=rand(2, 4)), "next_styles must have shape"),
     (dict(next_styles=rand(3)), "next_styles must have shape"),
     (dict(blur_pad=1), "blur_pad is given without a blur"),
-    (dict(blur=rand(4), blur_pad=1), "blur must be a 2-D floating-point FIR"),
+    (dict(blur=rand(4), blur_pad=1), "blur must be a non-empty 2-D floating-point FIR"),
+    (dict(blur=torch.empty(0, 3), blur_pad=1), "blur must be a non-empty 2-D floating-point FIR"),
     (dict(blur=rand(3, 3), blur_pad=-1), "blur_pad must be an int >= 0"),
+    (dict(blur=rand(3, 3), blur_pad=True), "blur_pad must be an int >= 0"),
     (dict(blur=rand(6, 3), blur_pad=0), "leaves nothing of x's"),
     # with a blur the noise has the output's size, not x's
     (dict(blur=rand(4, 4), blur_pad=1, noise=rand(1, 1, 4, 5)), r"noise must have shape \(1 or 2, 1, 3, 4\)"),

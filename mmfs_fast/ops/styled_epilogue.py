@@ -49,10 +49,10 @@ def _check(x, demod, bias, noise, next_styles, blur, blur_pad) -> tuple[int, int
         raise ValueError(f"styled_epilogue: x must be a 4-D floating-point tensor, got {x.ndim}-D {x.dtype}")
     batch, channels, h, w = x.shape
     if blur is not None:
-        if blur.ndim != 2 or not blur.is_floating_point():
-            raise ValueError(f"styled_epilogue: blur must be a 2-D floating-point FIR, got {tuple(blur.shape)} "
-                             f"{blur.dtype}")
-        if not isinstance(blur_pad, int) or blur_pad < 0:
+        if blur.ndim != 2 or min(blur.shape) < 1 or not blur.is_floating_point():
+            raise ValueError(f"styled_epilogue: blur must be a non-empty 2-D floating-point FIR, got "
+                             f"{tuple(blur.shape)} {blur.dtype}")
+        if not isinstance(blur_pad, int) or isinstance(blur_pad, bool) or blur_pad < 0:
             raise ValueError(f"styled_epilogue: blur_pad must be an int >= 0, got {blur_pad!r}")
         h, w = blurred_size(x, blur, blur_pad)
         if h < 1 or w < 1:
