@@ -16,7 +16,7 @@ from mmfs_fast.models.layers import (ConvLayer, EqualLinear, FusedLeakyReLU, Mod
                                      style_slots)
 from mmfs_fast.models.stylizer import N_CONVS, Stylizer
 from mmfs_fast.ops import (_backend, bias_act, demodulation, polyphase_up_pad, polyphase_up_weight, styled_epilogue,
-                           weight_energy)
+                           upfirdn2d, weight_energy)
 from mmfs_fast.ops.bias_act import ACTIVATIONS
 from mmfs_fast.ops.styled_epilogue import IMPLEMENTATIONS as EPILOGUE_IMPLS
 
@@ -80,18 +80,53 @@ class _BiasLeakyReLU(nn.Module):
         return bias_act(x, self.bias, act="lrelu", gain=1.0, impl=self.impl)
 
 
+def _pointwise_conv(x: torch.Tensor, weight: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution of x (B, I, H, W) by weight (O, I), or (B, O, I) per sample, plus ``add``
+    ((O,), or (B, O, H, W) in x's layout) as one batched matrix product: the add rides in the
+    GEMM instead of a pass of its own. The result has x's layout."""
+    batch, channels, h, w = x.shape
+    out_ch = weight.shape[-2]
+    weight = weight.expand(batch, out_ch, channels)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        # (B, HW, I) @ (B, I, O): the (B, H, W, O) result is the channels-last tensor
+        add = add.reshape(1, 1, out_ch) if add.ndim == 1 else add.permute(0, 2, 3, 1).reshape(batch, h * w, out_ch)
+        out = torch.baddbmm(add, x.permute(0, 2, 3, 1).reshape(batch, h * w, channels), weight.transpose(1, 2))
+        return out.reshape(batch, h, w, out_ch).permute(0, 3, 1, 2)
+    add = add.reshape(1, out_ch, 1) if add.ndim == 1 else add.reshape(batch, out_ch, h * w)
+    return torch.baddbmm(add, weight, x.reshape(batch, channels, h * w)).reshape(batch, out_ch, h, w)
+
+
+class _Skip(nn.Module):
+    """ResBlock's skip branch (blur, then a stride-2 1×1 convolution without bias) and the join
+    with the main branch: the blur keeps only the samples the strided convolution reads
+    (upfirdn2d with down=2 writes a quarter of the full blur), and the convolution is one matrix
+    product that adds the main branch (see _pointwise_conv)."""
+
+    def __init__(self, layer: ConvLayer, dtype: torch.dtype, out_scale: float):
+        super().__init__()
+        blur, equal_conv = layer
+        self.register_buffer("kernel", blur.kernel.detach().to(dtype))
+        self.pad = blur.pad
+        weight = equal_conv.weight[:, :, 0, 0] * (equal_conv.scale * out_scale)
+        self.register_buffer("weight", weight.detach().to(dtype))
+        self.impl = "auto"
+
+    def forward(self, x: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
+        return _pointwise_conv(upfirdn2d(x, self.kernel, down=2, pad=self.pad, impl=self.impl), self.weight, main)
+
+
 class _ResBlock(nn.Module):
     """ResBlock with its 1/sqrt(2) folded into the last layers of both branches (see
-    _conv_layer), so one in-place add joins them."""
+    _conv_layer), so the skip's matrix product joins them (see _Skip)."""
 
     def __init__(self, block: ResBlock, dtype: torch.dtype, conv_adds_bias: bool):
         super().__init__()
         self.conv1 = _conv_layer(block.conv1, dtype, conv_adds_bias)
         self.conv2 = _conv_layer(block.conv2, dtype, conv_adds_bias, out_scale=1 / math.sqrt(2))
-        self.skip = _conv_layer(block.skip, dtype, conv_adds_bias, out_scale=1 / math.sqrt(2))
+        self.skip = _Skip(block.skip, dtype, out_scale=1 / math.sqrt(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.conv1(x)).add_(self.skip(x))
+        return self.skip(x, self.conv2(self.conv1(x)))
 
 
 class _ModulatedConv(nn.Module):
@@ -195,14 +230,7 @@ class _ToRGB(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         """x (B, C, H, W); weight (B, 3, C) = W·s per sample; skip: the previous RGB or None."""
-        batch, channels, h, w = x.shape
-        bias = self.bias.reshape(1, 1, 3)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            # (B, HW, C) @ (B, C, 3): the (B, H, W, 3) result is the channels-last image
-            rgb = torch.baddbmm(bias, x.permute(0, 2, 3, 1).reshape(batch, h * w, channels), weight.transpose(1, 2))
-            rgb = rgb.reshape(batch, h, w, 3).permute(0, 3, 1, 2)
-        else:
-            rgb = torch.baddbmm(bias.transpose(1, 2), weight, x.reshape(batch, channels, h * w)).reshape(batch, 3, h, w)
+        rgb = _pointwise_conv(x, weight, self.bias)
         return rgb if skip is None else rgb.add_(self.upsample(skip))
 
 
