@@ -735,13 +735,17 @@ def backend_orders() -> dict[str, list[str]]:
     return {op: list(_backend.fastest_first(op)) for op in ("upfirdn2d", "bias_act", "styled_epilogue")}
 
 
-def run(workloads, batches, upsample: str = "winners") -> dict:
+def run(workloads, batches, forms: dict[str, str] | None = None) -> dict:
     """Count and predict each workload at each batch size (fine-tuning at its own batch).
-    upsample: "winners" (winners.json's form per shape, as the Engine runs) or one of
-    _backend.UPSAMPLE_FORMS for every upsampling convolution (to predict which form wins)."""
+    forms: resampling kind ("upsample", "downsample") → one of its _backend.CONV_FORMS, forced
+    for every such convolution (to predict which form wins); the kinds not named take
+    winners.json's form per shape, as the Engine runs."""
     results = {}
-    forced = contextlib.nullcontext() if upsample == "winners" else mock.patch.multiple(
-        _backend, upsample_form=lambda *shape: upsample, polyphase_wins_somewhere=lambda *ch: upsample == "polyphase")
+    forms = forms or {}
+    winner, wins_somewhere = _backend.conv_form, _backend.form_wins_somewhere
+    forced = mock.patch.multiple(
+        _backend, conv_form=lambda kind, *shape: forms[kind] if kind in forms else winner(kind, *shape),
+        form_wins_somewhere=lambda kind, form, *ch: forms[kind] == form if kind in forms else wins_somewhere(kind, form, *ch))
     with forced, fake_cuda() as recorder:
         models = build_models(with_dino="finetune_step" in workloads)
         for workload in workloads:
@@ -792,8 +796,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", nargs="+", metavar="BENCH_JSON",
                    help="fit the constants to these measurements and write " + str(CALIBRATION_FILE.name))
     p.add_argument("--layers", action="store_true", help="per-layer tables")
-    p.add_argument("--upsample", choices=("winners", *_backend.UPSAMPLE_FORMS), default="winners",
-                   help="form of the decoder's upsampling convolutions (default: winners.json's, per shape)")
+    for kind, where in (("upsample", "decoder"), ("downsample", "encoder")):
+        p.add_argument(f"--{kind}", choices=("winners", *_backend.CONV_FORMS[kind]), default="winners",
+                       help=f"form of the {where}'s {kind[:-6]}sampling convolutions (default: winners.json's, per shape)")
     p.add_argument("--json", help="write the results here as JSON")
     args = p.parse_args(argv)
     peak = peaks.peak_for(args.device)
@@ -805,7 +810,8 @@ def main(argv: list[str] | None = None) -> int:
     measured = measured_ms(args.measured + (args.calibrate or []))
     c = load_constants(args.device)
     batches = sorted(set(args.batch) | ({b for _, b in measured} if args.calibrate else set()))
-    counted = run(workloads, batches, args.upsample)
+    counted = run(workloads, batches, {kind: form for kind, form in (("upsample", args.upsample),
+                                                                     ("downsample", args.downsample)) if form != "winners"})
     if args.calibrate:
         c, errors = calibrate(counted, measured, peak)
         calibration = json.loads(CALIBRATION_FILE.read_text()) if CALIBRATION_FILE.is_file() else {}

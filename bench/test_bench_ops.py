@@ -5,9 +5,12 @@ traffic (each input read once, each output written once). extra_info.uses says h
 each model makes the call. (modulated_conv2d has no backend to choose: the Engine's
 ``mmfs-fast-fused`` configuration of test_bench_e2e.py times it.)
 
-test_upsample_form times the Engine's unfused upsampling convolution in both of its forms
-(transposed conv + blur, polyphase) at each decoder shape of the modulated convolutions, in
-TFLOP/s; on a GPU its cases rewrite the "upsample" entry of winners.json (bench/winners.py).
+test_upsample_form times the Engine's upsampling StyledConv in both of its forms (transposed
+conv with the blur in the epilogue, polyphase) at each decoder shape of the modulated
+convolutions, test_downsample_form the encoder's downsampling ConvLayer in both of its forms
+(blur + strided conv, the blur folded into the strided kernel), in TFLOP/s of the training
+form's convolution; on a GPU their cases rewrite the "upsample" and "downsample" entries of
+winners.json (bench/winners.py).
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ import torch
 from harness import DEVICE, DTYPE_NAMES, OP_ROUNDS, ON_GPU, PROFILE, record_rate
 from mmfs_fast import benchmark as mb
 from mmfs_fast import ops
-from mmfs_fast.models.inference import _ModulatedConv
-from mmfs_fast.models.layers import ModulatedConv2d
+from mmfs_fast.models import Stylizer
+from mmfs_fast.models.inference import _conv_layer, _StyledConv
+from mmfs_fast.models.layers import Blur, ConvLayer, StyledConv
 from mmfs_fast.ops import _backend
 from op_shapes import PUBLIC_OPS, OpCall, op_calls
 
@@ -105,16 +109,48 @@ UPSAMPLE_CALLS = [call for call, _ in CALLS if call.op == "modulated_conv2d" and
 @pytest.mark.parametrize("form", _backend.UPSAMPLE_FORMS)
 @pytest.mark.parametrize("call", UPSAMPLE_CALLS, ids=lambda call: call.label)
 def test_upsample_form(call: OpCall, form: str, dtype: str, measure, benchmark):
-    """One upsampling convolution of the Engine's decoder (style affine, x·s, convolution, before
-    demodulation) in ``form``, from a random-init layer of the benchmarked Stylizer's size."""
+    """One upsampling StyledConv of the Engine's decoder (convolution and epilogue, on an input
+    already scaled by its styles) in ``form``, from a random-init layer of the benchmarked
+    Stylizer's size."""
     b, i, h, _ = dict(call.shapes)["x"]
     o, _, k, _ = dict(call.shapes)["weight"]
-    style_dim = PROFILE.stylizer.style_dim
-    layer = ModulatedConv2d(i, o, k, style_dim, upsample=True).eval()
-    prepared = _ModulatedConv(layer, mb.DTYPES[dtype], fused=False, upsample_form=form).to(DEVICE)
-    x = torch.randn(b, i, h, h, device=DEVICE, dtype=mb.DTYPES[dtype])
-    w = torch.randn(b, style_dim, device=DEVICE)
-    fn = torch.no_grad()(lambda: prepared.undemodulated(x, w))
+    layer = StyledConv(i, o, k, PROFILE.stylizer.style_dim, upsample=True).eval()
+    prepared = _StyledConv(layer, mb.DTYPES[dtype], upsample_form=form).to(DEVICE)
+    x = torch.randn(b, i, h, h, device=DEVICE, dtype=mb.DTYPES[dtype]).contiguous(memory_format=torch.channels_last)
+    demod = torch.rand(b, o, device=DEVICE)
+    fn = torch.no_grad()(lambda: prepared(x, demod, None))
     seconds = measure(fn, group=f"upsample {call.label} {dtype}", rounds=OP_ROUNDS, op="upsample", impl=form,
-                      dtype=dtype, direction="fwd", batch=b, shape=_backend.upsample_key(i, o, h))
+                      dtype=dtype, direction="fwd", batch=b, shape=_backend.shape_key(i, o, h))
     record_rate(benchmark, seconds, dtype, flops=2.0 * b * o * i * k * k * h * h)
+
+
+@functools.cache
+def downsample_shapes() -> list[tuple[int, int, int, int]]:
+    """(batch, in channels, out channels, input height) of each 3×3 downsampling convolution of
+    the benchmarked encoder, read off a forward on the meta device."""
+    shapes = []
+    with torch.device("meta"), torch.no_grad():
+        stylizer = Stylizer(PROFILE.stylizer).eval()
+        for m in stylizer.encoder.modules():
+            if isinstance(m, ConvLayer) and isinstance(m[0], Blur) and m[1].weight.shape[-1] == 3:
+                m.register_forward_pre_hook(lambda m, args: shapes.append(
+                    (args[0].shape[1], m[1].weight.shape[0], args[0].shape[2])))
+        stylizer.encode(torch.empty(1, 3, stylizer.config.size, stylizer.config.size))
+    return [(b, *shape) for b in OP_BATCHES for shape in shapes]
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("form", _backend.DOWNSAMPLE_FORMS)
+@pytest.mark.parametrize("shape", downsample_shapes(), ids=lambda s: f"b{s[0]}-{_backend.shape_key(*s[1:])}")
+def test_downsample_form(shape: tuple[int, int, int, int], form: str, dtype: str, measure, benchmark):
+    """One downsampling ConvLayer of the Engine's encoder (blur and strided convolution, then
+    bias_act, the CUDA form) in ``form``, from a random-init layer."""
+    b, i, o, h = shape
+    layer = ConvLayer(i, o, 3, downsample=True)
+    prepared = _conv_layer(layer, mb.DTYPES[dtype], conv_adds_bias=False, downsample_form=form).to(DEVICE)
+    x = torch.randn(b, i, h, h, device=DEVICE, dtype=mb.DTYPES[dtype]).contiguous(memory_format=torch.channels_last)
+    fn = torch.no_grad()(lambda: prepared(x))
+    seconds = measure(fn, group=f"downsample {_backend.shape_key(i, o, h)} b{b} {dtype}", rounds=OP_ROUNDS,
+                      op="downsample", impl=form, dtype=dtype, direction="fwd", batch=b,
+                      shape=_backend.shape_key(i, o, h))
+    record_rate(benchmark, seconds, dtype, flops=2.0 * b * o * i * 9 * (h // 2) ** 2)

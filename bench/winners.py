@@ -1,9 +1,10 @@
 """Per-op, per-shape backend winners from a run of bench/test_bench_ops.py, written to
 mmfs_fast/ops/winners.json, the file the dispatcher's "auto" order (ops/_backend.py) and
 bench/cost_model.py read. Only kernel impls compete (ref, cuda, triton); torch.compile is
-measured beside them but is not a backend. The "upsample" entry ranks the two forms of the
-decoder's upsampling convolution (test_upsample_form's cases, op "upsample") the same way, per
-"I x O @ H" shape over every batch and dtype measured."""
+measured beside them but is not a backend. The "upsample" and "downsample" entries rank the two
+forms of the decoder's upsampling and the encoder's downsampling convolutions
+(test_upsample_form's and test_downsample_form's cases, ops "upsample" and "downsample") the
+same way, per "I x O @ H" shape over every batch and dtype measured."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 
 WINNERS_FILE = Path(__file__).resolve().parents[1] / "mmfs_fast" / "ops" / "winners.json"
 BACKENDS = ("cuda", "triton", "ref")
-UPSAMPLE = "upsample"
+CONV_FORM_KINDS = ("upsample", "downsample")  # the resampling convolutions' entries (ops/_backend.py CONV_FORMS)
 
 
 def winners(cases: list[dict], device: str, commit: str | None) -> dict:
@@ -25,16 +26,18 @@ def winners(cases: list[dict], device: str, commit: str | None) -> dict:
             key = f"{case['shape']} {case['dtype']} {case['direction']}"
             timed[case["op"]][key][case["impl"]] = case["median_s"]
     current = json.loads(WINNERS_FILE.read_text())
-    forms: dict[str, Counter] = defaultdict(Counter)
-    for case in cases:
-        if case["op"] == UPSAMPLE:
-            forms[case["shape"]][case["impl"]] += case["median_s"]
-    if forms:
-        ranked = {shape: sorted(times, key=times.get) for shape, times in forms.items()}
-        wins = Counter(order[0] for order in ranked.values())
-        total = sum(forms.values(), Counter())
-        current[UPSAMPLE].update(order=sorted(total, key=lambda f: (-wins[f], total[f])), shapes=ranked,
-                                 measured=f"{device}, commit {commit}, bench/test_bench_ops.py::test_upsample_form")
+    for kind in CONV_FORM_KINDS:
+        forms: dict[str, Counter] = defaultdict(Counter)
+        for case in cases:
+            if case["op"] == kind:
+                forms[case["shape"]][case["impl"]] += case["median_s"]
+        if forms:
+            ranked = {shape: sorted(times, key=times.get) for shape, times in forms.items()}
+            wins = Counter(order[0] for order in ranked.values())
+            total = sum(forms.values(), Counter())
+            current[kind].pop("predicted", None)
+            current[kind].update(order=sorted(total, key=lambda f: (-wins[f], total[f])), shapes=ranked,
+                                 measured=f"{device}, commit {commit}, bench/test_bench_ops.py::test_{kind}_form")
     for op, shapes in timed.items():
         ranked = {key: sorted(times, key=times.get) for key, times in shapes.items()}
         wins = Counter(order[0] for order in ranked.values())

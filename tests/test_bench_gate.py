@@ -76,35 +76,53 @@ def test_winners_order_each_op_by_shapes_won(tmp_path, monkeypatch):
     assert written["ops"]["bias_act"] == json.loads(winners.WINNERS_FILE.read_text())["ops"]["bias_act"]
 
 
-def test_winners_rank_the_upsampling_forms_per_shape_over_batches(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["upsample", "downsample"])
+def test_winners_rank_the_resampling_forms_per_shape_over_batches(tmp_path, monkeypatch, kind):
+    from mmfs_fast.ops import _backend
+
     start = tmp_path / "winners.json"
     start.write_text(winners.WINNERS_FILE.read_text())
     monkeypatch.setattr(winners, "WINNERS_FILE", start)
+    training, other = _backend.CONV_FORMS[kind]
 
     def case(form, shape, batch, median_s):
-        return {"op": "upsample", "impl": form, "dtype": "fp16", "direction": "fwd", "shape": shape, "batch": batch,
+        return {"op": kind, "impl": form, "dtype": "fp16", "direction": "fwd", "shape": shape, "batch": batch,
                 "median_s": median_s}
-    # 8x8@16: polyphase faster at batch 1, slower in sum (batch 32 dominates)
-    cases = [case("polyphase", "8x8@16", 1, 1.0), case("transposed", "8x8@16", 1, 2.0),
-             case("polyphase", "8x8@16", 32, 9.0), case("transposed", "8x8@16", 32, 5.0),
-             case("polyphase", "4x4@64", 1, 1.0), case("transposed", "4x4@64", 1, 3.0),
-             case("polyphase", "2x2@128", 1, 1.0), case("transposed", "2x2@128", 1, 3.0)]
+    # 8x8@16: the other form faster at batch 1, slower in sum (batch 32 dominates)
+    cases = [case(other, "8x8@16", 1, 1.0), case(training, "8x8@16", 1, 2.0),
+             case(other, "8x8@16", 32, 9.0), case(training, "8x8@16", 32, 5.0),
+             case(other, "4x4@64", 1, 1.0), case(training, "4x4@64", 1, 3.0),
+             case(other, "2x2@128", 1, 1.0), case(training, "2x2@128", 1, 3.0)]
+    before = json.loads(winners.WINNERS_FILE.read_text())
     written = json.loads(winners.write(cases, "NVIDIA H200", "abc", start).read_text())
-    entry = written["upsample"]
-    assert entry["shapes"] == {"8x8@16": ["transposed", "polyphase"], "4x4@64": ["polyphase", "transposed"],
-                               "2x2@128": ["polyphase", "transposed"]}
-    assert entry["order"] == ["polyphase", "transposed"] and "abc" in entry["measured"]
-    assert written["ops"] == json.loads(winners.WINNERS_FILE.read_text())["ops"]  # no op case: untouched
+    entry = written[kind]
+    assert entry["shapes"] == {"8x8@16": [training, other], "4x4@64": [other, training], "2x2@128": [other, training]}
+    assert entry["order"] == [other, training] and "abc" in entry["measured"] and "predicted" not in entry
+    assert written["ops"] == before["ops"]  # no op case: untouched
+    untouched = next(k for k in _backend.CONV_FORMS if k != kind)
+    assert written[untouched] == before[untouched]
 
 
-def test_upsampling_form_per_shape_falls_back_to_the_default_order(monkeypatch):
+def test_resampling_form_per_shape_falls_back_to_the_default_order(monkeypatch):
     from mmfs_fast.ops import _backend
 
-    monkeypatch.setattr(_backend, "_UPSAMPLE", {"order": ["transposed", "polyphase"],
-                                                "shapes": {"8x4@16": ["polyphase", "transposed"]}})
-    assert _backend.upsample_form(8, 4, 16) == "polyphase" and _backend.upsample_form(8, 4, 32) == "transposed"
-    assert _backend.polyphase_wins_somewhere(8, 4) and not _backend.polyphase_wins_somewhere(8, 8)
-    assert not _backend.polyphase_wins_somewhere(8, 41)  # "8x41@" does not start with "8x4@"
+    monkeypatch.setitem(_backend._CONV_FORM_WINNERS, "upsample", {
+        "order": ["transposed", "polyphase"], "shapes": {"8x4@16": ["polyphase", "transposed"]}})
+    assert _backend.conv_form("upsample", 8, 4, 16) == "polyphase"
+    assert _backend.conv_form("upsample", 8, 4, 32) == "transposed"
+    assert _backend.form_wins_somewhere("upsample", "polyphase", 8, 4)
+    assert not _backend.form_wins_somewhere("upsample", "polyphase", 8, 8)
+    assert not _backend.form_wins_somewhere("upsample", "polyphase", 8, 41)  # "8x41@" does not start with "8x4@"
+    assert _backend.form_wins_somewhere("upsample", "transposed", 8, 8)  # the default order's first
+
+
+def test_the_engine_folds_the_downsampling_blurs_where_winners_say_so():
+    """winners.json's downsample entry as shipped (the cost model's prediction): folded at the
+    512² and 256² ResBlocks of the 512² encoder, blurred at the smaller ones."""
+    from mmfs_fast.ops import _backend
+
+    assert [_backend.conv_form("downsample", i, o, h) for i, o, h in
+            ((64, 64, 512), (64, 128, 256), (128, 256, 128), (256, 512, 64))] == ["folded", "folded", "blurred", "blurred"]
 
 
 def test_the_dispatcher_reads_its_order_from_the_winners_file():

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mmfs_fast.engine import Engine, LRUCache
-from mmfs_fast.models.inference import _StyledConv, _StyleTable, prepare_stylizer
+from mmfs_fast.models.inference import _conv_layer, _form_for, _StyledConv, _StyleTable, prepare_stylizer
 from mmfs_fast import benchmark as mb
-from mmfs_fast.models.layers import ModulatedConv2d, StyledConv
+from mmfs_fast.models.layers import ConvLayer, ModulatedConv2d, StyledConv
 from mmfs_fast.models.stylizer import Stylizer
 
 SIZE, DIM = 64, 32
@@ -75,11 +75,12 @@ def test_seed_styles_match_plain_stylizer(stylizer, engine):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("options", [{"compile": True}, {"upsample_form": "polyphase"}],
-                         ids=["compiled", "polyphase"])
+@pytest.mark.parametrize("options", [{"compile": True}, {"upsample_form": "polyphase"}, {"downsample_form": "folded"}],
+                         ids=["compiled", "polyphase", "folded-downsampling"])
 def test_engine_variants_match_plain_stylizer(stylizer, options):
     """compile=True, which traces the prepared model (style table, folded epilogues, in-place
-    activations); and the upsampling convolutions in their polyphase form."""
+    activations); the upsampling convolutions in their polyphase form; the encoder's blurs
+    folded into its strided convolutions."""
     x, w_plus = faces(3), torch.randn(3, 10, DIM)
     engine = Engine(stylizer, device="cpu", **options)
     assert_images_close(engine.stylize(x, w_plus), stylizer(x, w_plus=w_plus, noise="zero"))
@@ -415,12 +416,38 @@ def test_polyphase_upsampling_layer_equals_the_training_form(in_ch, out_ch, size
     assert_error_within_twice(half.double(), transposed.double(), ref)
 
 
-def test_upsampling_form_auto_keeps_the_training_form_off_cuda_and_rejects_unknown_forms(stylizer):
+def test_resampling_forms_auto_keep_the_training_form_off_cuda_and_unknown_forms_are_refused(stylizer):
     model = prepare_stylizer(stylizer, torch.float32, "auto")
-    layer = model.synthesis.blocks[0][0].conv
-    assert layer.upsample_form in ("auto", "transposed") and layer._form(torch.empty(1, 1, 8, 8)) == "transposed"
+    upsampling = model.synthesis.blocks[0][0].conv
+    assert upsampling.upsample_form in ("auto", "transposed")
+    assert _form_for("upsample", upsampling.upsample_form, torch.empty(1, 1, 8, 8), 1) == "transposed"
+    downsampling = model.encoder[1].conv2[0]
+    assert downsampling.form in ("auto", "blurred")
+    assert _form_for("downsample", downsampling.form, torch.empty(1, 1, 8, 8), 1) == "blurred"
     with pytest.raises(ValueError, match="upsample_form must be"):
         prepare_stylizer(stylizer, torch.float32, "auto", upsample_form="pixelshuffle")
+    with pytest.raises(ValueError, match="downsample_form must be"):
+        prepare_stylizer(stylizer, torch.float32, "auto", downsample_form="strided")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("in_ch,out_ch,size", [(4, 4, 64), (4, 8, 32), (8, 16, 16)])
+def test_folded_downsampling_layer_equals_the_training_form(in_ch, out_ch, size):
+    """A downsampling ConvLayer with its blur folded into the strided kernel against the training
+    layer (blur, then the strided convolution): to fp32 rounding in fp32; in fp16 within twice the
+    error of the blurred form in fp16 (both against the layer in fp64)."""
+    torch.manual_seed(size)
+    layer = randomise_biases(ConvLayer(in_ch, out_ch, 3, downsample=True)).requires_grad_(False)
+    x = torch.randn(2, in_ch, size, size)
+    ref = copy.deepcopy(layer).double()(x.double())
+    for conv_adds_bias in (True, False):
+        folded = _conv_layer(layer, torch.float32, conv_adds_bias, downsample_form="folded")
+        assert folded[0].weight_folded.shape == (out_ch, in_ch, 6, 6)
+        torch.testing.assert_close(folded(x).double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    half = _conv_layer(layer, torch.float16, False, downsample_form="folded")(x.half())
+    blurred = _conv_layer(layer, torch.float16, False, downsample_form="blurred")(x.half())
+    assert half.shape == blurred.shape == (2, out_ch, size // 2, size // 2)
+    assert_error_within_twice(half.double(), blurred.double(), ref)
 
 
 class Mallinfo2(ctypes.Structure):

@@ -9,8 +9,8 @@ import torch
 import naive
 import torch.nn.functional as F
 
-from mmfs_fast.ops import (backends, bias_act, blur_pads, default_fir, modulated_conv2d, polyphase_up_pad,
-                           polyphase_up_weight, styled_epilogue, upfirdn2d)
+from mmfs_fast.ops import (backends, bias_act, blur_folded_down_weight, blur_pads, default_fir, modulated_conv2d,
+                           polyphase_up_pad, polyphase_up_weight, styled_epilogue, upfirdn2d)
 from mmfs_fast.ops._common import adjoint_pads
 
 
@@ -255,6 +255,22 @@ def test_polyphase_upsampling_equals_transposed_conv_then_blur(k, fir):
     assert phases.shape == (2, 16, 5, 6)
     out = F.pixel_shuffle(phases, 2)
     assert out.shape == expected.shape == (2, 4, 10, 12)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("fir", ["mmfs", "asymmetric"])
+def test_blur_folded_into_a_strided_convolution_equals_blur_then_convolution(stride, fir):
+    """The downsampling convolution's folded (k+3)×(k+3) kernel against the numpy upfirdn2d then
+    strided convolution (a non-symmetric FIR catches a flip of the fold)."""
+    x, weight = rand(2, 3, 9, 8), rand(4, 3, 3, 3, seed=1)
+    taps = default_fir(dtype=torch.float64) if fir == "mmfs" else rand(4, 4, seed=2)
+    expected = np.stack([naive.conv2d(naive.upfirdn2d(xb[None], taps.numpy(), 1, 1, (2, 2, 2, 2))[0], weight.numpy(),
+                                      stride, 0) for xb in x.numpy()])
+    folded = blur_folded_down_weight(weight, taps)
+    assert folded.shape == (4, 3, 6, 6)
+    out = F.conv2d(x, folded, stride=stride, padding=2)
+    assert out.shape == expected.shape
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-12)
 
 

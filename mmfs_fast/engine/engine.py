@@ -67,6 +67,9 @@ class Engine:
         upsample_form: the decoder's upsampling convolutions as "transposed" conv + blur, as
             "polyphase" convolutions (the blur folded in), or "auto": per shape from winners.json
             on CUDA, transposed on the CPU (README "Upsampling").
+        downsample_form: the encoder's downsampling convolutions as the "blurred" blur + strided
+            conv, as "folded" (the blur folded into the strided kernel), or "auto": per shape from
+            winners.json on CUDA, blurred on the CPU.
     """
 
     def __init__(self, stylizer: Stylizer, clip=None, precision: str | None = None, device=None,
@@ -74,7 +77,8 @@ class Engine:
                  style_cache_size: int = 256, impl: str = "auto",
                  channels_last: bool | None = None, cudnn_benchmark: bool = True, compile: bool = False,
                  max_batch: int | None = None, max_wait_ms: float = 2.0, graph_memory_limit: int | None = None,
-                 retain_cpu_memory: bool = True, check_finite: bool = False, upsample_form: str = "auto"):
+                 retain_cpu_memory: bool = True, check_finite: bool = False, upsample_form: str = "auto",
+                 downsample_form: str = "auto"):
         if not isinstance(stylizer, Stylizer) or isinstance(stylizer, InferenceStylizer):
             got = "an Engine's prepared model" if isinstance(stylizer, Stylizer) else type(stylizer).__name__
             raise TypeError(f"stylizer must be a mmfs_fast Stylizer (the trained model), got {got}")
@@ -95,7 +99,7 @@ class Engine:
         self.check_finite = check_finite
         self.memory_format = torch.contiguous_format if channels_last is False else torch.channels_last
         self.model = prepare_stylizer(stylizer, self.dtype, impl, conv_adds_bias=not on_cuda,
-                                      upsample_form=upsample_form).to(
+                                      upsample_form=upsample_form, downsample_form=downsample_form).to(
             self.device, memory_format=self.memory_format)
         self.cudnn_benchmark = cudnn_benchmark
 

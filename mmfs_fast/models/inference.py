@@ -15,8 +15,8 @@ from torch import nn
 from mmfs_fast.models.layers import (ConvLayer, EqualLinear, FusedLeakyReLU, ModulatedConv2d, ResBlock, StyledConv, ToRGB,
                                      style_slots)
 from mmfs_fast.models.stylizer import N_CONVS, Stylizer
-from mmfs_fast.ops import (_backend, bias_act, demodulation, polyphase_up_pad, polyphase_up_weight, styled_epilogue,
-                           upfirdn2d, weight_energy)
+from mmfs_fast.ops import (_backend, bias_act, blur_folded_down_weight, demodulation, polyphase_up_pad,
+                           polyphase_up_weight, styled_epilogue, upfirdn2d, weight_energy)
 from mmfs_fast.ops.bias_act import ACTIVATIONS
 from mmfs_fast.ops.styled_epilogue import IMPLEMENTATIONS as EPILOGUE_IMPLS
 
@@ -40,9 +40,10 @@ class _Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def _conv_layer(layer: ConvLayer, dtype: torch.dtype, conv_adds_bias: bool, out_scale: float = 1.0) -> nn.Sequential:
-    """ConvLayer ([Blur] → EqualConv2d → [FusedLeakyReLU]) as [Blur] → Conv2d → bias and
-    leaky ReLU in one pass, its output times ``out_scale`` (> 0).
+def _conv_layer(layer: ConvLayer, dtype: torch.dtype, conv_adds_bias: bool, out_scale: float = 1.0,
+                downsample_form: str = "auto") -> nn.Sequential:
+    """ConvLayer ([Blur] → EqualConv2d → [FusedLeakyReLU]) as the convolution (with its blur:
+    :class:`_DownsampleConv`) → bias and leaky ReLU in one pass, its output times ``out_scale`` (> 0).
 
     The activation's gain moves into weight and bias: lrelu(z)·g = lrelu(g·z) for g > 0.
     conv_adds_bias: the convolution adds the bias, then an in-place leaky ReLU (oneDNN adds it
@@ -55,17 +56,70 @@ def _conv_layer(layer: ConvLayer, dtype: torch.dtype, conv_adds_bias: bool, out_
     gain = out_scale * (LRELU.default_gain if activation is not None else 1.0)
     bias = activation.bias if activation is not None else equal_conv.bias
     bias = None if bias is None else (bias * gain).detach().to(dtype)
-    out_ch, in_ch, k, _ = equal_conv.weight.shape
-    conv = nn.Conv2d(in_ch, out_ch, k, equal_conv.stride, equal_conv.padding,
-                     bias=bias is not None and conv_adds_bias, device=equal_conv.weight.device, dtype=dtype)
-    with torch.no_grad():
-        conv.weight.copy_(equal_conv.weight * (equal_conv.scale * gain))
-        if conv.bias is not None:
-            conv.bias.copy_(bias)
-    modules = [copy.deepcopy(blur).to(dtype=dtype) for blur in blurs] + [conv.requires_grad_(False)]
+    weight = (equal_conv.weight * (equal_conv.scale * gain)).detach()
+    conv_bias = bias if conv_adds_bias else None
+    if blurs:
+        (blur,) = blurs
+        conv = _DownsampleConv(blur, weight, conv_bias, equal_conv.stride, dtype, downsample_form)
+    else:
+        out_ch, in_ch, k, _ = weight.shape
+        conv = nn.Conv2d(in_ch, out_ch, k, equal_conv.stride, equal_conv.padding, bias=conv_bias is not None,
+                         device=weight.device, dtype=dtype).requires_grad_(False)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if conv_bias is not None:
+                conv.bias.copy_(conv_bias)
+    modules = [conv]
     if activation is not None:
         modules.append(nn.LeakyReLU(LRELU.default_alpha, inplace=True) if conv_adds_bias else _BiasLeakyReLU(bias))
     return nn.Sequential(*modules)
+
+
+def _settled_form(kind: str, form: str, in_ch: int, out_ch: int) -> str:
+    """``form`` of a ``kind`` resampling convolution (_backend.CONV_FORMS), or the training form
+    when it is "auto" and winners.json never picks the other at these channels: then only the
+    training form's weights need preparing."""
+    training, other = _backend.CONV_FORMS[kind]
+    if form == "auto" and not _backend.form_wins_somewhere(kind, other, in_ch, out_ch):
+        return training
+    return form
+
+
+def _form_for(kind: str, form: str, x: torch.Tensor, out_ch: int) -> str:
+    """The form to run on x: the settled one, or under "auto" winners.json's per-shape choice on
+    CUDA (the shape is static within a captured graph) and the training form elsewhere."""
+    if form != "auto":
+        return form
+    if not x.is_cuda:
+        return _backend.CONV_FORMS[kind][0]
+    return _backend.conv_form(kind, x.shape[1], out_ch, x.shape[2])
+
+
+class _DownsampleConv(nn.Module):
+    """A downsampling ConvLayer's blur and strided convolution in one of its two exact forms:
+    "blurred" (the training form: the FIR blur, then the strided convolution) or "folded" (the
+    blur folded into one (k+3)×(k+3) strided kernel, :func:`~mmfs_fast.ops.blur_folded_down_weight`:
+    4× the multiply-adds, one full-resolution pass less), or "auto" (see :func:`_form_for`)."""
+
+    def __init__(self, blur: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                 dtype: torch.dtype, form: str):
+        super().__init__()
+        self.register_buffer("weight", weight.to(dtype))
+        self.register_buffer("bias", bias)
+        self.blur = copy.deepcopy(blur).to(dtype=dtype)
+        self.stride = stride
+        out_ch, in_ch = weight.shape[:2]
+        self.form = _settled_form("downsample", form, in_ch, out_ch)
+        if self.form != "blurred":
+            pad0, pad1 = blur.pad
+            assert pad0 == pad1, "a 3×3 downsampling convolution's blur pads are symmetric (blur_pads)"
+            self.register_buffer("weight_folded", blur_folded_down_weight(weight, blur.kernel).to(dtype))
+            self.folded_pad = pad0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _form_for("downsample", self.form, x, self.weight.shape[0]) == "folded":
+            return F.conv2d(x, self.weight_folded, self.bias, stride=self.stride, padding=self.folded_pad)
+        return F.conv2d(self.blur(x), self.weight, self.bias, stride=self.stride)
 
 
 class _BiasLeakyReLU(nn.Module):
@@ -119,10 +173,10 @@ class _ResBlock(nn.Module):
     """ResBlock with its 1/sqrt(2) folded into the last layers of both branches (see
     _conv_layer), so the skip's matrix product joins them (see _Skip)."""
 
-    def __init__(self, block: ResBlock, dtype: torch.dtype, conv_adds_bias: bool):
+    def __init__(self, block: ResBlock, dtype: torch.dtype, conv_adds_bias: bool, downsample_form: str = "auto"):
         super().__init__()
         self.conv1 = _conv_layer(block.conv1, dtype, conv_adds_bias)
-        self.conv2 = _conv_layer(block.conv2, dtype, conv_adds_bias, out_scale=1 / math.sqrt(2))
+        self.conv2 = _conv_layer(block.conv2, dtype, conv_adds_bias, 1 / math.sqrt(2), downsample_form)
         self.skip = _Skip(block.skip, dtype, out_scale=1 / math.sqrt(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +195,7 @@ class _ModulatedConv(nn.Module):
     upsample_form (up=2 only): "transposed" (the transposed convolution; its blur is left to the
     epilogue, :attr:`blur`), "polyphase" (the blur folded into four phase convolutions,
     :func:`~mmfs_fast.ops.polyphase_up_weight`) or "auto" (winners.json's choice per shape on
-    CUDA, see :meth:`_form`).
+    CUDA, see :func:`_form_for`).
     """
 
     def __init__(self, layer: ModulatedConv2d, dtype: torch.dtype, upsample_form: str = "auto"):
@@ -159,8 +213,7 @@ class _ModulatedConv(nn.Module):
             assert pad0 == pad1, "the decoder's blur pads are symmetric (blur_pads with a 3×3 kernel)"
             self.blur_pad = pad0
             out_ch, in_ch, k, _ = weight.shape
-            if upsample_form == "auto" and not _backend.polyphase_wins_somewhere(in_ch, out_ch):
-                upsample_form = "transposed"
+            upsample_form = _settled_form("upsample", upsample_form, in_ch, out_ch)
             if upsample_form != "transposed":
                 self.register_buffer("weight_polyphase", polyphase_up_weight(weight, layer.blur.kernel).to(dtype))
                 self.polyphase_pad = polyphase_up_pad(k, layer.blur.kernel.shape[0])
@@ -170,21 +223,12 @@ class _ModulatedConv(nn.Module):
         """(O, I) Σ_taps W² of exactly the weights the convolution applies: what demodulation normalises."""
         return weight_energy(self.weight)
 
-    def _form(self, x: torch.Tensor) -> str:
-        """The upsampling convolution's form for x: winners.json's per-shape choice on CUDA
-        under "auto" (the shape is static within a captured graph), the training form elsewhere."""
-        if self.upsample_form != "auto":
-            return self.upsample_form
-        if not x.is_cuda:
-            return "transposed"
-        return _backend.upsample_form(x.shape[1], self.weight.shape[0], x.shape[2])
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The convolution of x (already scaled by the styles), before demodulation, and the FIR
         blur still to apply to it (None when there is none)."""
         if self.up == 1:
             return F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2), None
-        if self._form(x) == "polyphase":
+        if _form_for("upsample", self.upsample_form, x, self.weight.shape[0]) == "polyphase":
             # the four output phases as the channels of one convolution, interleaved
             return F.pixel_shuffle(F.conv2d(x, self.weight_polyphase, padding=self.polyphase_pad), 2), None
         return F.conv_transpose2d(x, self.weight.transpose(0, 1), stride=2), self.blur
@@ -337,13 +381,14 @@ class InferenceStylizer(Stylizer):
 
 
 def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, conv_adds_bias: bool = True,
-                     upsample_form: str = "auto") -> InferenceStylizer:
+                     upsample_form: str = "auto", downsample_form: str = "auto") -> InferenceStylizer:
     """A frozen copy of ``stylizer`` for inference in ``dtype``: encoder and decoder
     activations in ``dtype``; mapping network, styles and clip_mapper in fp32.
     conv_adds_bias: see :func:`_conv_layer` (the Engine's choice: True on the CPU, False on
-    CUDA); upsample_form: see :class:`_ModulatedConv`."""
-    if upsample_form not in ("auto", *_backend.UPSAMPLE_FORMS):
-        raise ValueError(f"upsample_form must be 'auto' or one of {_backend.UPSAMPLE_FORMS}; got {upsample_form!r}")
+    CUDA); upsample_form: see :class:`_ModulatedConv`; downsample_form: see :class:`_DownsampleConv`."""
+    for kind, form in (("upsample", upsample_form), ("downsample", downsample_form)):
+        if form not in ("auto", *_backend.CONV_FORMS[kind]):
+            raise ValueError(f"{kind}_form must be 'auto' or one of {_backend.CONV_FORMS[kind]}; got {form!r}")
     model = copy.deepcopy(stylizer).eval().requires_grad_(False)
     decoder = stylizer.decoder_layer_names()
     for name in decoder:
@@ -360,7 +405,7 @@ def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, conv_add
         elif isinstance(source, ConvLayer):
             prepared = _conv_layer(source, dtype, conv_adds_bias)
         elif isinstance(source, ResBlock):
-            prepared = _ResBlock(source, dtype, conv_adds_bias)
+            prepared = _ResBlock(source, dtype, conv_adds_bias, downsample_form)
         else:
             continue
         replaced.append(name)

@@ -6,8 +6,8 @@ from mmfs_fast.ops import bias_act as _bias_act_module
 from mmfs_fast.ops import styled_epilogue as _styled_epilogue_module
 from mmfs_fast.ops import upfirdn2d as _upfirdn2d_module
 from mmfs_fast.ops.bias_act import bias_act
-from mmfs_fast.ops._common import (blur_pads, default_fir, demodulation, polyphase_up_pad, polyphase_up_weight,
-                                   weight_energy)
+from mmfs_fast.ops._common import (blur_folded_down_weight, blur_pads, default_fir, demodulation, polyphase_up_pad,
+                                   polyphase_up_weight, weight_energy)
 from mmfs_fast.ops.modulated_conv2d import modulated_conv2d
 from mmfs_fast.ops.styled_epilogue import styled_epilogue
 from mmfs_fast.ops.upfirdn2d import upfirdn2d
@@ -67,5 +67,5 @@ def cuda_extension_report() -> dict:
 
 
 __all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "styled_epilogue", "default_fir", "blur_pads", "demodulation",
-           "weight_energy", "polyphase_up_weight", "polyphase_up_pad",
+           "weight_energy", "polyphase_up_weight", "polyphase_up_pad", "blur_folded_down_weight",
            "backends", "backend_plan", "cuda_extension_report"]

@@ -26,10 +26,13 @@ WINNERS_FILE = Path(__file__).with_name("winners.json")
 _WINNERS = json.loads(WINNERS_FILE.read_text())
 FASTEST_FIRST = tuple(_WINNERS["default"])
 FASTEST_FIRST_PER_OP = {op: tuple(entry["order"]) for op, entry in _WINNERS["ops"].items()}
-# the two forms of a decoder upsampling convolution (transposed conv + blur, or the blur folded
-# into four phase convolutions), fastest first: the default and per-shape "I×O@H" winners
-UPSAMPLE_FORMS = ("transposed", "polyphase")
-_UPSAMPLE = _WINNERS["upsample"]
+# the two exact forms of each resampling convolution, the training one first: a decoder
+# upsampling convolution (transposed conv + blur, or the blur folded into four phase
+# convolutions) and an encoder downsampling one (blur + strided conv, or the blur folded into
+# one larger strided kernel); winners.json holds the default order and per-shape "I×O@H" winners
+CONV_FORMS = {"upsample": ("transposed", "polyphase"), "downsample": ("blurred", "folded")}
+UPSAMPLE_FORMS, DOWNSAMPLE_FORMS = CONV_FORMS["upsample"], CONV_FORMS["downsample"]
+_CONV_FORM_WINNERS = {kind: _WINNERS[kind] for kind in CONV_FORMS}
 # what the kernels are built for; float64 (gradient checks) goes to ref under "auto"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -152,22 +155,25 @@ def fastest_first(op: str) -> tuple[str, ...]:
     return FASTEST_FIRST_PER_OP.get(op, FASTEST_FIRST)
 
 
-def upsample_key(in_ch: int, out_ch: int, size: int) -> str:
-    """winners.json's key of an upsampling convolution: channels in × out @ input height."""
+def shape_key(in_ch: int, out_ch: int, size: int) -> str:
+    """winners.json's key of a resampling convolution: channels in × out @ input height."""
     return f"{in_ch}x{out_ch}@{size}"
 
 
-def upsample_form(in_ch: int, out_ch: int, size: int) -> str:
-    """The faster form of the upsampling convolution at this shape (see UPSAMPLE_FORMS)."""
-    return _UPSAMPLE["shapes"].get(upsample_key(in_ch, out_ch, size), _UPSAMPLE["order"])[0]
+def conv_form(kind: str, in_ch: int, out_ch: int, size: int) -> str:
+    """The faster form of the ``kind`` ("upsample" or "downsample") convolution at this shape
+    (see CONV_FORMS): the shape's winner, else the default order's first."""
+    entry = _CONV_FORM_WINNERS[kind]
+    return entry["shapes"].get(shape_key(in_ch, out_ch, size), entry["order"])[0]
 
 
-def polyphase_wins_somewhere(in_ch: int, out_ch: int) -> bool:
-    """Whether any resolution of an in_ch → out_ch upsampling convolution takes the polyphase form."""
-    if _UPSAMPLE["order"][0] == "polyphase":
+def form_wins_somewhere(kind: str, form: str, in_ch: int, out_ch: int) -> bool:
+    """Whether any resolution of an in_ch → out_ch ``kind`` convolution takes ``form``."""
+    entry = _CONV_FORM_WINNERS[kind]
+    if entry["order"][0] == form:
         return True
-    prefix = upsample_key(in_ch, out_ch, 0)[:-1]
-    return any(key.startswith(prefix) and forms[0] == "polyphase" for key, forms in _UPSAMPLE["shapes"].items())
+    prefix = shape_key(in_ch, out_ch, 0)[:-1]
+    return any(key.startswith(prefix) and forms[0] == form for key, forms in entry["shapes"].items())
 
 
 def available(op: str, implemented: Collection[str], x: torch.Tensor) -> list[str]:

@@ -102,6 +102,25 @@ def demodulation(styles: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
         return torch.rsqrt(styles.to(acc).square() @ energy.to(acc).mT + DEMOD_EPS)
 
 
+def full_convolution(weight: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """W ∗ taps, the full 2-D convolution of each (O, I) kernel of ``weight`` (O, I, k, k) with
+    the (f, f) ``taps``: (O, I, k + f − 1, k + f − 1), in at least fp32."""
+    o, i, k, _ = weight.shape
+    f = taps.shape[0]
+    acc = _accumulation_dtype(weight)
+    # a convolution is the correlation with the flipped taps over W padded by f − 1
+    return F.conv2d(weight.to(acc).reshape(o * i, 1, k, k), taps.to(device=weight.device, dtype=acc).flip((0, 1))[None, None],
+                    padding=f - 1).reshape(o, i, k + f - 1, k + f - 1)
+
+
+def blur_folded_down_weight(weight: torch.Tensor, fir: torch.Tensor) -> torch.Tensor:
+    """(O, I, k + f − 1, k + f − 1) weights G with ``conv2d(x, G, stride=s, padding=p)`` equal to
+    ``conv2d(upfirdn2d(x, fir, pad=p), weight, stride=s)``: the blur before a (strided)
+    convolution folded into its kernel. upfirdn2d correlates with the flipped FIR, so
+    G[t] = Σ_{u+v=t} W[v]·flip(fir)[u], the full convolution W ∗ flip(fir). In at least fp32."""
+    return full_convolution(weight, fir.flip((0, 1)))
+
+
 def polyphase_up_pad(k: int, fir_size: int) -> int:
     """The padding of the stride-1 convolutions of :func:`polyphase_up_weight`.
 
@@ -135,9 +154,7 @@ def polyphase_up_weight(weight: torch.Tensor, fir: torch.Tensor) -> torch.Tensor
     p0, _ = blur_pads(f, k, up=2, down=1)
     c, length = f - 1 - p0, k + f - 1
     acc = _accumulation_dtype(weight)
-    # full 2-D convolution W ∗ FIR: correlation with the flipped FIR over W padded by f − 1
-    full = F.conv2d(weight.to(acc).reshape(o * i, 1, k, k), fir.to(device=weight.device, dtype=acc).flip((0, 1))[None, None],
-                    padding=f - 1).reshape(o, i, length, length)
+    full = full_convolution(weight, fir)
     taps = 2 * pad + 1
     phases = []
     for ry in (0, 1):
