@@ -126,8 +126,8 @@ def test_float16_onnx_keeps_styles_and_demodulation_in_float32(models, tmp_path)
     """The convolutions run in float16, but for the FIR blurs after the transposed convolutions,
     which the decoder's epilogue runs in float32 arithmetic; the style affines (Gemm/MatMul) and
     the demodulation coefficients (rsqrt: Sqrt, Reciprocal) in float32, as the Engine computes
-    them, and only the ToRGB products with their per-sample weights in float16; the interface
-    stays float32."""
+    them, and only the 1×1 convolutions run as matrix products (ToRGB with its per-sample weights,
+    the ResBlock skips) in float16; the interface stays float32."""
     stylizer, _, engine = models
     path = export(stylizer, tmp_path / "fp16.onnx", "onnx", "stylize", dtype="float16", batch_size=2)["stylize"]
     proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
@@ -145,7 +145,8 @@ def test_float16_onnx_keeps_styles_and_demodulation_in_float32(models, tmp_path)
     assert len(fp32_convs) == upsamplings and all(attributes(n)["kernel_shape"] == [4, 4] and attributes(n)["group"] > 1
                                                  for n in fp32_convs)
     assert kinds["Sqrt"] == kinds["Reciprocal"] == {float32}
-    assert len(nodes[("MatMul", float16)]) == 1 + upsamplings  # one ToRGB per resolution
+    # one ToRGB per resolution and the four ResBlock skips (1×1 convolutions as matrix products)
+    assert len(nodes[("MatMul", float16)]) == 1 + upsamplings + 4
     assert {t for op in ("MatMul", "Gemm") for t in kinds.get(op, ())} == {float32, float16}
     assert {types[i.name] for i in [*proto.graph.input, *proto.graph.output]} == {float32}
     inputs, expected = case("stylize", 2, models)
