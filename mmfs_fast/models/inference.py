@@ -136,17 +136,21 @@ class _BiasLeakyReLU(nn.Module):
 
 def _pointwise_conv(x: torch.Tensor, weight: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
     """A 1×1 convolution of x (B, I, H, W) by weight (O, I), or (B, O, I) per sample, plus ``add``
-    ((O,), or (B, O, H, W) in x's layout) as one batched matrix product: the add rides in the
-    GEMM instead of a pass of its own. The result has x's layout."""
+    ((O,), or (B, O, H, W) in x's layout) as one matrix product: the add rides in the GEMM
+    instead of a pass of its own. The result has x's layout."""
     batch, channels, h, w = x.shape
     out_ch = weight.shape[-2]
-    weight = weight.expand(batch, out_ch, channels)
     if x.is_contiguous(memory_format=torch.channels_last):
-        # (B, HW, I) @ (B, I, O): the (B, H, W, O) result is the channels-last tensor
+        # rows of (H·W, I) @ (I, O): the (B, H, W, O) result is the channels-last tensor
+        rows = x.permute(0, 2, 3, 1).reshape(batch, h * w, channels)
         add = add.reshape(1, 1, out_ch) if add.ndim == 1 else add.permute(0, 2, 3, 1).reshape(batch, h * w, out_ch)
-        out = torch.baddbmm(add, x.permute(0, 2, 3, 1).reshape(batch, h * w, channels), weight.transpose(1, 2))
+        if weight.ndim == 2:  # one weight for the batch: one GEMM over every pixel of every sample
+            out = torch.addmm(add.reshape(-1, out_ch), rows.reshape(-1, channels), weight.T)
+        else:
+            out = torch.baddbmm(add, rows, weight.transpose(1, 2))
         return out.reshape(batch, h, w, out_ch).permute(0, 3, 1, 2)
     add = add.reshape(1, out_ch, 1) if add.ndim == 1 else add.reshape(batch, out_ch, h * w)
+    weight = weight.expand(batch, out_ch, channels)
     return torch.baddbmm(add, weight, x.reshape(batch, channels, h * w)).reshape(batch, out_ch, h, w)
 
 
