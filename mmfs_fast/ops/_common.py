@@ -60,6 +60,13 @@ def output_size(in_size: int, k: int, up: int, down: int, pad0: int, pad1: int) 
     return (in_size * up + pad0 + pad1 - k) // down + 1
 
 
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout of a custom op's output for input x (csrc/common.h's rule): channels_last
+    exactly when x is channels_last and not also contiguous."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def blurred_size(x: torch.Tensor, blur: torch.Tensor | None, pad: int) -> tuple[int, int]:
     """x's (H, W) after styled_epilogue's blur, if any: upfirdn2d with up = down = 1 and ``pad`` on
     every side."""

@@ -17,7 +17,7 @@ import torch
 from torch.library import register_autograd, register_fake
 
 from mmfs_fast.ops import _backend
-from mmfs_fast.ops._common import adjoint_pads, blurred_size, output_size
+from mmfs_fast.ops._common import adjoint_pads, blurred_size, output_memory_format, output_size
 
 _ops = torch.ops.mmfs_fast
 # the ops csrc/bindings.cpp defines
@@ -30,11 +30,7 @@ def defines(op: str) -> bool:
 
 
 def _empty_with_layout_of(x: torch.Tensor, shape) -> torch.Tensor:
-    """The output layout rule of csrc/common.h: channels_last exactly when x is channels_last
-    and not also contiguous."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.empty(shape, dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
 # ---------------------------------------------------------------- upfirdn2d
