@@ -357,7 +357,7 @@ def prepared_styled_conv(layer: StyledConv, dtype: torch.dtype, upsample_form: s
 
     def run(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         styles, demod, _ = table(w[:, None])
-        return conv(x * styles[0].to(x.dtype)[:, :, None, None], demod[0], None)
+        return conv(x * styles[0].to(x.dtype)[:, :, None, None], demod[0], None)[0]
     return conv, run
 
 

@@ -255,14 +255,20 @@ class _StyledConv(nn.Module):
         self.impl = "auto"
 
     def forward(self, x: torch.Tensor, demod: torch.Tensor, noise: torch.Tensor | None,
-                next_styles: torch.Tensor | None = None) -> torch.Tensor:
+                next_styles: torch.Tensor | None = None,
+                keep_unscaled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x already scaled by this layer's styles; demod (B, O) with the activation's gain;
-        next_styles (B, O): scale the result for the next convolution, its only reader."""
+        next_styles (B, O): scale the result for the next convolution. Returns the result and,
+        with keep_unscaled (a ToRGB reads the output too), the output before that scaling,
+        written by the same pass; else None."""
         out, blur = self.conv(x)
+        # the epilogue's result has out's shape and layout when there is no blur
+        unscaled = torch.empty_like(out) if keep_unscaled else None
         # a model on a backend without this op's kernel runs it on "auto"
         impl = self.impl if self.impl in EPILOGUE_IMPLS else "auto"
-        return styled_epilogue(out, demod, self.bias, noise, self.noise_strength, next_styles, blur,
-                               self.conv.blur_pad if blur is not None else 0, impl=impl)
+        result = styled_epilogue(out, demod, self.bias, noise, self.noise_strength, next_styles, blur,
+                                 self.conv.blur_pad if blur is not None else 0, unscaled, impl=impl)
+        return result, unscaled
 
 
 class _ToRGB(nn.Module):
@@ -336,9 +342,9 @@ class _StyleTable(nn.Module):
 class _Synthesis(nn.Module):
     """The decoder's synthesis pass (:func:`~mmfs_fast.models.layers.synthesize`) in inference
     form: all styles first (:class:`_StyleTable`), then per styled layer its convolution and one
-    epilogue pass. An epilogue whose output has one reader, the next convolution, writes it
-    already scaled by that convolution's styles; one read by a ToRGB too is scaled by a pass of
-    its own before the next convolution (ToRGB reads it unscaled).
+    epilogue pass, which writes the output already scaled by the next convolution's styles and,
+    where a ToRGB reads it too, also unscaled. Only the encoder's features get a pass of their
+    own for the first convolution's x·s.
 
     layers: the training layers in synthesis order (first conv, first ToRGB, then upsampling
     conv, conv and ToRGB per block)."""
@@ -356,16 +362,24 @@ class _Synthesis(nn.Module):
     def forward(self, feat: torch.Tensor, w_plus: torch.Tensor, noises: list[torch.Tensor | None]) -> torch.Tensor:
         styles, demod, rgb_weights = self.table(w_plus)
         ins, outs = self.table.in_channels, self.table.out_channels
-        scales = styles.to(feat.dtype)[..., None, None]  # for the passes that scale a two-reader output
         rgb_weights = rgb_weights.to(feat.dtype)
         conv_noises = iter(noises)
-        y = self.first_conv(feat * scales[0, :, :ins[0]], demod[0, :, :outs[0]], next(conv_noises))
+
+        def styled(layer, row, x, next_row=None, keep_unscaled=False):
+            """Layer ``row`` of the table on x, scaled for the layer of ``next_row`` (None: the last)."""
+            next_styles = None if next_row is None else styles[next_row, :, :ins[next_row]]
+            return layer(x, demod[row, :, :outs[row]], next(conv_noises), next_styles, keep_unscaled)
+
+        x = feat * styles[0, :, :ins[0]].to(feat.dtype)[:, :, None, None]
+        x, y = styled(self.first_conv, 0, x, 2, keep_unscaled=True)  # read by block 1 and the first ToRGB
         rgb = self.first_rgb(y, rgb_weights[0, :, :, :ins[1]], None)
         for n, (conv_up, conv, to_rgb) in enumerate(self.blocks):
             up, same, colour = 3 * n + 2, 3 * n + 3, 3 * n + 4  # their rows in the table
-            x = conv_up(y * scales[up, :, :ins[up]], demod[up, :, :outs[up]], next(conv_noises),
-                        next_styles=styles[same, :, :ins[same]])
-            y = conv(x, demod[same, :, :outs[same]], next(conv_noises))
+            x, _ = styled(conv_up, up, x, same)
+            if n + 1 < len(self.blocks):  # the next block's upsampling conv and this ToRGB read the output
+                x, y = styled(conv, same, x, colour + 1, keep_unscaled=True)
+            else:
+                y, _ = styled(conv, same, x)
             rgb = to_rgb(y, rgb_weights[n + 1, :, :, :ins[colour]], rgb)
         return rgb
 
