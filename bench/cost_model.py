@@ -132,8 +132,9 @@ def _custom_op_cost(name: str, args, out_tensors) -> dict:
         return dict(bytes=traffic, flops=2.0 * out.numel() * fir.numel() / up ** 2)
     if name.endswith("styled_epilogue"):
         # one pass: x read once (the blur's windows overlap in cache), y written, plus demod, bias, a
-        # noise plane, next_styles and the taps. Per output element: the blur's multiply-adds, a
-        # multiply-add, the select, the noise's multiply-add and the next styles' multiply.
+        # noise plane, next_styles and the taps; unscaled_out, an argument the op only writes, is
+        # counted once among them. Per output element: the blur's multiply-adds, a multiply-add, the
+        # select, the noise's multiply-add and the next styles' multiply.
         noise, next_styles, blur = args[3], args[6], args[7]
         per_element = (3.0 + 2.0 * (noise is not None) + (next_styles is not None)
                        + (0 if blur is None else 2.0 * blur.numel()))

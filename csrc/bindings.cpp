@@ -17,7 +17,7 @@ STABLE_TORCH_LIBRARY(mmfs_fast, m) {
   m.def("bias_act(Tensor x, Tensor? bias, float slope, float gain, float? clamp, int dim) -> Tensor");
   m.def("bias_act_grad(Tensor grad, Tensor x, Tensor? bias, float slope, float gain, float? clamp, int dim) -> Tensor");
   m.def("styled_epilogue(Tensor x, Tensor demod, Tensor bias, Tensor? noise, float noise_strength, float slope, "
-        "Tensor? next_styles, Tensor? blur, int blur_pad) -> Tensor");
+        "Tensor? next_styles, Tensor? blur, int blur_pad, Tensor(a!)? unscaled_out) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(mmfs_fast, CUDA, m) {

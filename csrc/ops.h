@@ -26,9 +26,11 @@ Tensor bias_act_grad(const Tensor& grad, const Tensor& x, const std::optional<Te
 // (z > 0 ? z : slope * z) * next_styles[b, c] with
 // z = blur(x) * demod[b, c] + bias[c] + noise[b or 0, 0, h, w] * noise_strength, in acc_type; blur
 // is upfirdn2d(x, blur, pad = blur_pad on every side), so noise has the blurred size; demod (B, C),
-// bias (C,), next_styles (B, C) and the blur's taps are read in fp32. Inference only: no gradient kernel.
+// bias (C,), next_styles (B, C) and the blur's taps are read in fp32. unscaled_out (only with next_styles:
+// the result's shape, x's dtype, dense in the result's layout) receives z before the * next_styles.
+// Inference only: no gradient kernel.
 Tensor styled_epilogue(const Tensor& x, const Tensor& demod, const Tensor& bias, const std::optional<Tensor>& noise,
                        double noise_strength, double slope, const std::optional<Tensor>& next_styles,
-                       const std::optional<Tensor>& blur, int64_t blur_pad);
+                       const std::optional<Tensor>& blur, int64_t blur_pad, const std::optional<Tensor>& unscaled_out);
 
 }  // namespace mmfs_fast

@@ -1,6 +1,7 @@
 // styled_epilogue: (z > 0 ? z : slope·z)·next_styles[b, c] with
 // z = blur(x)·demod[b, c] + bias[c] + noise[b, 0, h, w]·strength, elementwise over the output in
-// memory order (NCHW or NHWC), the arithmetic in acc_type. Inference only: no gradient kernel.
+// memory order (NCHW or NHWC), the arithmetic in acc_type; the activation before the
+// ·next_styles also goes to unscaled_out when given. Inference only: no gradient kernel.
 #include "common.h"
 #include "ops.h"
 #include "styled_epilogue_index.h"
@@ -35,7 +36,7 @@ __global__ void __launch_bounds__(kThreads)
     styled_epilogue_kernel(const scalar_t* __restrict__ x, const float* __restrict__ demod,
                            const float* __restrict__ bias, const scalar_t* __restrict__ noise,
                            const float* __restrict__ next_styles, const float* __restrict__ blur,
-                           scalar_t* __restrict__ out, StyledEpilogueParams p) {
+                           scalar_t* __restrict__ out, scalar_t* __restrict__ unscaled, StyledEpilogueParams p) {
   using acc_t = acc_type<scalar_t>;
   const acc_t slope = p.slope, strength = p.noise_strength;
   const int64_t pixels = p.out_h * p.out_w;
@@ -50,6 +51,7 @@ __global__ void __launch_bounds__(kThreads)
     acc_t z = value * acc_t(demod[styled]) + acc_t(bias[channel]);
     if (p.has_noise) z += acc_t(noise[sample * p.noise_sample_stride + pixel]) * strength;
     z = z > acc_t(0) ? z : z * slope;
+    if (unscaled != nullptr) unscaled[i] = scalar_t(z);  // dense in the output's layout: the same offset
     if (p.has_next_styles) z *= acc_t(next_styles[styled]);
     out[i] = scalar_t(z);
   }
@@ -74,7 +76,8 @@ const T* data_or_null(const std::optional<Tensor>& given, const Tensor& converte
 
 Tensor styled_epilogue(const Tensor& x_in, const Tensor& demod, const Tensor& bias, const std::optional<Tensor>& noise,
                        double noise_strength, double slope, const std::optional<Tensor>& next_styles,
-                       const std::optional<Tensor>& blur, int64_t blur_pad) {
+                       const std::optional<Tensor>& blur, int64_t blur_pad,
+                       const std::optional<Tensor>& unscaled_out) {
   const char* op = "mmfs_fast::styled_epilogue";
   check_cuda_float(x_in, op, "x");
   check_cuda_float(demod, op, "demod");
@@ -89,6 +92,7 @@ Tensor styled_epilogue(const Tensor& x_in, const Tensor& demod, const Tensor& bi
   check_optional(noise, "noise");
   check_optional(next_styles, "next_styles");
   check_optional(blur, "blur");
+  check_optional(unscaled_out, "unscaled_out");
   const StyledEpilogueSize size = styled_epilogue_output_size(op, x_in.sizes(), demod.sizes(), bias.sizes(),
                                                               sizes_of(noise), sizes_of(next_styles), sizes_of(blur),
                                                               blur_pad);
@@ -97,6 +101,12 @@ Tensor styled_epilogue(const Tensor& x_in, const Tensor& demod, const Tensor& bi
   const Tensor x = walks_in_memory_order(x_in.sizes(), x_in.strides()) ? x_in : torch::stable::contiguous(x_in);
   const int64_t out_shape[] = {x.size(0), x.size(1), size.h, size.w};
   Tensor out = empty_with_layout_of(x, out_shape);
+  if (unscaled_out.has_value()) {
+    check_unscaled_out(op, next_styles.has_value(), unscaled_out->sizes(), unscaled_out->strides(), out.sizes(),
+                       output_is_channels_last(x.sizes(), x.strides()));
+    STD_TORCH_CHECK(unscaled_out->scalar_type() == x.scalar_type(), op, ": unscaled_out must have x's dtype ",
+                    x.scalar_type(), ", got ", unscaled_out->scalar_type());
+  }
   if (out.numel() == 0) return out;
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const Tensor demod32 = torch::stable::contiguous(torch::stable::to(demod, ScalarType::Float));
@@ -112,7 +122,8 @@ Tensor styled_epilogue(const Tensor& x_in, const Tensor& demod, const Tensor& bi
     styled_epilogue_kernel<scalar_t><<<grid_stride_blocks(out.numel()), kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), demod32.const_data_ptr<float>(), bias32.const_data_ptr<float>(),
         data_or_null<scalar_t>(noise, noise_x), data_or_null<float>(next_styles, next32),
-        data_or_null<float>(blur, blur32), out.mutable_data_ptr<scalar_t>(), params);
+        data_or_null<float>(blur, blur32), out.mutable_data_ptr<scalar_t>(),
+        unscaled_out.has_value() ? unscaled_out->mutable_data_ptr<scalar_t>() : nullptr, params);
     STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -65,6 +65,19 @@ inline StyledEpilogueSize styled_epilogue_output_size(const char* op, IntArray x
   return size;
 }
 
+// unscaled_out, which the kernel writes at the output's offsets: given only with next_styles (it
+// would equal the output), of the output's sizes and dense in its layout (the strides of dims of
+// size 1 are free, as for torch's is_contiguous, and offset nothing).
+inline void check_unscaled_out(const char* op, bool has_next_styles, IntArray sizes, IntArray strides,
+                               IntArray out_sizes, bool out_channels_last) {
+  STD_TORCH_CHECK(has_next_styles, op, ": unscaled_out is given without next_styles (it would equal the result)");
+  STD_TORCH_CHECK(sizes.size() == out_sizes.size() && std::equal(sizes.begin(), sizes.end(), out_sizes.begin()), op,
+                  ": unscaled_out must have the result's shape ", format_ints(out_sizes), ", got ", format_ints(sizes));
+  const bool dense = out_channels_last ? is_channels_last(sizes, strides) : is_contiguous(sizes, strides);
+  STD_TORCH_CHECK(dense, op, ": unscaled_out must be dense in the result's layout (",
+                  out_channels_last ? "channels_last" : "contiguous", "), got strides ", format_ints(strides));
+}
+
 // After styled_epilogue_output_size's checks, for x that the kernel walks in memory order
 // (walks_in_memory_order), an output of x's layout (empty_with_layout_of), a contiguous noise
 // of noise_batch planes (0: none) and blur (kh, kw) or none: output offset i is sample

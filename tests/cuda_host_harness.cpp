@@ -207,12 +207,22 @@ int styled_epilogue_output_size(const int64_t* x, int64_t x_rank, const int64_t*
   });
 }
 
+// styled_epilogue.cu's checks of unscaled_out (sizes and strides, rank 4) against the output.
+int styled_epilogue_check_unscaled_out(bool has_next_styles, const int64_t* sizes, const int64_t* strides,
+                                       int64_t rank, const int64_t* out_sizes, bool out_channels_last, char* error,
+                                       size_t error_size) {
+  return reporting(error, error_size, [&] {
+    check_unscaled_out("mmfs_fast::styled_epilogue", has_next_styles, ints(sizes, rank), ints(strides, rank),
+                       ints(out_sizes, 4), out_channels_last);
+  });
+}
+
 // styled_epilogue.cu's host function after its checks and copies: the parameters and the kernel
 // on its grid. x is walked as it is (the caller copies it when walks_in_memory_order says no),
 // out has empty_with_layout_of's layout; a null pointer: that input is absent (blur_sizes with
 // blur). max_blocks: see bias_act.
 void styled_epilogue(const double* x_data, const float* demod, const float* bias, const double* noise,
-                     const float* next_styles, const float* blur, double* out, const int64_t* sizes,
+                     const float* next_styles, const float* blur, double* out, double* unscaled, const int64_t* sizes,
                      const int64_t* strides, const int64_t* out_hw, int64_t noise_batch, const int64_t* blur_sizes,
                      int64_t blur_pad, double noise_strength, double slope, unsigned max_blocks) {
   const StyledEpilogueParams p =
@@ -221,8 +231,9 @@ void styled_epilogue(const double* x_data, const float* demod, const float* bias
   if (p.numel == 0) return;
   unsigned blocks = grid_stride_blocks(p.numel);
   if (max_blocks > 0) blocks = std::min(blocks, max_blocks);
-  launch_serial({blocks, 1, 1},
-                [&] { styled_epilogue_kernel<double>(x_data, demod, bias, noise, next_styles, blur, out, p); });
+  launch_serial({blocks, 1, 1}, [&] {
+    styled_epilogue_kernel<double>(x_data, demod, bias, noise, next_styles, blur, out, unscaled, p);
+  });
 }
 
 }  // extern "C"

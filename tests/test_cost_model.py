@@ -162,9 +162,11 @@ def test_styled_epilogue_is_one_kernel_reading_x_and_writing_y():
     assert op.flops == 5 * 2 * 8 * 16
 
 
-def test_blurred_styled_epilogue_is_one_kernel_reading_x_once():
+@pytest.mark.parametrize("with_unscaled", [False, True])
+def test_blurred_styled_epilogue_is_one_kernel_reading_x_once(with_unscaled):
     """The decoder's form after a transposed convolution: the 4×4 FIR over a (2r + 1)² input with
-    pad 1 and the next convolution's styles, in one kernel that reads x once and writes the (2r)² output."""
+    pad 1 and the next convolution's styles, in one kernel that reads x once and writes the (2r)² output
+    (and the unscaled one for the ToRGB, when given)."""
     from mmfs_fast.ops import _backend, default_fir, styled_epilogue
 
     if not _backend.triton_installed():
@@ -173,16 +175,19 @@ def test_blurred_styled_epilogue_is_one_kernel_reading_x_once():
     def fn():
         x = torch.empty(2, 8, 9, 9, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
         noise = torch.empty(1, 1, 8, 8, device="cuda", dtype=torch.float16).expand(2, 1, 8, 8)
+        unscaled = torch.empty(2, 8, 8, 8, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
         out = styled_epilogue(x, torch.empty(2, 8, device="cuda"), torch.empty(8, device="cuda"), noise, 0.5,
                               next_styles=torch.empty(2, 8, device="cuda"), blur=default_fir(device="cuda") * 4,
-                              blur_pad=1)
+                              blur_pad=1, unscaled_out=unscaled if with_unscaled else None)
         assert out.shape == (2, 8, 8, 8) and out.is_contiguous(memory_format=torch.channels_last)
 
     kernels = record(fn)
     (op,) = [k for k in kernels if k.op.endswith("styled_epilogue")]
     assert op.kernels == 1
-    # x read and y written in fp16; demod, bias, next_styles and the 16 taps in fp32; one fp16 noise plane
-    assert op.bytes == (2 * 8 * 81 + 2 * 8 * 64) * 2 + (2 * 8 + 8 + 2 * 8 + 16) * 4 + 64 * 2
+    # x read and y (and the unscaled y) written in fp16; demod, bias, next_styles and the 16 taps in
+    # fp32; one fp16 noise plane
+    outputs = 2 if with_unscaled else 1
+    assert op.bytes == (2 * 8 * 81 + outputs * 2 * 8 * 64) * 2 + (2 * 8 + 8 + 2 * 8 + 16) * 4 + 64 * 2
     assert op.flops == (2 * 16 + 3 + 2 + 1) * 2 * 8 * 64
 
 

@@ -22,7 +22,7 @@ import torch
 
 from mmfs_fast.ops import _cuda
 from mmfs_fast.ops.bias_act import bias_act_ref
-from mmfs_fast.ops.styled_epilogue import styled_epilogue_ref
+from mmfs_fast.ops.styled_epilogue import styled_epilogue, styled_epilogue_ref
 from mmfs_fast.ops.upfirdn2d import upfirdn2d_ref
 
 THREADS = 256  # csrc/index_math.h's kThreads
@@ -70,7 +70,9 @@ SIGNATURES = {  # name: (argument types, result type)
                  ctypes.c_int),
     "styled_epilogue_output_size": ([I64P, ctypes.c_int64] * 6 + [ctypes.c_int64, I64P, ctypes.c_char_p,
                                                                   ctypes.c_size_t], ctypes.c_int),
-    "styled_epilogue": ([VOID] * 7 + [I64P, I64P, I64P, ctypes.c_int64, I64P, ctypes.c_int64, ctypes.c_double,
+    "styled_epilogue_check_unscaled_out": ([ctypes.c_bool, I64P, I64P, ctypes.c_int64, I64P, ctypes.c_bool,
+                                            ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int),
+    "styled_epilogue": ([VOID] * 8 + [I64P, I64P, I64P, ctypes.c_int64, I64P, ctypes.c_int64, ctypes.c_double,
                                       ctypes.c_double, ctypes.c_uint], None),
 }
 
@@ -179,10 +181,11 @@ class Harness:
     # styled_epilogue.cu
 
     def styled_epilogue(self, x, demod, bias, noise, noise_strength, slope, next_styles=None, blur=None, blur_pad=0,
-                        max_blocks=2):
+                        unscaled_out=None, max_blocks=2):
         """styled_epilogue(): the checks and output size, x walked in place or copied, the output in
-        its layout, demod, bias, next_styles and the taps as contiguous float32, noise contiguous
-        in x's dtype, the parameters and the kernel. max_blocks: see bias_act."""
+        its layout and the checks of unscaled_out against it, demod, bias, next_styles and the taps
+        as contiguous float32, noise contiguous in x's dtype, the parameters and the kernel.
+        max_blocks: see bias_act."""
         def shape(t):
             return (None, 0) if t is None else (ints(t.shape), t.dim())
 
@@ -191,11 +194,15 @@ class Harness:
                       *shape(next_styles), *shape(blur), blur_pad, out_hw)
         x = x if self.walks_in_memory_order(x) else x.contiguous()
         out = self.empty_with_layout_of(x, (*x.shape[:2], *out_hw))
+        if unscaled_out is not None:
+            self._checked(self.library.styled_epilogue_check_unscaled_out, next_styles is not None,
+                          ints(unscaled_out.shape), ints(unscaled_out.stride()), unscaled_out.dim(), ints(out.shape),
+                          self.output_is_channels_last(x))
         demod32, bias32 = demod.float().contiguous(), bias.float().contiguous()
         next32, taps = [None if t is None else t.float().contiguous() for t in (next_styles, blur)]
         noise = None if noise is None else noise.to(x.dtype).contiguous()
         self.library.styled_epilogue(data(x), data(demod32), data(bias32), data(noise), data(next32), data(taps),
-                                     data(out), ints(x.shape), ints(x.stride()), out_hw,
+                                     data(out), data(unscaled_out), ints(x.shape), ints(x.stride()), out_hw,
                                      0 if noise is None else noise.shape[0], shape(blur)[0], blur_pad,
                                      noise_strength, slope, max_blocks)
         return unwritten(out)
@@ -412,13 +419,17 @@ def test_styled_epilogue_kernel_matches_ref(harness, layout_name, noise_batch, m
     next_styles = rand(3, 5, seed=4).float().double() if with_next else None
     out_size = (6, 7) if blur is None else (6 + 2 * blur_pad - blur.shape[0] + 1, 7 + 2 * blur_pad - blur.shape[1] + 1)
     noise = None if noise_batch is None else rand(noise_batch, 1, *out_size, seed=3)
-    got = harness.styled_epilogue(x, demod, bias, noise, 0.7, 0.2, next_styles, blur, blur_pad, max_blocks)
-    want = styled_epilogue_ref(x, demod, bias, noise, 0.7, 0.2, next_styles, blur, blur_pad)
+    # the output keeps x's layout (a copy's, for x in neither); so does the unscaled one, given with next_styles
+    channels_last = layout_name == "channels_last"
+    unscaled, want_unscaled = (nans((3, 5, *out_size), channels_last) for _ in range(2)) if with_next else (None, None)
+    got = harness.styled_epilogue(x, demod, bias, noise, 0.7, 0.2, next_styles, blur, blur_pad, unscaled,
+                                  max_blocks=max_blocks)
+    want = styled_epilogue_ref(x, demod, bias, noise, 0.7, 0.2, next_styles, blur, blur_pad, want_unscaled)
     assert got.shape == (3, 5, *out_size)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # the output keeps x's layout (a copy's, for x in neither)
-    assert got.is_contiguous(memory_format=torch.channels_last if layout_name == "channels_last" else
-                             torch.contiguous_format)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if with_next:
+        torch.testing.assert_close(unwritten(unscaled), want_unscaled, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -445,6 +456,75 @@ def test_styled_epilogue_checks_name_the_problem(harness, bad, message):
         harness.styled_epilogue(t["x"], t["demod"], t["bias"], t["noise"], 0.5, 0.2, t["next_styles"], t["blur"],
                                 blur_pad)
     assert message in str(error.value)
+
+
+# x (2, 3, 4, 4) in the layout named, next_styles (2, 3) unless "next_styles" is False, blur,
+# blur_pad and unscaled_out as given (a shape, dense in the layout named)
+UNSCALED_OUT_CASES = {
+    "without next_styles": (dict(next_styles=False), "unscaled_out is given without next_styles (it would equal "
+                                                     "the result)"),
+    "wrong shape": (dict(unscaled=((2, 3, 4, 5), "contiguous")),
+                    "unscaled_out must have the result's shape [2, 3, 4, 4], got [2, 3, 4, 5]"),
+    "x's shape with a blur": (dict(blur=(4, 4), blur_pad=1, unscaled=((2, 3, 4, 4), "contiguous")),
+                              "unscaled_out must have the result's shape [2, 3, 3, 3], got [2, 3, 4, 4]"),
+    "channels_last for contiguous x": (dict(unscaled=((2, 3, 4, 4), "channels_last")),
+                                       "unscaled_out must be dense in the result's layout (contiguous), got strides "
+                                       "[48, 1, 12, 3]"),
+    "contiguous for channels_last x": (dict(x="channels_last", unscaled=((2, 3, 4, 4), "contiguous")),
+                                       "unscaled_out must be dense in the result's layout (channels_last), got "
+                                       "strides [48, 16, 4, 1]"),
+    # x in neither layout is walked as a contiguous copy: the output, and so unscaled_out, is contiguous
+    "channels_last for x in neither": (dict(x="transposed", unscaled=((2, 3, 4, 4), "channels_last")),
+                                       "unscaled_out must be dense in the result's layout (contiguous)"),
+    "strided": (dict(unscaled=((2, 3, 4, 4), "strided")), "unscaled_out must be dense in the result's layout "
+                                                          "(contiguous), got strides [96, 32, 8, 2]"),
+}
+
+
+def epilogue_with_unscaled_out(x="contiguous", next_styles=True, blur=None, blur_pad=0,
+                               unscaled=((2, 3, 4, 4), "contiguous"), channels=3):
+    """Arguments of styled_epilogue (positional, the ref's order) for the cases above; demod, bias,
+    next_styles and the taps hold float32 values, as the kernel reads them."""
+    def laid_out(shape, layout):
+        if layout == "transposed":
+            return rand(*shape[:2], shape[3], shape[2]).transpose(2, 3)
+        if layout == "strided":
+            return rand(*shape[:3], 2 * shape[3])[..., ::2]
+        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        return rand(*shape).contiguous(memory_format=memory_format)
+
+    def float32(*shape, seed):
+        return rand(*shape, seed=seed).float().double()
+
+    return (laid_out((2, channels, 4, 4), x), float32(2, channels, seed=1), float32(channels, seed=2), None, 0.5, 0.2,
+            float32(2, channels, seed=4) if next_styles else None, None if blur is None else float32(*blur, seed=5),
+            blur_pad, laid_out(*unscaled))
+
+
+@pytest.mark.parametrize("case", UNSCALED_OUT_CASES.values(), ids=UNSCALED_OUT_CASES.keys())
+def test_styled_epilogue_unscaled_out_checks_name_the_problem(harness, case):
+    bad, message = case
+    args = epilogue_with_unscaled_out(**bad)
+    with pytest.raises(RuntimeError, match="mmfs_fast::styled_epilogue: ") as error:
+        harness.styled_epilogue(*args)
+    assert message in str(error.value)
+    with pytest.raises(ValueError, match="styled_epilogue: unscaled_out"):  # the public op's check agrees
+        styled_epilogue(*args[:4], args[4], *args[6:])
+
+
+# one channel makes a tensor dense in both layouts: the channel stride is free, in torch's rule and the check's
+@pytest.mark.parametrize("x,unscaled,channels", [
+    ("channels_last", "contiguous", 1), ("contiguous", "channels_last", 1), ("channels_last", "channels_last", 3),
+    ("transposed", "contiguous", 3)])
+def test_styled_epilogue_unscaled_out_dense_in_the_result_layout_is_written(harness, x, unscaled, channels):
+    args = epilogue_with_unscaled_out(x=x, unscaled=((2, channels, 4, 4), unscaled), channels=channels)
+    unscaled_out = args[-1].fill_(math.nan)
+    want_unscaled = unscaled_out.clone()
+    got = harness.styled_epilogue(*args)
+    want = styled_epilogue_ref(*args[:-1], want_unscaled)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(unwritten(unscaled_out), want_unscaled, rtol=1e-12, atol=1e-12)
+    styled_epilogue(*args[:4], args[4], *args[6:])  # the public op's check accepts it too
 
 
 # ---------------------------------------------------------------- the Python glue of _cuda.py
@@ -506,6 +586,10 @@ def test_fake_kernels_agree_with_the_compiled_host_code(harness):
               rand(2, 1, 9, 7).contiguous(memory_format=torch.channels_last), rand(2, 3, 7, 9).transpose(2, 3)):
         demod, bias = rand(*x.shape[:2]), rand(x.shape[1])
         for blur, blur_pad in [(None, 0), (rand(4, 4), 1), (rand(3, 4), 2)]:
-            fake = _cuda._styled_epilogue_fake(x, demod, bias, None, 0.5, 0.2, None, blur, blur_pad)
-            got = harness.styled_epilogue(x, demod, bias, None, 0.5, 0.2, None, blur, blur_pad)
+            next_styles = rand(*x.shape[:2], seed=4)
+            fake = _cuda._styled_epilogue_fake(x, demod, bias, None, 0.5, 0.2, next_styles, blur, blur_pad, None)
+            got = harness.styled_epilogue(x, demod, bias, None, 0.5, 0.2, next_styles, blur, blur_pad)
             assert fake.shape == got.shape and fake.stride() == got.stride()
+            # a buffer of the fake output's shape and strides is the unscaled_out the host code accepts
+            unscaled = torch.empty_strided(fake.shape, fake.stride(), dtype=x.dtype)
+            harness.styled_epilogue(x, demod, bias, None, 0.5, 0.2, next_styles, blur, blur_pad, unscaled)

@@ -396,29 +396,63 @@ def test_styled_epilogue_matches_ref_on_gpu(dtype, channels_last, noise_batch, f
     noise = None if noise_batch is None else rand(noise_batch, 1, *out_size, seed=3)
 
     def run(impl, dt):
+        """The result and, with next_styles, unscaled_out (NaN until written)."""
+        unscaled = None
+        if with_next:
+            unscaled = torch.full((33, 5, *out_size), math.nan, device="cuda", dtype=dt)
+            unscaled = unscaled.contiguous(memory_format=layout)
         out = STYLED_EPILOGUE.styled_epilogue(x.to("cuda", dt).contiguous(memory_format=layout), demod.cuda(),
                                               bias.cuda(), None if noise is None else noise.to("cuda", dt), 0.7,
                                               next_styles=next_styles, blur=None if blur is None else blur.cuda(),
-                                              blur_pad=blur_pad, impl=impl)
+                                              blur_pad=blur_pad, unscaled_out=unscaled, impl=impl)
         assert out.dtype == dt and out.shape == (33, 5, *out_size) and out.is_contiguous(memory_format=layout)
-        return out.float()
+        return [t.float() for t in (out, unscaled) if t is not None]
 
-    exact, low, got = run("ref", torch.float32), run("ref", dtype), run("cuda", dtype)
-    bound = 1e-5 * exact.abs().max().item() if dtype == torch.float32 else 2 * (low - exact).abs().max().item() + 1e-5
-    assert (got - exact).abs().max().item() <= bound
+    for exact, low, got in zip(run("ref", torch.float32), run("ref", dtype), run("cuda", dtype)):
+        bound = 1e-5 * exact.abs().max().item() if dtype == torch.float32 else \
+            2 * (low - exact).abs().max().item() + 1e-5
+        assert (got - exact).abs().max().item() <= bound
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_styled_epilogue
+@pytest.mark.parametrize("bad,message", [  # bad: the arguments that replace good ones
+    (lambda: dict(next_styles=None), "unscaled_out is given without next_styles (it would equal the result)"),
+    (lambda: dict(unscaled_out=torch.empty(2, 3, 4, 5, device="cuda")),
+     "unscaled_out must have the result's shape [2, 3, 4, 4], got [2, 3, 4, 5]"),
+    (lambda: dict(unscaled_out=torch.empty(2, 3, 4, 4, device="cuda").contiguous(memory_format=torch.channels_last)),
+     "unscaled_out must be dense in the result's layout (contiguous), got strides [48, 1, 12, 3]"),
+    (lambda: dict(unscaled_out=torch.empty(2, 3, 4, 4, device="cuda", dtype=torch.float16)),
+     "unscaled_out must have x's dtype Float, got Half"),
+    (lambda: dict(unscaled_out=torch.empty(2, 3, 4, 4)), "unscaled_out must be a CUDA tensor, got one on cpu"),
+])
+def test_styled_epilogue_unscaled_out_checks_name_the_problem_on_gpu(bad, message):
+    """The op itself, past the public function's checks."""
+    args = dict(x=rand(2, 3, 4, 4), demod=rand(2, 3, seed=1), bias=rand(3, seed=2), noise=None, noise_strength=0.0,
+                slope=0.2, next_styles=rand(2, 3, seed=4), blur=None, blur_pad=0, unscaled_out=torch.empty(2, 3, 4, 4))
+    args = {name: t.cuda() if isinstance(t, torch.Tensor) else t for name, t in args.items()} | bad()
+    with pytest.raises(RuntimeError) as error:
+        torch.ops.mmfs_fast.styled_epilogue(*args.values())
+    assert "mmfs_fast::styled_epilogue: " + message in str(error.value)
 
 
 def styled_epilogue_samples(device="meta"):
-    """Arguments of the op, each form of its inputs, in both layouts; the blurred ones 9×9 → 8×8."""
+    """Arguments of the op, each form of its inputs, alternately in either layout (the outputs'
+    too); the blurred ones 9×9 → 8×8."""
     x = torch.randn(2, 3, 9, 9, device=device)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     demod, bias = torch.randn(2, 3, device=device), torch.randn(3, device=device)
     next_styles, fir = torch.randn(2, 3, device=device), torch.rand(4, 4, device=device)
+    unscaled, unscaled_cl = torch.empty(2, 3, 8, 8, device=device), torch.empty(2, 3, 9, 9, device=device)
     return [
-        (x, demod, bias, None, 0.0, 0.2, None, None, 0),
-        (x_cl, demod, bias, torch.randn(2, 1, 9, 9, device=device), 0.5, 0.2, next_styles, None, 0),
-        (x, demod, bias, torch.randn(1, 1, 8, 8, device=device), 0.5, 0.2, next_styles, fir, 1),
-        (x_cl, demod, bias, None, 0.0, 0.2, None, fir, 1),
+        (x, demod, bias, None, 0.0, 0.2, None, None, 0, None),
+        (x_cl, demod, bias, torch.randn(2, 1, 9, 9, device=device), 0.5, 0.2, next_styles, None, 0, None),
+        (x, demod, bias, torch.randn(1, 1, 8, 8, device=device), 0.5, 0.2, next_styles, fir, 1, None),
+        (x_cl, demod, bias, None, 0.0, 0.2, None, fir, 1, None),
+        (x, demod, bias, torch.randn(1, 1, 8, 8, device=device), 0.5, 0.2, next_styles, fir, 1, unscaled),
+        (x_cl, demod, bias, None, 0.0, 0.2, next_styles, None, 0,
+         unscaled_cl.contiguous(memory_format=torch.channels_last)),
     ]
 
 

@@ -202,6 +202,26 @@ def test_styled_epilogue_half_precision_storage_uses_fp32_arithmetic(form, chann
     np.testing.assert_array_equal(got.numpy(), torch.from_numpy(expected).half().numpy())
 
 
+@pytest.mark.parametrize("form", [f for f, (_, _, with_next) in EPILOGUE_FORMS.items() if with_next])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_styled_epilogue_unscaled_out_receives_the_activation_before_next_styles(form, channels_last, dtype):
+    x, demod, bias, noise, next_styles, blur, blur_pad = epilogue_inputs(form, 1, dtype)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
+    expected = naive_epilogue(x, demod, bias, noise, 0.7, next_styles, blur, blur_pad)
+    expected_unscaled = naive_epilogue(x, demod, bias, noise, 0.7, None, blur, blur_pad)
+    unscaled = torch.full(expected.shape, float("nan"), dtype=dtype).contiguous(memory_format=layout)
+    got = styled_epilogue(x, demod, bias, noise, 0.7, next_styles=next_styles, blur=blur, blur_pad=blur_pad,
+                          unscaled_out=unscaled)
+    for name, t, want in (("result", got, expected), ("unscaled", unscaled, expected_unscaled)):
+        assert t.dtype == dtype and t.is_contiguous(memory_format=layout), name
+        if dtype == torch.float16:  # one fp16 rounding of the exact value
+            np.testing.assert_array_equal(t.numpy(), torch.from_numpy(want).half().numpy(), err_msg=name)
+        else:
+            np.testing.assert_allclose(t.numpy(), want, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(demod=rand(2, 4)), "demod must have shape"),
     (dict(bias=rand(2)), "bias must have shape"),
@@ -220,6 +240,18 @@ def test_styled_epilogue_half_precision_storage_uses_fp32_arithmetic(form, chann
     (dict(blur=rand(4, 4), blur_pad=1, noise=rand(1, 1, 4, 5)), r"noise must have shape \(1 or 2, 1, 3, 4\)"),
     (dict(next_styles=torch.empty(2, 3, device="meta")), "next_styles is on meta but x is on cpu"),
     (dict(blur=torch.empty(3, 3, device="meta"), blur_pad=1), "blur is on meta but x is on cpu"),
+    (dict(unscaled_out=rand(2, 3, 4, 5)), "unscaled_out is given without next_styles"),
+    (dict(next_styles=rand(2, 3), unscaled_out=rand(2, 3, 4, 4)), r"unscaled_out must be a torch.float64 tensor"
+                                                                   r" of shape \(2, 3, 4, 5\)"),
+    # with a blur it has the output's size, not x's
+    (dict(next_styles=rand(2, 3), blur=rand(4, 4), blur_pad=1, unscaled_out=rand(2, 3, 4, 5)),
+     r"of shape \(2, 3, 3, 4\)"),
+    (dict(next_styles=rand(2, 3), unscaled_out=rand(2, 3, 4, 5).float()), "unscaled_out must be a torch.float64"),
+    (dict(next_styles=rand(2, 3), unscaled_out=rand(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)),
+     r"dense in the result's layout \(torch.contiguous_format\)"),
+    (dict(next_styles=rand(2, 3), unscaled_out=rand(2, 3, 4, 10)[..., ::2]), "dense in the result's layout"),
+    (dict(next_styles=rand(2, 3), unscaled_out=torch.empty(2, 3, 4, 5, dtype=torch.float64, device="meta")),
+     "unscaled_out is on meta but x is on cpu"),
 ])
 def test_styled_epilogue_rejects_bad_arguments(bad, match):
     args = dict(x=rand(2, 3, 4, 5), demod=rand(2, 3), bias=rand(3), noise=None)

@@ -169,7 +169,8 @@ EPILOGUE_FORMS = {
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("form", EPILOGUE_FORMS.values(), ids=EPILOGUE_FORMS.keys())
 def test_styled_epilogue_matches_ref(dtype, noise, channels_last, form):
-    """Inference only: outputs, no gradients."""
+    """Inference only: outputs, no gradients. With next_styles, the activation before them too,
+    in unscaled_out (NaN until written)."""
     blur, blur_pad, with_next = form
     blur = None if blur is None else blur.to(DEVICE)
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -180,10 +181,14 @@ def test_styled_epilogue_matches_ref(dtype, noise, channels_last, form):
     results = {}
     for name, impl, dt in (("ref32", "ref", torch.float32), ("ref", "ref", dtype), ("triton", "triton", dtype)):
         x_in = x.to(dt).contiguous(memory_format=layout)
+        unscaled = None
+        if with_next:
+            unscaled = torch.full((3, 7, *out_size), float("nan"), dtype=dt, device=DEVICE)
+            unscaled = unscaled.contiguous(memory_format=layout)
         out = styled_epilogue(x_in, demod, bias, None if noise_tensor is None else noise_tensor.to(dt), 0.7,
-                              next_styles=next_styles, blur=blur, blur_pad=blur_pad, impl=impl)
+                              next_styles=next_styles, blur=blur, blur_pad=blur_pad, unscaled_out=unscaled, impl=impl)
         assert out.dtype == dt and out.shape == (3, 7, *out_size) and out.is_contiguous(memory_format=layout)
-        results[name] = [out.float()]
+        results[name] = [out.float()] + ([] if unscaled is None else [unscaled.float()])
     assert_matches_ref(results, dtype)
 
 
@@ -204,8 +209,11 @@ def test_styled_epilogue_op_passes_opcheck():
     for noise, next_styles, blur, blur_pad in [(None, None, None, 0), (randn(2, 1, 5, 5, seed=3), None, None, 0),
                                                fused]:
         for layout in (torch.contiguous_format, torch.channels_last):
-            args = (x.contiguous(memory_format=layout), demod, bias, noise, 0.5, 0.2, next_styles, blur, blur_pad)
-            torch.library.opcheck(torch.ops.mmfs_fast.triton_styled_epilogue, args, test_utils=checks)
+            for with_unscaled in ([False, True] if next_styles is not None else [False]):
+                unscaled = torch.empty(2, 3, 4, 4, device=DEVICE).contiguous(memory_format=layout)
+                args = (x.contiguous(memory_format=layout), demod, bias, noise, 0.5, 0.2, next_styles, blur, blur_pad,
+                        unscaled if with_unscaled else None)
+                torch.library.opcheck(torch.ops.mmfs_fast.triton_styled_epilogue, args, test_utils=checks)
 
 
 # ---------------------------------------------------------------- a whole model

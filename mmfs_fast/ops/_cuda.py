@@ -102,7 +102,7 @@ def _bias_act_grad_backward(ctx, grad_grad_x):
 # ---------------------------------------------------------------- styled_epilogue
 
 
-def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, slope, next_styles, blur, blur_pad):
+def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, slope, next_styles, blur, blur_pad, unscaled_out):
     return _empty_with_layout_of(x, (*x.shape[:2], *blurred_size(x, blur, blur_pad)))
 
 
@@ -137,6 +137,7 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, alpha: float,
 
 def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None,
                     noise_strength: float, alpha: float, next_styles: torch.Tensor | None, blur: torch.Tensor | None,
-                    blur_pad: int) -> torch.Tensor:
-    return _ops.styled_epilogue(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad)
+                    blur_pad: int, unscaled_out: torch.Tensor | None) -> torch.Tensor:
+    return _ops.styled_epilogue(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad,
+                                unscaled_out)
 

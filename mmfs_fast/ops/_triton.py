@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.library import register_autograd, triton_op
 
-from mmfs_fast.ops._common import adjoint_pads, blurred_size, output_size
+from mmfs_fast.ops._common import adjoint_pads, blurred_size, output_memory_format, output_size
 
 # ---------------------------------------------------------------- upfirdn2d
 
@@ -92,23 +92,23 @@ register_autograd("mmfs_fast::triton_bias_act_grad", _bias_act_grad_backward, se
 # ---------------------------------------------------------------- styled_epilogue
 
 
-@triton_op("mmfs_fast::triton_styled_epilogue", mutates_args={})
+@triton_op("mmfs_fast::triton_styled_epilogue", mutates_args={"unscaled_out"})
 def _styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None,
                      noise_strength: float, alpha: float, next_styles: torch.Tensor | None, blur: torch.Tensor | None,
-                     blur_pad: int) -> torch.Tensor:
+                     blur_pad: int, unscaled_out: torch.Tensor | None) -> torch.Tensor:
     """Inference only: no autograd formula is registered, so autograd refuses a backward through it."""
     from mmfs_fast.kernels import styled_epilogue as kernels
 
     return kernels.styled_epilogue(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad,
-                                   blurred_size(x, blur, blur_pad))
+                                   unscaled_out, blurred_size(x, blur, blur_pad))
 
 
 @_styled_epilogue.register_fake
-def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad):
+def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad, unscaled_out):
     """In place of triton_op's own fake kernel (the function run on fake tensors), which the
     interpreter (TRITON_INTERPRET=1) would launch for real: the output layout is the kernel's."""
     return torch.empty((*x.shape[:2], *blurred_size(x, blur, blur_pad)), dtype=x.dtype, device=x.device,
-                       memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
+                       memory_format=output_memory_format(x))
 
 
 # ---------------------------------------------------------------- the backend functions
@@ -126,9 +126,9 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, alpha: float,
 
 def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None,
                     noise_strength: float, alpha: float, next_styles: torch.Tensor | None, blur: torch.Tensor | None,
-                    blur_pad: int) -> torch.Tensor:
+                    blur_pad: int, unscaled_out: torch.Tensor | None) -> torch.Tensor:
     walkable = x if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) else x.contiguous()
     return _styled_epilogue(walkable, demod.float().contiguous(), bias.float().contiguous(),
                             None if noise is None else noise.contiguous(), noise_strength, alpha,
                             None if next_styles is None else next_styles.float().contiguous(),
-                            None if blur is None else blur.float().contiguous(), blur_pad)
+                            None if blur is None else blur.float().contiguous(), blur_pad, unscaled_out)
