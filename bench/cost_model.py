@@ -147,7 +147,8 @@ def op_cost(func, args, kwargs, out) -> dict | None:
     if func in _FREE_OPS or getattr(func, "is_view", False):
         return None
     outs = _tensors(out)
-    ins = _tensors((args, kwargs))
+    # an out= buffer is written, not read: it counts once, as the output
+    ins = _tensors((args, {name: value for name, value in kwargs.items() if name != "out"}))
     on_device = [t for t in ins + outs if t.device.type == "cuda"]
     if not on_device and func not in _COPY_OPS:
         return None  # host-side work (tokenising, index math on the CPU)

@@ -356,7 +356,7 @@ def prepared_styled_conv(layer: StyledConv, dtype: torch.dtype, upsample_form: s
     table = _StyleTable([layer.conv], [conv.conv.energy()], [0])
 
     def run(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        styles, demod, _ = table(w[:, None])
+        styles, demod, _ = table(w[:, None], x.dtype)
         return conv(x * styles[0].to(x.dtype)[:, :, None, None], demod[0], None)[0]
     return conv, run
 

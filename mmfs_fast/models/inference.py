@@ -194,7 +194,9 @@ class _ModulatedConv(nn.Module):
 
     Demodulated layers are pre-normalised as in NVlabs' stylegan3: each output channel's weights
     to max |W| = 1/sqrt(fan_in) here, each sample's styles to max |s| = 1 in the table.
-    Demodulation cancels both scales exactly, and every fp16 product stays ≤ 1.
+    Demodulation cancels both scales exactly, and every fp16 product stays ≤ 1. gain (> 0): the
+    weights also carry the next activation's gain (lrelu(z)·g = lrelu(g·z)); :meth:`energy` is
+    that of the weights without it, so demodulation keeps it.
 
     upsample_form (up=2 only): "transposed" (the transposed convolution; its blur is left to the
     epilogue, :attr:`blur`), "polyphase" (the blur folded into four phase convolutions,
@@ -202,12 +204,14 @@ class _ModulatedConv(nn.Module):
     CUDA, see :func:`_form_for`).
     """
 
-    def __init__(self, layer: ModulatedConv2d, dtype: torch.dtype, upsample_form: str = "auto"):
+    def __init__(self, layer: ModulatedConv2d, dtype: torch.dtype, upsample_form: str = "auto", gain: float = 1.0):
         super().__init__()
         weight = (layer.weight[0] * layer.scale).detach().float()
         self.demodulate = layer.demodulate
         if self.demodulate:
             weight = weight * (layer.scale / weight.abs().amax(dim=(1, 2, 3), keepdim=True))
+        weight = weight * gain
+        self.gain = gain
         self.register_buffer("weight", weight.to(dtype))
         self.up = 2 if layer.upsample else 1
         if layer.upsample:
@@ -224,8 +228,9 @@ class _ModulatedConv(nn.Module):
         self.upsample_form = upsample_form
 
     def energy(self) -> torch.Tensor:
-        """(O, I) Σ_taps W² of exactly the weights the convolution applies: what demodulation normalises."""
-        return weight_energy(self.weight)
+        """(O, I) Σ_taps W² of exactly the weights the convolution applies, without the gain: what
+        demodulation normalises."""
+        return weight_energy(self.weight) / self.gain ** 2
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The convolution of x (already scaled by the styles), before demodulation, and the FIR
@@ -242,13 +247,12 @@ class _StyledConv(nn.Module):
     """StyledConv (modulated conv → noise → fused leaky ReLU) as the convolution and one
     epilogue pass, the styled_epilogue op: the blur of a transposed convolution, demodulation,
     bias, noise, leaky ReLU and, when given, the next convolution's styles, with the activation's
-    gain folded into the coefficients (lrelu(z)·g = lrelu(g·z) for g > 0; the table folds it into
-    demod)."""
+    gain folded into the weights, bias and noise strength (lrelu(z)·g = lrelu(g·z) for g > 0)."""
 
     def __init__(self, layer: StyledConv, dtype: torch.dtype, upsample_form: str = "auto"):
         super().__init__()
-        self.conv = _ModulatedConv(layer.conv, dtype, upsample_form)
         gain = LRELU.default_gain
+        self.conv = _ModulatedConv(layer.conv, dtype, upsample_form, gain)
         # fp32 like the demodulation coefficients: the epilogue's arithmetic is fp32
         self.register_buffer("bias", (layer.activate.bias * gain).detach().float())
         self.noise_strength = layer.noise.weight.item() * gain  # a constant: the weights are frozen
@@ -257,7 +261,7 @@ class _StyledConv(nn.Module):
     def forward(self, x: torch.Tensor, demod: torch.Tensor, noise: torch.Tensor | None,
                 next_styles: torch.Tensor | None = None,
                 keep_unscaled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x already scaled by this layer's styles; demod (B, O) with the activation's gain;
+        """x already scaled by this layer's styles; demod (B, O) its demodulation coefficients;
         next_styles (B, O): scale the result for the next convolution. Returns the result and,
         with keep_unscaled (a ToRGB reads the output too), the output before that scaling,
         written by the same pass; else None."""
@@ -294,9 +298,8 @@ class _StyleTable(nn.Module):
     layer. The layers' affines and weight energies are stacked, zero-padded to the widest layer
     (padded styles are 0 and change no maximum or sum).
 
-    For the demodulated layers the styles are normalised to max |s| = 1 per sample (see
-    :class:`_ModulatedConv`) and demod carries the activation's gain (only StyledConvs
-    demodulate); ToRGB's styles are not normalised.
+    The demodulated layers' styles are normalised to max |s| = 1 per sample (see
+    :class:`_ModulatedConv`); ToRGB's weights W·s take its styles as they are.
 
     layers: the training layers in synthesis order; energies: the :meth:`_ModulatedConv.energy`
     of each demodulated one (None for ToRGB's); slots: the w+ slot of each."""
@@ -319,24 +322,24 @@ class _StyleTable(nn.Module):
                 padded_energy[n, :o, :i] = energy.cpu()
             else:
                 rgb_weight[self.rgb_rows.index(n), :, :i] = (layer.weight[0, :, :, 0, 0] * layer.scale).detach().cpu()
-        demodulated = torch.tensor([layer.demodulate for layer in layers])[:, None, None]
         device = layers[0].weight.device
         for name, value in (("slots", torch.tensor(slots, dtype=torch.long)), ("affine_weight", affine_weight),
-                            ("affine_bias", affine_bias), ("energy", padded_energy), ("demodulated", demodulated),
-                            ("gain", torch.where(demodulated, LRELU.default_gain, 1.0).float()),
+                            ("affine_bias", affine_bias), ("energy", padded_energy),
                             ("rgb_index", torch.tensor(self.rgb_rows, dtype=torch.long)), ("rgb_weight", rgb_weight)):
             self.register_buffer(name, value.to(device))
 
-    def forward(self, w_plus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, n_latent, D) w+ → styles (L, B, I), demod (L, B, O) and the ToRGB weights
-        (R, B, 3, I), in fp32; layer n's own are the first in_channels[n] / out_channels[n]."""
+    def forward(self, w_plus: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, n_latent, D) w+ → the normalised styles (L, B, I) and demod (L, B, O) in fp32 (the
+        ToRGB rows unused), and the ToRGB weights (R, B, 3, I) in ``dtype`` (the activations'),
+        computed in fp32; layer n's own are the first in_channels[n] / out_channels[n]."""
         w = w_plus.float().transpose(0, 1)[self.slots]
         styles = torch.baddbmm(self.affine_bias, w, self.affine_weight.transpose(1, 2))
-        peak = torch.linalg.vector_norm(styles, float("inf"), dim=2, keepdim=True).clamp_min_(1e-30)
-        styles = styles / torch.where(self.demodulated, peak, 1.0)
-        demod = demodulation(styles, self.energy).mul_(self.gain)
-        rgb = styles[self.rgb_index][:, :, None, :] * self.rgb_weight[:, None]
-        return styles, demod, rgb
+        picked = styles[self.rgb_index][:, :, None, :]  # ToRGB's, before the normalisation
+        rgb = torch.mul(picked, self.rgb_weight[:, None], out=picked.new_empty(
+            (len(self.rgb_rows), w_plus.shape[0], *self.rgb_weight.shape[1:]), dtype=dtype))
+        # every row normalised, ToRGB's too (then unused): no mask to apply
+        styles = styles / torch.linalg.vector_norm(styles, float("inf"), dim=2, keepdim=True).clamp_min_(1e-30)
+        return styles, demodulation(styles, self.energy), rgb
 
 
 class _Synthesis(nn.Module):
@@ -360,9 +363,8 @@ class _Synthesis(nn.Module):
                                  style_slots(len(self.blocks)))
 
     def forward(self, feat: torch.Tensor, w_plus: torch.Tensor, noises: list[torch.Tensor | None]) -> torch.Tensor:
-        styles, demod, rgb_weights = self.table(w_plus)
+        styles, demod, rgb_weights = self.table(w_plus, feat.dtype)
         ins, outs = self.table.in_channels, self.table.out_channels
-        rgb_weights = rgb_weights.to(feat.dtype)
         conv_noises = iter(noises)
 
         def styled(layer, row, x, next_row=None, keep_unscaled=False):
@@ -370,7 +372,8 @@ class _Synthesis(nn.Module):
             next_styles = None if next_row is None else styles[next_row, :, :ins[next_row]]
             return layer(x, demod[row, :, :outs[row]], next(conv_noises), next_styles, keep_unscaled)
 
-        x = feat * styles[0, :, :ins[0]].to(feat.dtype)[:, :, None, None]
+        # fp32 styles, an fp16/bf16 product in one pass
+        x = torch.mul(feat, styles[0, :, :ins[0], None, None], out=torch.empty_like(feat))
         x, y = styled(self.first_conv, 0, x, 2, keep_unscaled=True)  # read by block 1 and the first ToRGB
         rgb = self.first_rgb(y, rgb_weights[0, :, :, :ins[1]], None)
         for n, (conv_up, conv, to_rgb) in enumerate(self.blocks):
