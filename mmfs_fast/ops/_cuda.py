@@ -140,4 +140,3 @@ def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, no
                     blur_pad: int, unscaled_out: torch.Tensor | None) -> torch.Tensor:
     return _ops.styled_epilogue(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad,
                                 unscaled_out)
-

@@ -5,9 +5,10 @@ blur (optional) is the FIR after a transposed convolution (upfirdn2d with up = d
 symmetric pad), so the upsampled activation is read once instead of written and read again;
 next_styles (optional) is the next modulated convolution's input scaling x·s, so that
 convolution reads its input ready; unscaled_out (optional) receives the activation before that
-scaling too, for a second reader (ToRGB) of the same output. The caller folds the activation's gain into demod, bias and
-strength (lrelu(z)·g = lrelu(g·z) for g > 0), as models/inference.py does. Inference only: no
-backend has a backward, and autograd refuses one (the layers that train use bias_act, which has).
+scaling too, for a second reader (ToRGB) of the same output. The activation's gain is the
+caller's to fold into its inputs (lrelu(z)·g = lrelu(g·z) for g > 0), as models/inference.py
+does. Inference only: no backend has a backward, and autograd refuses one (the layers that train
+use bias_act, which has).
 
 Backends: ref, triton, and cuda where the loaded extension defines the op.
 """
@@ -46,8 +47,8 @@ if _cuda.defines("styled_epilogue"):  # an extension built before the op lacks i
     IMPLEMENTATIONS["cuda"] = _cuda.styled_epilogue
 
 
-def _check(x, demod, bias, noise, next_styles, blur, blur_pad, unscaled_out) -> tuple[int, int]:
-    """The output's (H, W), after x's shapes and devices are checked against the others'."""
+def _check(x, demod, bias, noise, next_styles, blur, blur_pad, unscaled_out) -> None:
+    """The other inputs' shapes, dtypes and devices checked against x and the output's size."""
     if not x.is_floating_point() or x.ndim != 4:
         raise ValueError(f"styled_epilogue: x must be a 4-D floating-point tensor, got {x.ndim}-D {x.dtype}")
     batch, channels, h, w = x.shape
@@ -84,7 +85,6 @@ def _check(x, demod, bias, noise, next_styles, blur, blur_pad, unscaled_out) -> 
                     ("blur", blur), ("unscaled_out", unscaled_out)):
         if t is not None and t.device != x.device:
             raise ValueError(f"styled_epilogue: {name} is on {t.device} but x is on {x.device}")
-    return h, w
 
 
 def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None = None,
