@@ -11,9 +11,10 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from mmfs_fast.ops._backend import CONV_FORMS
+
 WINNERS_FILE = Path(__file__).resolve().parents[1] / "mmfs_fast" / "ops" / "winners.json"
 BACKENDS = ("cuda", "triton", "ref")
-CONV_FORM_KINDS = ("upsample", "downsample")  # the resampling convolutions' entries (ops/_backend.py CONV_FORMS)
 
 
 def winners(cases: list[dict], device: str, commit: str | None) -> dict:
@@ -26,7 +27,7 @@ def winners(cases: list[dict], device: str, commit: str | None) -> dict:
             key = f"{case['shape']} {case['dtype']} {case['direction']}"
             timed[case["op"]][key][case["impl"]] = case["median_s"]
     current = json.loads(WINNERS_FILE.read_text())
-    for kind in CONV_FORM_KINDS:
+    for kind in CONV_FORMS:  # the resampling convolutions' entries
         forms: dict[str, Counter] = defaultdict(Counter)
         for case in cases:
             if case["op"] == kind:
