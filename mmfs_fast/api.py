@@ -12,7 +12,6 @@ every face. Everything random in a call (the seed's z and the noise maps) comes 
 from __future__ import annotations
 
 import random
-import warnings
 from typing import Iterator, Sequence
 
 import torch

@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import layout_state_dict
 from mmfs_fast.models import CheckpointError, Discriminator, Generator, Stylizer

@@ -44,14 +44,6 @@ class LRUCache:
         return {"size": len(self), "capacity": self.capacity, "hits": self.hits, "misses": self.misses}
 
 
-def _pixel_keys(pixels: torch.Tensor) -> list[tuple]:
-    """Content keys of (B, 3, 224, 224) CLIP inputs: one device→host copy for the batch,
-    5–10× fewer bytes to hash than the 512² images they come from."""
-    data = pixels.detach().contiguous().cpu()
-    return [(str(data.dtype), hashlib.blake2b(row.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest())
-            for row in data]
-
-
 def cached_styles(cache: LRUCache, keys: Sequence[Hashable], items: Sequence, compute: Callable) -> torch.Tensor:
     """The w+ of each item: cached ones looked up by their key, the others computed in one
     batch (``compute(list of items)``) and cached."""

@@ -128,7 +128,6 @@ def stylegan2_to_stylizer(g: dict[str, torch.Tensor], size: int = 512,
     if g_size < size:
         raise CheckpointError(f"{name}: a {g_size}-px StyleGAN2 generator cannot seed a {size}-px Stylizer (it has "
                               f"no {size} px layers); use one of {size} px or more, e.g. the 1024-px FFHQ model")
-    last_rgb = first_rgb + 3
     out, convs, rgbs = {}, set(), set()
     for key, value in g.items():
         if key.startswith("style."):

@@ -20,7 +20,7 @@ from mmfs_fast.ops._common import adjoint_pads, blurred_size, output_memory_form
 def _upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int, pad: list[int]) -> torch.Tensor:
     from mmfs_fast.kernels import upfirdn2d as kernels
 
-    (n, c, h, w), (kh, kw) = x.shape, kernel.shape
+    (h, w), (kh, kw) = x.shape[-2:], kernel.shape
     out_size = (output_size(h, kh, up, down, pad[2], pad[3]), output_size(w, kw, up, down, pad[0], pad[1]))
     return kernels.upfirdn2d(x, kernel, up, down, pad, out_size)
 
