@@ -342,17 +342,19 @@ class CostRecorder(TorchDispatchMode):
 
 
 class _FusedAttention(TorchFunctionMode):
-    """Attention that autograd records as the fused memory-efficient kernel, as on an H100/H200:
-    on fake tensors torch would choose its math path (it asks the device which kernels exist)."""
+    """Attention as the fused memory-efficient kernel, as on an H100/H200: on fake tensors torch
+    would choose its math path (it asks the device which kernels exist). The fused kernel's
+    output is (B, L, heads, d) in memory, as on the GPU, so reading it back as (B, L, heads·d)
+    is a view, not a copy; its log-sum-exp is kept only where autograd needs it."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and torch.is_grad_enabled():
+        if func is F.scaled_dot_product_attention:
             q, k, v, mask, dropout, causal = (list(args) + [None, 0.0, False])[:6]
             mask = kwargs.get("attn_mask", mask)
             out, *_ = aten._scaled_dot_product_efficient_attention(
-                q, k, v, mask, True, kwargs.get("dropout_p", dropout), kwargs.get("is_causal", causal),
-                scale=kwargs.get("scale"))
+                q, k, v, mask, torch.is_grad_enabled(), kwargs.get("dropout_p", dropout),
+                kwargs.get("is_causal", causal), scale=kwargs.get("scale"))
             return out
         return func(*args, **kwargs)
 

@@ -1,4 +1,5 @@
 """CLIP and DINO wrappers (random-initialised ViT-B models; SPEC §5)."""
+import collections
 import copy
 
 import open_clip
@@ -123,14 +124,15 @@ def _clip_outputs(model, pixels, tokens):
 
 
 @torch.no_grad()
-def test_clip_fused_attention_equals_open_clips_attention(clip):
-    """SDPA (text: is_causal instead of the mask) against open_clip's own attention: to fp32
-    rounding in fp32, and in fp16 within twice the error of open_clip's model cast to fp16
-    (both against it in fp64)."""
-    from mmfs_fast.encoders.clip import FusedSelfAttention
+def test_clip_fused_blocks_equal_open_clips_blocks(clip):
+    """SDPA (text: is_causal instead of the mask) and the MLP's activation as one SiLU against
+    open_clip's own blocks: to fp32 rounding in fp32, and in fp16 within twice the error of
+    open_clip's model cast to fp16 (both against it in fp64)."""
+    from mmfs_fast.encoders.attention import FusedSelfAttention
+    from mmfs_fast.encoders.clip import QuickGeluMLP
 
-    assert all(isinstance(b.attn, FusedSelfAttention) for b in (*clip.model.visual.transformer.resblocks,
-                                                              *clip.model.transformer.resblocks))
+    blocks = (*clip.model.visual.transformer.resblocks, *clip.model.transformer.resblocks)
+    assert all(isinstance(b.attn, FusedSelfAttention) and isinstance(b.mlp, QuickGeluMLP) for b in blocks)
     pixels = clip.preprocess(images(2, 64, 64, seed=3))
     tokens = clip.tokenizer(["a pop art portrait", "an oil painting of a face"])
     ref = _clip_outputs(_reference_clip(clip, torch.float64), pixels.double(), tokens)
@@ -145,8 +147,53 @@ def test_clip_fused_attention_equals_open_clips_attention(clip):
         assert error.mean() <= 2 * plain_error.mean() and error.max() <= 2 * plain_error.max()
 
 
+@torch.no_grad()
+def test_quick_gelu_mlp_follows_loaded_weights():
+    """The pre-scaled c_fc bias is made again by load_state_dict: a block's MLP given other
+    weights computes open_clip's MLP of those weights, x·σ(1.702x) in the middle."""
+    from open_clip.transformer import QuickGELU
+
+    from mmfs_fast.encoders.clip import QuickGeluMLP
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(collections.OrderedDict(
+        c_fc=torch.nn.Linear(8, 32), gelu=QuickGELU(), c_proj=torch.nn.Linear(32, 8))).double()
+    mlp = QuickGeluMLP(copy.deepcopy(plain))
+    for p in plain.parameters():
+        p.normal_()
+    mlp.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    hidden = plain.c_fc(x)
+    torch.testing.assert_close(mlp(x), plain.c_proj(hidden * torch.sigmoid(1.702 * hidden)))
+    assert set(mlp.state_dict()) == set(plain.state_dict())
+    with pytest.raises(ValueError, match="QuickGELU"):
+        QuickGeluMLP(torch.nn.Sequential(collections.OrderedDict(
+            c_fc=torch.nn.Linear(8, 32), gelu=torch.nn.GELU(), c_proj=torch.nn.Linear(32, 8))))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "sequence-first"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fused_attention_equals_multihead_attention(batch_first, causal):
+    """Against nn.MultiheadAttention evaluated in fp64 (the causal one with its additive mask),
+    batch of 3, with gradients w.r.t. the input (CLIP's losses take them)."""
+    from mmfs_fast.encoders.attention import FusedSelfAttention
+
+    torch.manual_seed(0)
+    plain = torch.nn.MultiheadAttention(16, 4, dropout=0.1, batch_first=batch_first).double().eval()
+    fused = FusedSelfAttention(plain, causal)
+    x = torch.randn((3, 7, 16) if batch_first else (7, 3, 16), dtype=torch.float64, requires_grad=True)
+    mask = torch.full((7, 7), float("-inf"), dtype=torch.float64).triu(1) if causal else None
+    expected, = torch.autograd.grad(plain(x, x, x, need_weights=False, attn_mask=mask)[0].square().sum(), x)
+    got = fused(x, x, x)[0]
+    torch.testing.assert_close(got, plain(x, x, x, need_weights=False, attn_mask=mask)[0])
+    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), x)[0], expected)
+    assert not fused.training
+    with pytest.raises(ValueError, match="no dropout to train with"):
+        fused.train()(x, x, x)
+
+
 def test_fused_attention_refuses_what_it_does_not_compute():
-    from mmfs_fast.encoders.clip import FusedSelfAttention
+    from mmfs_fast.encoders.attention import FusedSelfAttention
 
     attention = FusedSelfAttention(torch.nn.MultiheadAttention(8, 2, batch_first=True), causal=True)
     x = torch.randn(1, 3, 8)
@@ -154,6 +201,8 @@ def test_fused_attention_refuses_what_it_does_not_compute():
         attention(x, torch.randn(1, 3, 8), x)
     with pytest.raises(ValueError, match="causal one takes no explicit mask"):
         attention(x, x, x, attn_mask=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="padding mask"):
+        attention(x, x, x, key_padding_mask=torch.zeros(1, 3, dtype=torch.bool))
 
 
 def test_missing_or_bad_weights_are_clear_errors(tmp_path):

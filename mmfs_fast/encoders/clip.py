@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmfs_fast.encoders.attention import FusedSelfAttention
 from mmfs_fast.encoders._common import Normalize, check_images, check_weights, freeze, load_weights, resize
 from mmfs_fast.errors import EncoderWeightsError, option
 
@@ -49,50 +50,54 @@ def _load_weights(model, path: Path, trust_torchscript: bool) -> None:
         open_clip.load_checkpoint(model, str(path))
 
 
-class FusedSelfAttention(nn.Module):
-    """nn.MultiheadAttention's self-attention (eval: no dropout) with the softmax(QKᵀ/√d)V in
-    one F.scaled_dot_product_attention call, the fused flash / memory-efficient kernel on CUDA
-    (no (B, heads, L, L) scores in memory, one launch inside a CUDA graph).
+QUICK_GELU_SCALE = 1.702  # open_clip's QuickGELU: x·σ(1.702·x)
 
-    Holds the wrapped module's own parameters under its names (in_proj_weight, in_proj_bias,
-    out_proj), so the state dict is unchanged. causal: the additive causal mask of CLIP's text
-    transformer as SDPA's is_causal, which keeps the flash kernel (it takes no explicit mask)."""
 
-    def __init__(self, attention: nn.MultiheadAttention, causal: bool):
+class QuickGeluMLP(nn.Module):
+    """open_clip's MLP c_fc → QuickGELU → c_proj with x·σ(1.702x) as silu(1.702x) / 1.702: the
+    1.702 is c_fc's GEMM scale (alpha, its bias pre-scaled so the bias stays in the GEMM) and
+    1/1.702 c_proj's, so the activation is one SiLU pass instead of three (scale, sigmoid,
+    product).
+
+    Holds the wrapped c_fc and c_proj under their names, so the state dict is unchanged; the
+    pre-scaled bias is a buffer outside it, made again whenever a state dict is loaded."""
+
+    def __init__(self, mlp: nn.Sequential):
+        from open_clip.transformer import QuickGELU
+
         super().__init__()
-        if not attention._qkv_same_embed_dim or attention.bias_k is not None or attention.add_zero_attn:
-            raise ValueError("FusedSelfAttention covers CLIP's attention: one in-projection, no bias_k/v, "
-                             "no zero attention")
-        self.num_heads, self.batch_first, self.causal = attention.num_heads, attention.batch_first, causal
-        self.in_proj_weight, self.in_proj_bias = attention.in_proj_weight, attention.in_proj_bias
-        self.out_proj = attention.out_proj
+        if not isinstance(getattr(mlp, "gelu", None), QuickGELU):
+            raise ValueError("QuickGeluMLP covers open_clip's c_fc → QuickGELU → c_proj")
+        self.c_fc, self.c_proj = mlp.c_fc, mlp.c_proj
+        self.register_buffer("scaled_fc_bias", torch.empty_like(self.c_fc.bias), persistent=False)
+        self._scale_fc_bias()
+        self.register_load_state_dict_post_hook(QuickGeluMLP._scale_fc_bias)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_weights: bool = False,
-                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        if not (key is query and value is query) or need_weights or (self.causal and attn_mask is not None):
-            raise ValueError("FusedSelfAttention: self-attention only (key and value are the query), no "
-                             "attention weights, and a causal one takes no explicit mask")
-        x = query if self.batch_first else query.transpose(0, 1)
-        b, length, width = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(
-            b, length, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)
-        out = self.out_proj(out.transpose(1, 2).reshape(b, length, width))
-        return (out if self.batch_first else out.transpose(0, 1)), None
+    @torch.no_grad()
+    def _scale_fc_bias(self, incompatible_keys=None) -> None:
+        self.scaled_fc_bias.copy_(self.c_fc.bias * QUICK_GELU_SCALE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        hidden = F.silu(torch.addmm(self.scaled_fc_bias, rows, self.c_fc.weight.t(), alpha=QUICK_GELU_SCALE))
+        out = torch.addmm(self.c_proj.bias, hidden, self.c_proj.weight.t(), alpha=1 / QUICK_GELU_SCALE)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def fuse_attention(model) -> None:
-    """Every attention of an open_clip CLIP through :class:`FusedSelfAttention`; the text
-    transformer's causal mask becomes SDPA's is_causal (the model's mask buffer is dropped)."""
+def fuse_blocks(model) -> None:
+    """Every block of an open_clip CLIP with its attention as :class:`FusedSelfAttention` and its
+    MLP as :class:`QuickGeluMLP`; the text transformer's causal mask becomes SDPA's is_causal
+    (the model's mask buffer is dropped)."""
     for tower, causal in ((model.visual.transformer, False), (model.transformer, True)):
         for block in tower.resblocks:
             block.attn = FusedSelfAttention(block.attn, causal)
+            block.mlp = QuickGeluMLP(block.mlp)
     model.attn_mask = None
 
 
 class CLIPEncoder:
-    """Frozen CLIP: no parameter gradients, but differentiable w.r.t. input images; its
-    attention runs as fused SDPA (:func:`fuse_attention`)."""
+    """Frozen CLIP: no parameter gradients, but differentiable w.r.t. input images; its blocks
+    run fused attention and a one-pass activation (:func:`fuse_blocks`)."""
 
     def __init__(self, weights: str | Path | None = None, *, random_init: bool = False, device="cpu",
                  dtype: torch.dtype = torch.float32, trust_torchscript: bool = False):
@@ -104,7 +109,7 @@ class CLIPEncoder:
         if path is not None:
             load_weights(MODEL_NAME, lambda p: _load_weights(model, p, trust_torchscript), path, HOW_TO_GET)
         self.model = freeze(model, device, dtype)
-        fuse_attention(self.model)
+        fuse_blocks(self.model)
         self.tokenizer = open_clip.get_tokenizer(MODEL_NAME)
         self.device, self.dtype = torch.device(device), dtype
         self.normalize = Normalize(MEAN, STD, self.device, dtype)

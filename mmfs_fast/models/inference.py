@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmfs_fast.encoders.attention import FusedSelfAttention
 from mmfs_fast.models.layers import (ConvLayer, EqualLinear, FusedLeakyReLU, ModulatedConv2d, ResBlock, StyledConv, ToRGB,
                                      style_slots)
 from mmfs_fast.models.stylizer import N_CONVS, Stylizer
@@ -389,7 +390,8 @@ class _Synthesis(nn.Module):
 
 class InferenceStylizer(Stylizer):
     """A Stylizer in inference form (made by :func:`prepare_stylizer`): the encoder, mapping and
-    clip_mapper prepared in place, and the decoder as :attr:`synthesis`."""
+    clip_mapper prepared in place (the clip_mapper's attention as one fused kernel), and the
+    decoder as :attr:`synthesis`."""
 
     synthesis: _Synthesis
 
@@ -432,6 +434,8 @@ def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, conv_add
         replaced.append(name)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, prepared)
+    for layer in model.clip_mapper.transformer.layers if model.clip_mapper is not None else ():
+        layer.self_attn = FusedSelfAttention(layer.self_attn, causal=False)
     model.__class__ = InferenceStylizer  # the same modules and state, with a synthesis pass of its own
     model.synthesis = _Synthesis([getattr(stylizer, name) for name in decoder], dtype, upsample_form)
     model.set_impl(impl)
