@@ -16,7 +16,6 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from mmfs_fast.kernels._config import autotune_configs
-from mmfs_fast.ops._common import output_memory_format
 
 # Memory bound: the planes run from 4×4×512 to 512×512×64 elements per sample, so the
 # autotuner chooses the block per size among small and large ones.
@@ -72,15 +71,14 @@ def styled_epilogue_kernel(x_ptr, demod_ptr, bias_ptr, noise_ptr, next_ptr, blur
 
 
 def styled_epilogue(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad, unscaled_out,
-                    out_size):
+                    out_size, layout):
     """x (B, C, H, W) contiguous or channels_last; demod (B, C), bias (C,), next_styles None or
     (B, C) and blur None or (KH, KW), fp32 contiguous; noise None or (B or 1, 1, *out_size)
-    contiguous. The result, (B, C, *out_size), has x's dtype and memory format; unscaled_out,
+    contiguous. The result, (B, C, *out_size), has x's dtype and the memory format layout; unscaled_out,
     None or a tensor of the result's shape, dtype and layout, receives the activation before
     the × next_styles."""
     batch, channels, h, w = x.shape
     out_h, out_w = out_size
-    layout = output_memory_format(x)
     out = torch.empty((batch, channels, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=layout)
     n = out.numel()
 

@@ -100,7 +100,7 @@ def _styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, n
     from mmfs_fast.kernels import styled_epilogue as kernels
 
     return kernels.styled_epilogue(x, demod, bias, noise, noise_strength, alpha, next_styles, blur, blur_pad,
-                                   unscaled_out, blurred_size(x, blur, blur_pad))
+                                   unscaled_out, blurred_size(x, blur, blur_pad), output_memory_format(x))
 
 
 @_styled_epilogue.register_fake
