@@ -83,7 +83,10 @@ _SYNC_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.ite
              aten.nonzero.default, aten.masked_select.default}
 _COPY_OPS = {aten._to_copy.default, aten.copy_.default, aten.clone.default}
 _CONV_OPS = {aten.convolution.default, aten._convolution.default}
-_MATMUL_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+_MATMUL_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.addmm_.default,
+               aten.baddbmm_.default, aten.addmm.out, aten.baddbmm.out}
+_ADDED_INPUT_MATMULS = {aten.addmm.default, aten.baddbmm.default, aten.addmm_.default, aten.baddbmm_.default,
+                        aten.addmm.out, aten.baddbmm.out}
 # one fused (flash / memory-efficient) kernel on CUDA; the first is CompositeImplicit, kept whole
 _ATTENTION_OPS = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_efficient_attention.default,
                   aten._scaled_dot_product_flash_attention.default}
@@ -142,6 +145,21 @@ def _custom_op_cost(name: str, args, out_tensors) -> dict:
     return dict(bytes=traffic, flops=float(out.numel()))  # bias_act and its gradient: one pass
 
 
+def _added_in_place(func, args, kwargs, out: torch.Tensor) -> bool:
+    """Whether a matmul's added input costs no pass of its own on CUDA (aten/src/ATen/native/cuda/
+    Blas.cpp): it is the output (addmm_, baddbmm_, out= itself), or addmm's bias of one value per
+    output column, which cuBLASLt adds in its epilogue (beta = 1, a contiguous output)."""
+    added = args[0]
+    if func in (aten.addmm_.default, aten.baddbmm_.default) or out is added:
+        return True
+    if kwargs.get("beta", 1) == 0:
+        return True
+    bias_like = (added.is_contiguous() and added.squeeze().ndim <= 1 and added.shape[-1] == out.shape[-1]
+                 and (added.ndim == 1 or added.shape[0] == 1))
+    return (func in (aten.addmm.default, aten.addmm.out) and kwargs.get("beta", 1) == 1 and bias_like
+            and out.is_contiguous() and min(args[1].shape) > 1 and min(args[2].shape) > 1)
+
+
 def op_cost(func, args, kwargs, out) -> dict | None:
     """Kernels, bytes and FLOPs of one dispatched op on CUDA; None for ops that launch nothing."""
     if func in _FREE_OPS or getattr(func, "is_view", False):
@@ -182,8 +200,13 @@ def op_cost(func, args, kwargs, out) -> dict | None:
             cost.update(cudnn_transposes=3, transpose_bytes=extra, bytes=cost["bytes"] + extra)
         return cost
     if func in _MATMUL_OPS:
-        a, b = (args[1], args[2]) if func in (aten.addmm.default, aten.baddbmm.default) else (args[0], args[1])
-        return dict(bytes=traffic, flops=2.0 * a.numel() * b.shape[-1], tensor_cores=True)
+        added = func in _ADDED_INPUT_MATMULS
+        a, b = (args[1], args[2]) if added else (args[0], args[1])
+        cost = dict(bytes=traffic, flops=2.0 * a.numel() * b.shape[-1], tensor_cores=True)
+        if added and not _added_in_place(func, args, kwargs, outs[0]):
+            # cuBLAS adds C from the output buffer itself: ATen first copies the added input there
+            cost.update(kernels=2, bytes=traffic + touched_bytes(args[0]) + touched_bytes(outs[0]))
+        return cost
     if func in _ATTENTION_OPS:
         q, k = args[0], args[1]
         return dict(bytes=traffic, flops=4.0 * q.numel() * k.shape[-2], tensor_cores=True)

@@ -135,31 +135,37 @@ class _BiasLeakyReLU(nn.Module):
         return bias_act(x, self.bias, act="lrelu", gain=1.0, impl=self.impl)
 
 
-def _pointwise_conv(x: torch.Tensor, weight: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
-    """A 1×1 convolution of x (B, I, H, W) by weight (O, I), or (B, O, I) per sample, plus ``add``
-    ((O,), or (B, O, H, W) in x's layout) as one matrix product: the add rides in the GEMM
-    instead of a pass of its own. The result has x's layout."""
+def _pointwise_conv(x: torch.Tensor, weight: torch.Tensor, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1×1 convolution of x (B, I, H, W) by weight (O, I), or (B, O, I) per sample, as one
+    matrix product, added to ``accumulate`` ((B, O, H, W) in x's layout, a temporary of the
+    caller's that is overwritten) in place: cuBLAS adds the output buffer it writes, where an
+    out-of-place add (addmm, baddbmm) first copies the addend into a new one. The result has
+    x's layout."""
     batch, channels, h, w = x.shape
     out_ch = weight.shape[-2]
     if x.is_contiguous(memory_format=torch.channels_last):
         # rows of (H·W, I) @ (I, O): the (B, H, W, O) result is the channels-last tensor
         rows = x.permute(0, 2, 3, 1).reshape(batch, h * w, channels)
-        add = add.reshape(1, 1, out_ch) if add.ndim == 1 else add.permute(0, 2, 3, 1).reshape(batch, h * w, out_ch)
         if weight.ndim == 2:  # one weight for the batch: one GEMM over every pixel of every sample
-            out = torch.addmm(add.reshape(-1, out_ch), rows.reshape(-1, channels), weight.T)
+            rows, weight = rows.reshape(-1, channels), weight.T
+            out = (rows @ weight if accumulate is None
+                   else accumulate.permute(0, 2, 3, 1).reshape(-1, out_ch).addmm_(rows, weight))
         else:
-            out = torch.baddbmm(add, rows, weight.transpose(1, 2))
+            weight = weight.transpose(1, 2)
+            out = (torch.bmm(rows, weight) if accumulate is None
+                   else accumulate.permute(0, 2, 3, 1).reshape(batch, h * w, out_ch).baddbmm_(rows, weight))
         return out.reshape(batch, h, w, out_ch).permute(0, 3, 1, 2)
-    add = add.reshape(1, out_ch, 1) if add.ndim == 1 else add.reshape(batch, out_ch, h * w)
-    weight = weight.expand(batch, out_ch, channels)
-    return torch.baddbmm(add, weight, x.reshape(batch, channels, h * w)).reshape(batch, out_ch, h, w)
+    weight, columns = weight.expand(batch, out_ch, channels), x.reshape(batch, channels, h * w)
+    out = (torch.bmm(weight, columns) if accumulate is None
+           else accumulate.reshape(batch, out_ch, h * w).baddbmm_(weight, columns))
+    return out.reshape(batch, out_ch, h, w)
 
 
 class _Skip(nn.Module):
     """ResBlock's skip branch (blur, then a stride-2 1×1 convolution without bias) and the join
     with the main branch: the blur keeps only the samples the strided convolution reads
     (upfirdn2d with down=2 writes a quarter of the full blur), and the convolution is one matrix
-    product that adds the main branch (see _pointwise_conv)."""
+    product that accumulates into the main branch's output (see _pointwise_conv)."""
 
     def __init__(self, layer: ConvLayer, dtype: torch.dtype, out_scale: float):
         super().__init__()
@@ -279,18 +285,28 @@ class _StyledConv(nn.Module):
 class _ToRGB(nn.Module):
     """ToRGB (1×1 modulated conv to 3 channels, no demodulation, bias, upsampled skip) as one
     batched matrix product with per-sample weights W·s (from the style table), so its input is
-    read once and never scaled, then the upsampled skip added."""
+    read once and never scaled, accumulated into the upsampled skip. Its bias is not added here:
+    :class:`_Synthesis` adds all ToRGB biases at once."""
 
     def __init__(self, layer: ToRGB, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("bias", layer.bias.detach().reshape(3).to(dtype))
         if hasattr(layer, "upsample"):
             self.upsample = copy.deepcopy(layer.upsample).to(dtype=dtype)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         """x (B, C, H, W); weight (B, 3, C) = W·s per sample; skip: the previous RGB or None."""
-        rgb = _pointwise_conv(x, weight, self.bias)
-        return rgb if skip is None else rgb.add_(self.upsample(skip))
+        return _pointwise_conv(x, weight, None if skip is None else self.upsample(skip))
+
+
+@torch.no_grad()
+def _rgb_bias_image(layers: list[ToRGB], first_size: int) -> torch.Tensor:
+    """The ToRGB biases' share of the output, (1, 3, S, S) in fp32: each ToRGB adds its bias to
+    the upsampled RGB of the one before, and upsampling is linear, so the biases add up to one
+    constant image (the upsampling's border taps included) that the output gets once."""
+    image = layers[0].bias.detach().float().expand(1, 3, first_size, first_size)
+    for layer in layers[1:]:
+        image = copy.deepcopy(layer.upsample).float()(image) + layer.bias.detach().float()
+    return image
 
 
 class _StyleTable(nn.Module):
@@ -353,7 +369,7 @@ class _Synthesis(nn.Module):
     layers: the training layers in synthesis order (first conv, first ToRGB, then upsampling
     conv, conv and ToRGB per block)."""
 
-    def __init__(self, layers: list[StyledConv | ToRGB], dtype: torch.dtype, upsample_form: str):
+    def __init__(self, layers: list[StyledConv | ToRGB], dtype: torch.dtype, upsample_form: str, size: int):
         super().__init__()
         prepared = [_StyledConv(m, dtype, upsample_form) if isinstance(m, StyledConv) else _ToRGB(m, dtype)
                     for m in layers]
@@ -362,6 +378,8 @@ class _Synthesis(nn.Module):
         self.table = _StyleTable([m.conv for m in layers],
                                  [p.conv.energy() if isinstance(p, _StyledConv) else None for p in prepared],
                                  style_slots(len(self.blocks)))
+        rgbs = [m for m in layers if isinstance(m, ToRGB)]
+        self.register_buffer("rgb_bias", _rgb_bias_image(rgbs, size >> len(self.blocks)).to(dtype))
 
     def forward(self, feat: torch.Tensor, w_plus: torch.Tensor, noises: list[torch.Tensor | None]) -> torch.Tensor:
         styles, demod, rgb_weights = self.table(w_plus, feat.dtype)
@@ -385,7 +403,7 @@ class _Synthesis(nn.Module):
             else:
                 y, _ = styled(conv, same, x)
             rgb = to_rgb(y, rgb_weights[n + 1, :, :, :ins[colour]], rgb)
-        return rgb
+        return rgb.add_(self.rgb_bias)
 
 
 class InferenceStylizer(Stylizer):
@@ -437,6 +455,7 @@ def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, conv_add
     for layer in model.clip_mapper.transformer.layers if model.clip_mapper is not None else ():
         layer.self_attn = FusedSelfAttention(layer.self_attn, causal=False)
     model.__class__ = InferenceStylizer  # the same modules and state, with a synthesis pass of its own
-    model.synthesis = _Synthesis([getattr(stylizer, name) for name in decoder], dtype, upsample_form)
+    model.synthesis = _Synthesis([getattr(stylizer, name) for name in decoder], dtype, upsample_form,
+                                 stylizer.config.size)
     model.set_impl(impl)
     return model
