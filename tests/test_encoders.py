@@ -49,6 +49,25 @@ def test_clip_preprocess_and_embedding(clip):
     torch.testing.assert_close(emb, raw / raw.norm(dim=-1, keepdim=True), rtol=1e-5, atol=1e-6)
 
 
+def test_image_input_is_the_resize_then_the_affine_in_the_encoders_dtype():
+    """Against the resize of (x + 1) / 2 followed by (· - mean) / std: written in fp16 without
+    autograd (one rounding), and differentiable w.r.t. the images where they ask for it."""
+    from mmfs_fast.encoders._common import ImageInput
+
+    x = images(2, 96, 80, seed=4)
+    expected = manual_preprocess(x, (32, 48), CLIP_MEAN, CLIP_STD)
+    got = ImageInput(CLIP_MEAN, CLIP_STD, "cpu", torch.float16)(x, (32, 48))
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, rtol=2 ** -10, atol=1e-6)
+    x.requires_grad_(True)
+    weights = torch.randn(2, 3, 32, 48)
+    got = ImageInput(CLIP_MEAN, CLIP_STD, "cpu", torch.float32)(x, (32, 48), antialias=False)
+    grad, = torch.autograd.grad((got * weights).sum(), x)
+    plain = manual_preprocess(x, (32, 48), CLIP_MEAN, CLIP_STD, antialias=False)
+    torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad, torch.autograd.grad((plain * weights).sum(), x)[0], rtol=1e-5, atol=1e-7)
+
+
 def test_clip_preprocesses_bf16_images_on_the_cpu(clip):
     """The CPU has no antialiased bf16 resize: preprocessing computes in fp32 whatever comes in."""
     x = images(2, 96, 96).bfloat16()

@@ -55,27 +55,29 @@ def check_images(x: torch.Tensor) -> None:
         raise TypeError(f"images must be floating point in [-1, 1], got {x.dtype}")
 
 
-def resize(x: torch.Tensor, size: tuple[int, int], dtype: torch.dtype, antialias: bool = True) -> torch.Tensor:
-    """Bilinear resize of images in [-1, 1] to [0, 1] at ``size``, returned in ``dtype``.
+class ImageInput:
+    """Images in [-1, 1] → an encoder's input in ``dtype``: a bilinear resize to its size, then
+    (x/2 + 1/2 - mean) / std per channel. A bilinear resize (antialiased or not) weighs its taps
+    to a sum of 1, so it commutes with the per-channel affine: the resize runs on the images as
+    they come and the whole affine is one multiply-add after it, written in ``dtype`` where no
+    gradient is asked (two kernels, not six).
 
-    Computed in at least fp32, before the cast to the encoder's dtype: the CPU has no
-    antialiased resize for bf16, and the 224² output is small."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    out = F.interpolate(x.to(acc) * 0.5 + 0.5, size=size, mode="bilinear", align_corners=False, antialias=antialias)
-    return out.to(dtype)
-
-
-class Normalize:
-    """(x - mean) / std per channel, with mean and std put on the encoder's device once: built
-    from host values on every call they were a host→device copy, which waits for the GPU (twice
-    per image encoding, so fine-tuning stalled on them every step)."""
+    Computed in at least fp32 before the cast: the CPU has no antialiased resize for bf16, and the
+    224² output is small. The affine's coefficients are put on the device once: built from host
+    values on every call they were host→device copies, which wait for the GPU."""
 
     def __init__(self, mean, std, device, dtype: torch.dtype):
-        self.mean = torch.tensor(mean, dtype=dtype).view(1, 3, 1, 1).to(device)
-        self.std = torch.tensor(std, dtype=dtype).view(1, 3, 1, 1).to(device)
+        mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+        self.scale = (0.5 / std).float().view(1, 3, 1, 1).to(device)
+        self.shift = ((0.5 - mean) / std).float().view(1, 3, 1, 1).to(device)
+        self.dtype = dtype
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+    def __call__(self, x: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
+        x = x.to(device=self.scale.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        resized = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+        if resized.requires_grad:  # out= has no autograd
+            return torch.addcmul(self.shift, resized, self.scale).to(self.dtype)
+        return torch.addcmul(self.shift, resized, self.scale, out=resized.new_empty(resized.shape, dtype=self.dtype))
 
 
 def without_autocast(device: torch.device):

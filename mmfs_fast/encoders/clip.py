@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfs_fast.encoders.attention import FusedSelfAttention
-from mmfs_fast.encoders._common import Normalize, check_images, check_weights, freeze, load_weights, resize
+from mmfs_fast.encoders._common import ImageInput, check_images, check_weights, freeze, load_weights
 from mmfs_fast.errors import EncoderWeightsError, option
 
 MODEL_NAME = "ViT-B-32-quickgelu"
@@ -112,12 +112,12 @@ class CLIPEncoder:
         fuse_blocks(self.model)
         self.tokenizer = open_clip.get_tokenizer(MODEL_NAME)
         self.device, self.dtype = torch.device(device), dtype
-        self.normalize = Normalize(MEAN, STD, self.device, dtype)
+        self.image_input = ImageInput(MEAN, STD, self.device, dtype)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] → CLIP input (B, 3, 224, 224)."""
         check_images(x)
-        return self.normalize(resize(x.to(self.device), (INPUT_SIZE, INPUT_SIZE), self.dtype))
+        return self.image_input(x, (INPUT_SIZE, INPUT_SIZE))
 
     def _forward(self, pixels: torch.Tensor, embedding: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(L2-normalised embedding or None, block-3 tokens without CLS) of preprocessed pixels;

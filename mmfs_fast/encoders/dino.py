@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmfs_fast.encoders._common import (Normalize, check_images, check_weights, freeze, load_weights, resize,
+from mmfs_fast.encoders._common import (ImageInput, check_images, check_weights, freeze, load_weights,
                                        without_autocast)
 
 MODEL_NAME = "vit_base_patch8_224.dino"
@@ -73,12 +73,12 @@ class DINOEncoder:
             load_weights(MODEL_NAME, lambda p: _load_weights(model, p), path, HOW_TO_GET)
         self.model = freeze(model, device, dtype)
         self.device, self.dtype, self.antialias = torch.device(device), dtype, antialias
-        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD, self.device, dtype)
+        self.image_input = ImageInput(IMAGENET_MEAN, IMAGENET_STD, self.device, dtype)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x)
         size = input_size(*x.shape[-2:])
-        return self.normalize(resize(x.to(self.device), size, self.dtype, antialias=self.antialias))
+        return self.image_input(x, size, self.antialias)
 
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] → (B, N, 768) float32 keys of the last block, CLS
