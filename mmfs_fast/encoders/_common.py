@@ -63,21 +63,26 @@ class ImageInput:
     gradient is asked (two kernels, not six).
 
     Computed in at least fp32 before the cast: the CPU has no antialiased resize for bf16, and the
-    224² output is small. The affine's coefficients are put on the device once: built from host
-    values on every call they were host→device copies, which wait for the GPU."""
+    224² output is small. In half precision the input is channels-last (:attr:`memory_format`,
+    the encoder's patch embedding takes it too): cuDNN's half convolutions are NHWC kernels, which
+    an NCHW input is transposed around. The affine's coefficients are put on the device once:
+    built from host values on every call they were host→device copies, which wait for the GPU."""
 
     def __init__(self, mean, std, device, dtype: torch.dtype):
         mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
         self.scale = (0.5 / std).float().view(1, 3, 1, 1).to(device)
         self.shift = ((0.5 - mean) / std).float().view(1, 3, 1, 1).to(device)
         self.dtype = dtype
+        half = dtype in (torch.float16, torch.bfloat16)
+        self.memory_format = torch.channels_last if half else torch.contiguous_format
 
     def __call__(self, x: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
         x = x.to(device=self.scale.device, dtype=torch.promote_types(x.dtype, torch.float32))
         resized = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
         if resized.requires_grad:  # out= has no autograd
-            return torch.addcmul(self.shift, resized, self.scale).to(self.dtype)
-        return torch.addcmul(self.shift, resized, self.scale, out=resized.new_empty(resized.shape, dtype=self.dtype))
+            return torch.addcmul(self.shift, resized, self.scale).to(self.dtype, memory_format=self.memory_format)
+        out = torch.empty(resized.shape, dtype=self.dtype, device=resized.device, memory_format=self.memory_format)
+        return torch.addcmul(self.shift, resized, self.scale, out=out)
 
 
 def without_autocast(device: torch.device):

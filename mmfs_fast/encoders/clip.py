@@ -113,6 +113,7 @@ class CLIPEncoder:
         self.tokenizer = open_clip.get_tokenizer(MODEL_NAME)
         self.device, self.dtype = torch.device(device), dtype
         self.image_input = ImageInput(MEAN, STD, self.device, dtype)
+        self.model.visual.conv1.to(memory_format=self.image_input.memory_format)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] → CLIP input (B, 3, 224, 224)."""

@@ -74,6 +74,7 @@ class DINOEncoder:
         self.model = freeze(model, device, dtype)
         self.device, self.dtype, self.antialias = torch.device(device), dtype, antialias
         self.image_input = ImageInput(IMAGENET_MEAN, IMAGENET_STD, self.device, dtype)
+        self.model.patch_embed.proj.to(memory_format=self.image_input.memory_format)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x)
