@@ -9,7 +9,7 @@ import torch
 import naive
 import torch.nn.functional as F
 
-from mmfs_fast.ops import (backends, bias_act, blur_folded_down_weight, blur_pads, default_fir, modulated_conv2d,
+from mmfs_fast.ops import (add_layer_norm, backends, bias_act, blur_folded_down_weight, blur_pads, default_fir, modulated_conv2d,
                            polyphase_up_pad, polyphase_up_weight, styled_epilogue, upfirdn2d)
 from mmfs_fast.ops._common import adjoint_pads
 
@@ -144,6 +144,52 @@ def test_bias_act_derivatives(act):
     fn = lambda x, b: bias_act(x, b, act=act, clamp=2.5, impl="ref")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, bias))
     assert torch.autograd.gradgradcheck(fn, (x, bias))
+
+
+# -- add_layer_norm -------------------------------------------------------------
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_add_layer_norm_matches_definition(affine):
+    x, residual = rand(2, 3, 8), rand(2, 3, 8, seed=1)
+    weight, bias = (rand(8, seed=2), rand(8, seed=3)) if affine else (None, None)
+    total, normed = add_layer_norm(x, residual, weight, bias, eps=1e-3)
+    s = x.double().numpy() + residual.double().numpy()
+    mean, var = s.mean(-1, keepdims=True), s.var(-1, keepdims=True)
+    expected = (s - mean) / np.sqrt(var + 1e-3)
+    if affine:
+        expected = expected * weight.double().numpy() + bias.double().numpy()
+    np.testing.assert_allclose(total.numpy(), s, rtol=1e-6)
+    np.testing.assert_allclose(normed.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_add_layer_norm_half_storage_sums_and_normalises_in_fp32():
+    """fp16 inputs whose fp16 sum rounds: the normalised row is that of the exact sum."""
+    x, residual = (rand(4, 64) * 100).half(), rand(4, 64, seed=1).half()
+    total, normed = add_layer_norm(x, residual)
+    exact = x.float() + residual.float()
+    assert total.dtype == normed.dtype == torch.float16
+    torch.testing.assert_close(total, exact.half(), rtol=0, atol=0)
+    torch.testing.assert_close(normed, F.layer_norm(exact, (64,)).half(), rtol=0, atol=0)
+
+
+def test_add_layer_norm_derivatives():
+    x, residual = rand(2, 3, 6).requires_grad_(), rand(2, 3, 6, seed=1).requires_grad_()
+    weight, bias = rand(6, seed=2).requires_grad_(), rand(6, seed=3).requires_grad_()
+    fn = lambda *inputs: add_layer_norm(*inputs, impl="ref")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, residual, weight, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, residual, weight, bias))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(residual=rand(2, 7)), "residual must have x's shape"),
+    (dict(weight=rand(7)), r"weight must have shape \(8,\)"),
+    (dict(bias=rand(8, 1)), r"bias must have shape \(8,\)"),
+    (dict(x=torch.ones(2, 8, dtype=torch.long)), "floating-point"),
+])
+def test_add_layer_norm_rejects_bad_arguments(bad, match):
+    args = dict(x=rand(2, 8), residual=rand(2, 8, seed=1), weight=None, bias=None) | bad
+    with pytest.raises(ValueError, match=match):
+        add_layer_norm(**args)
 
 
 # -- styled_epilogue ------------------------------------------------------------

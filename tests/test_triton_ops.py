@@ -15,7 +15,7 @@ import torch
 
 from conftest import TRITON_INTERPRETABLE
 from mmfs_fast.models import Stylizer, set_fused_modconv
-from mmfs_fast.ops import _backend, bias_act, modulated_conv2d, styled_epilogue, upfirdn2d
+from mmfs_fast.ops import _backend, add_layer_norm, bias_act, modulated_conv2d, styled_epilogue, upfirdn2d
 from mmfs_fast.ops._common import blur_pads, default_fir
 
 HAS_CUDA = torch.cuda.is_available()
@@ -130,6 +130,27 @@ def test_bias_act_second_order_matches_ref(act, clamp):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------- add_layer_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("shape", [(2, 5, 40), (3, 512)], ids=["tokens, odd width", "rows"])
+def test_add_layer_norm_matches_ref(shape, affine, dtype):
+    """Both outputs and every input's gradient; a width that is not a power of two masks the
+    block's tail, whose zeros must not enter the mean or the variance."""
+    width = shape[-1]
+    inputs = [randn(*shape), randn(*shape, seed=1) * 3]
+    if affine:
+        inputs += [randn(width, seed=2), randn(width, seed=3)]
+
+    def fn(x, residual, weight=None, bias=None, impl="ref"):
+        total, normed = add_layer_norm(x, residual, weight, bias, impl=impl)
+        return torch.stack([total, normed])
+
+    assert_matches_ref(run_both(fn, inputs, dtype), dtype)
+
+
 # ---------------------------------------------------------------- op registration
 
 def test_registered_ops_pass_opcheck():
@@ -144,6 +165,8 @@ def test_registered_ops_pass_opcheck():
         (ops.triton_bias_act, (randn(2, 3, 4), randn(3, seed=1), "lrelu", 0.2, 1.4, 0.5, 1)),
         (ops.triton_bias_act_grad, (randn(2, 3, 4), randn(2, 3, 4, seed=1), randn(3, seed=2), "relu", 0.0, 1.4,
                                     None, 1)),
+        (ops.triton_add_layer_norm, (randn(2, 3, 24), randn(2, 3, 24, seed=1), randn(24, seed=2), randn(24, seed=3),
+                                     1e-5)),
     ]
     for op, args in cases:
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)

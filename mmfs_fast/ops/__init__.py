@@ -1,10 +1,13 @@
 """The op layer: one public function per op. upfirdn2d, bias_act and styled_epilogue dispatch
 to ``ref`` (plain PyTorch), ``cuda`` (csrc/, built ahead of time) or ``triton`` (kernels/);
-modulated_conv2d is plain PyTorch only (cuDNN's grouped convolution on a GPU)."""
+add_layer_norm to ref or triton; modulated_conv2d is plain PyTorch only (cuDNN's grouped
+convolution on a GPU)."""
 from mmfs_fast.ops import _backend
+from mmfs_fast.ops import add_layer_norm as _add_layer_norm_module
 from mmfs_fast.ops import bias_act as _bias_act_module
 from mmfs_fast.ops import styled_epilogue as _styled_epilogue_module
 from mmfs_fast.ops import upfirdn2d as _upfirdn2d_module
+from mmfs_fast.ops.add_layer_norm import add_layer_norm
 from mmfs_fast.ops.bias_act import bias_act
 from mmfs_fast.ops._common import (blur_folded_down_weight, blur_pads, default_fir, demodulation, polyphase_up_pad,
                                    polyphase_up_weight, weight_energy)
@@ -17,6 +20,7 @@ _MODULES = {
     "upfirdn2d": _upfirdn2d_module,
     "bias_act": _bias_act_module,
     "styled_epilogue": _styled_epilogue_module,
+    "add_layer_norm": _add_layer_norm_module,
 }
 
 
@@ -66,6 +70,6 @@ def cuda_extension_report() -> dict:
     }
 
 
-__all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "styled_epilogue", "default_fir", "blur_pads", "demodulation",
+__all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "styled_epilogue", "add_layer_norm", "default_fir", "blur_pads", "demodulation",
            "weight_energy", "polyphase_up_weight", "polyphase_up_pad", "blur_folded_down_weight",
            "backends", "backend_plan", "cuda_extension_report"]

@@ -111,6 +111,42 @@ def _styled_epilogue_fake(x, demod, bias, noise, noise_strength, alpha, next_sty
                        memory_format=output_memory_format(x))
 
 
+# ---------------------------------------------------------------- add_layer_norm
+
+
+@triton_op("mmfs_fast::triton_add_layer_norm", mutates_args={})
+def _add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from mmfs_fast.kernels import add_layer_norm as kernels
+
+    return kernels.add_layer_norm(x, residual, weight, bias, eps)
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, _ = inputs
+    total, _, mean, rstd = output
+    ctx.save_for_backward(total, weight, bias, mean, rstd)
+    ctx.dtypes = x.dtype, residual.dtype
+
+
+def _add_layer_norm_backward(ctx, d_total, d_normed, d_mean, d_rstd):
+    """LayerNorm's backward at the saved sum (ATen's, differentiable again), plus the sum's own
+    gradient: both inputs of the sum get it whole. mean and 1/std are saved statistics, not
+    results anyone differentiates."""
+    total, weight, bias, mean, rstd = ctx.saved_tensors
+    acc = torch.promote_types(total.dtype, torch.float32)  # the statistics' precision, on every device
+    stats = (*total.shape[:-1], 1)
+    d_sum, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
+        d_normed.to(acc), total.to(acc), total.shape[-1:], mean.view(stats), rstd.view(stats),
+        None if weight is None else weight.to(acc), None if bias is None else bias.to(acc),
+        [True, weight is not None and ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3]])
+    d_sum = d_sum + d_total
+    return (d_sum.to(ctx.dtypes[0]), d_sum.to(ctx.dtypes[1]), None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_bias is None else d_bias.to(bias.dtype), None)
+
+
+register_autograd("mmfs_fast::triton_add_layer_norm", _add_layer_norm_backward, setup_context=_add_layer_norm_setup)
+
 # ---------------------------------------------------------------- the backend functions
 
 
@@ -132,3 +168,11 @@ def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, no
                             None if noise is None else noise.contiguous(), noise_strength, alpha,
                             None if next_styles is None else next_styles.float().contiguous(),
                             None if blur is None else blur.float().contiguous(), blur_pad, unscaled_out)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    total, normed, _, _ = _add_layer_norm(x.contiguous(), residual.contiguous(),
+                                          None if weight is None else weight.contiguous(),
+                                          None if bias is None else bias.contiguous(), eps)
+    return total, normed
