@@ -83,10 +83,9 @@ _SYNC_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.ite
              aten.nonzero.default, aten.masked_select.default}
 _COPY_OPS = {aten._to_copy.default, aten.copy_.default, aten.clone.default}
 _CONV_OPS = {aten.convolution.default, aten._convolution.default}
-_MATMUL_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.addmm_.default,
-               aten.baddbmm_.default, aten.addmm.out, aten.baddbmm.out}
 _ADDED_INPUT_MATMULS = {aten.addmm.default, aten.baddbmm.default, aten.addmm_.default, aten.baddbmm_.default,
-                        aten.addmm.out, aten.baddbmm.out}
+                        aten.addmm.out, aten.baddbmm.out, aten._addmm_activation.default}
+_MATMUL_OPS = {aten.mm.default, aten.bmm.default, *_ADDED_INPUT_MATMULS}
 # one fused (flash / memory-efficient) kernel on CUDA; the first is CompositeImplicit, kept whole
 _ATTENTION_OPS = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_efficient_attention.default,
                   aten._scaled_dot_product_flash_attention.default}
@@ -156,8 +155,9 @@ def _added_in_place(func, args, kwargs, out: torch.Tensor) -> bool:
         return True
     bias_like = (added.is_contiguous() and added.squeeze().ndim <= 1 and added.shape[-1] == out.shape[-1]
                  and (added.ndim == 1 or added.shape[0] == 1))
-    return (func in (aten.addmm.default, aten.addmm.out) and kwargs.get("beta", 1) == 1 and bias_like
-            and out.is_contiguous() and min(args[1].shape) > 1 and min(args[2].shape) > 1)
+    bias_matmul = func in (aten.addmm.default, aten.addmm.out, aten._addmm_activation.default)
+    return (bias_matmul and kwargs.get("beta", 1) == 1 and bias_like and out.is_contiguous()
+            and min(args[1].shape) > 1 and min(args[2].shape) > 1)
 
 
 def op_cost(func, args, kwargs, out) -> dict | None:

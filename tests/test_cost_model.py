@@ -19,6 +19,9 @@ GUIDED_BOUNDS = {
     32: {"kernels": 74, "bytes_per_image": 1.109e9, "cudnn_transposes": 0},
 }
 
+# kernels of a style from a prompt or a reference image at batch 1 (CLIP fp16, the clip_mapper fp32)
+STYLE_BOUNDS = {"text_to_wplus": 156, "image_to_wplus": 154}
+
 
 def record(fn) -> list[cm.Kernel]:
     with cm.fake_cuda() as recorder:
@@ -264,3 +267,13 @@ def test_guided_stylization_launches_no_more_kernels_and_moves_no_more_bytes(gui
 @pytest.mark.parametrize("batch", sorted(GUIDED_BOUNDS))
 def test_guided_stylization_never_waits_for_the_device(guided, batch):
     assert guided[batch]["syncs"] == 0
+
+
+def test_styles_launch_no_more_kernels_and_copy_no_layout():
+    with cm.fake_cuda() as recorder:
+        models = cm.build_models(with_dino=False)
+        counted = {workload: cm.count(recorder, models, workload, 1) for workload in STYLE_BOUNDS}
+    for workload, kernels in counted.items():
+        got = cm.totals(kernels)
+        assert got["kernels"] <= STYLE_BOUNDS[workload], f"{workload}: {got['kernels']} kernels: a pass was added"
+        assert got["layout_conversions"] == got["cudnn_transposes"] == got["syncs"] == 0, workload

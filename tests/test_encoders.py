@@ -144,14 +144,15 @@ def _clip_outputs(model, pixels, tokens):
 
 @torch.no_grad()
 def test_clip_fused_blocks_equal_open_clips_blocks(clip):
-    """SDPA (text: is_causal instead of the mask) and the MLP's activation as one SiLU against
-    open_clip's own blocks: to fp32 rounding in fp32, and in fp16 within twice the error of
+    """SDPA (text: is_causal instead of the mask), the residual add joined to the LayerNorm after
+    it and the MLP's activation as one SiLU against open_clip's own blocks: to fp32 rounding in fp32, and in fp16 within twice the error of
     open_clip's model cast to fp16 (both against it in fp64)."""
     from mmfs_fast.encoders.attention import FusedSelfAttention
-    from mmfs_fast.encoders.clip import QuickGeluMLP
+    from mmfs_fast.encoders.clip import FusedBlock, QuickGeluMLP
 
     blocks = (*clip.model.visual.transformer.resblocks, *clip.model.transformer.resblocks)
-    assert all(isinstance(b.attn, FusedSelfAttention) and isinstance(b.mlp, QuickGeluMLP) for b in blocks)
+    assert all(isinstance(b, FusedBlock) and isinstance(b.attn, FusedSelfAttention) and isinstance(b.mlp, QuickGeluMLP)
+               and not b.training for b in blocks)
     pixels = clip.preprocess(images(2, 64, 64, seed=3))
     tokens = clip.tokenizer(["a pop art portrait", "an oil painting of a face"])
     ref = _clip_outputs(_reference_clip(clip, torch.float64), pixels.double(), tokens)

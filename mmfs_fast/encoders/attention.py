@@ -16,13 +16,15 @@ class FusedSelfAttention(nn.Module):
 
     Holds the wrapped module's own parameters under its names (in_proj_weight, in_proj_bias,
     out_proj), so the state dict is unchanged. causal: a causal mask (CLIP's text transformer)
-    as SDPA's is_causal, which keeps the flash kernel (it takes no explicit mask)."""
+    as SDPA's is_causal, which keeps the flash kernel (it takes no explicit mask). batch_first:
+    the layout of the tokens it is given, when not the wrapped module's."""
 
-    def __init__(self, attention: nn.MultiheadAttention, causal: bool):
+    def __init__(self, attention: nn.MultiheadAttention, causal: bool, batch_first: bool | None = None):
         super().__init__()
         if not attention._qkv_same_embed_dim or attention.bias_k is not None or attention.add_zero_attn:
             raise ValueError("FusedSelfAttention covers one in-projection, no bias_k/v and no zero attention")
-        self.num_heads, self.batch_first, self.causal = attention.num_heads, attention.batch_first, causal
+        self.num_heads, self.causal = attention.num_heads, causal
+        self.batch_first = attention.batch_first if batch_first is None else batch_first
         self.dropout = attention.dropout
         self.in_proj_weight, self.in_proj_bias = attention.in_proj_weight, attention.in_proj_bias
         self.out_proj = attention.out_proj

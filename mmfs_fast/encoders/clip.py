@@ -12,6 +12,7 @@ from torch import nn
 from mmfs_fast.encoders.attention import FusedSelfAttention
 from mmfs_fast.encoders._common import ImageInput, check_images, check_weights, freeze, load_weights
 from mmfs_fast.errors import EncoderWeightsError, option
+from mmfs_fast.ops import add_layer_norm
 
 MODEL_NAME = "ViT-B-32-quickgelu"
 INPUT_SIZE = 224
@@ -69,6 +70,7 @@ class QuickGeluMLP(nn.Module):
         if not isinstance(getattr(mlp, "gelu", None), QuickGELU):
             raise ValueError("QuickGeluMLP covers open_clip's c_fc → QuickGELU → c_proj")
         self.c_fc, self.c_proj = mlp.c_fc, mlp.c_proj
+        self.train(mlp.training)
         self.register_buffer("scaled_fc_bias", torch.empty_like(self.c_fc.bias), persistent=False)
         self._scale_fc_bias()
         self.register_load_state_dict_post_hook(QuickGeluMLP._scale_fc_bias)
@@ -84,14 +86,41 @@ class QuickGeluMLP(nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class FusedBlock(nn.Module):
+    """open_clip's ResidualAttentionBlock (pre-norm, no layer scale) with its attention as
+    :class:`FusedSelfAttention`, its MLP as :class:`QuickGeluMLP`, and the attention's residual
+    add joined to the LayerNorm that reads the sum (:func:`~mmfs_fast.ops.add_layer_norm`).
+    Holds the block's modules under their names, so the state dict is unchanged."""
+
+    def __init__(self, block: nn.Module, causal: bool):
+        super().__init__()
+        if hasattr(block, "ln_1_kv") or not all(isinstance(getattr(block, name), nn.Identity)
+                                                for name in ("ls_1", "ls_2")):
+            raise ValueError("FusedBlock covers a self-attention block without layer scale (CLIP ViT-B/32's)")
+        self.ln_1, self.ln_2 = block.ln_1, block.ln_2
+        self.attn = FusedSelfAttention(block.attn, causal)
+        self.mlp = QuickGeluMLP(block.mlp)
+        self.train(block.training)
+
+    def get_weight_dtype(self) -> torch.dtype:
+        """open_clip's Transformer casts its input to this."""
+        return self.mlp.c_fc.weight.dtype
+
+    def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if k_x is not None or v_x is not None:
+            raise ValueError("FusedBlock: self-attention only (no separate keys or values)")
+        normed = self.ln_1(q_x)
+        attended = self.attn(normed, normed, normed, attn_mask=attn_mask)[0]
+        x, normed = add_layer_norm(q_x, attended, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
+        return x + self.mlp(normed)
+
+
 def fuse_blocks(model) -> None:
-    """Every block of an open_clip CLIP with its attention as :class:`FusedSelfAttention` and its
-    MLP as :class:`QuickGeluMLP`; the text transformer's causal mask becomes SDPA's is_causal
-    (the model's mask buffer is dropped)."""
+    """Every block of an open_clip CLIP as a :class:`FusedBlock`; the text transformer's causal
+    mask becomes SDPA's is_causal (the model's mask buffer is dropped)."""
     for tower, causal in ((model.visual.transformer, False), (model.transformer, True)):
-        for block in tower.resblocks:
-            block.attn = FusedSelfAttention(block.attn, causal)
-            block.mlp = QuickGeluMLP(block.mlp)
+        tower.resblocks = nn.ModuleList(FusedBlock(block, causal) for block in tower.resblocks)
     model.attn_mask = None
 
 

@@ -15,8 +15,9 @@ from torch import nn
 from mmfs_fast.encoders.attention import FusedSelfAttention
 from mmfs_fast.models.layers import (ConvLayer, EqualLinear, FusedLeakyReLU, ModulatedConv2d, ResBlock, StyledConv, ToRGB,
                                      style_slots)
+from mmfs_fast.models.clip_mapper import CLIPMapper
 from mmfs_fast.models.stylizer import N_CONVS, Stylizer
-from mmfs_fast.ops import (_backend, bias_act, blur_folded_down_weight, demodulation, polyphase_up_pad,
+from mmfs_fast.ops import (_backend, add_layer_norm, bias_act, blur_folded_down_weight, demodulation, polyphase_up_pad,
                            polyphase_up_weight, styled_epilogue, upfirdn2d, weight_energy)
 from mmfs_fast.ops.bias_act import ACTIVATIONS
 from mmfs_fast.ops.styled_epilogue import IMPLEMENTATIONS as EPILOGUE_IMPLS
@@ -406,10 +407,47 @@ class _Synthesis(nn.Module):
         return rgb.add_(self.rgb_bias)
 
 
+class _MapperLayer(nn.Module):
+    """nn.TransformerEncoderLayer (pre-norm, ReLU), evaluated, on batch-first tokens: the
+    attention one fused kernel, its residual add joined to the LayerNorm that reads the sum
+    (add_layer_norm), and the ReLU in its GEMM's epilogue (cuBLASLt's, beside the bias)."""
+
+    def __init__(self, layer: nn.TransformerEncoderLayer):
+        super().__init__()
+        if not layer.norm_first or layer.activation is not F.relu:
+            raise ValueError("_MapperLayer covers the CLIP mapper's pre-norm ReLU encoder layers")
+        self.norm1, self.norm2, self.linear1, self.linear2 = layer.norm1, layer.norm2, layer.linear1, layer.linear2
+        self.self_attn = FusedSelfAttention(layer.self_attn, causal=False, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = self.norm1(x)
+        x, normed = add_layer_norm(x, self.self_attn(normed, normed, normed)[0], self.norm2.weight, self.norm2.bias,
+                                   self.norm2.eps)
+        rows = normed.reshape(-1, normed.shape[-1])
+        hidden = torch._addmm_activation(self.linear1.bias, rows, self.linear1.weight.T)
+        return x + F.linear(hidden, self.linear2.weight, self.linear2.bias).view_as(x)
+
+
+class _CLIPMapper(nn.Module):
+    """CLIPMapper for inference: its transformer on batch-first tokens (B, slots, D), which is
+    the w+ layout, so no transposes; each layer a :class:`_MapperLayer`."""
+
+    def __init__(self, mapper: CLIPMapper):
+        super().__init__()
+        self.position_embedding = mapper.position_embedding
+        self.layers = nn.ModuleList(_MapperLayer(layer) for layer in mapper.transformer.layers)
+
+    def forward(self, clip_feats: torch.Tensor) -> torch.Tensor:
+        tokens = F.normalize(clip_feats, dim=-1)[:, None] + self.position_embedding
+        for layer in self.layers:
+            tokens = layer(tokens)
+        return F.leaky_relu(tokens, 0.2)
+
+
 class InferenceStylizer(Stylizer):
     """A Stylizer in inference form (made by :func:`prepare_stylizer`): the encoder, mapping and
-    clip_mapper prepared in place (the clip_mapper's attention as one fused kernel), and the
-    decoder as :attr:`synthesis`."""
+    clip_mapper prepared in place (the clip_mapper as :class:`_CLIPMapper`), and the decoder as
+    :attr:`synthesis`."""
 
     synthesis: _Synthesis
 
@@ -452,8 +490,8 @@ def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, conv_add
         replaced.append(name)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, prepared)
-    for layer in model.clip_mapper.transformer.layers if model.clip_mapper is not None else ():
-        layer.self_attn = FusedSelfAttention(layer.self_attn, causal=False)
+    if model.clip_mapper is not None:
+        model.clip_mapper = _CLIPMapper(model.clip_mapper)
     model.__class__ = InferenceStylizer  # the same modules and state, with a synthesis pass of its own
     model.synthesis = _Synthesis([getattr(stylizer, name) for name in decoder], dtype, upsample_form,
                                  stylizer.config.size)
