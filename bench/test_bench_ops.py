@@ -1,6 +1,7 @@
 """Per-op benchmarks: upfirdn2d and bias_act at the exact calls the Stylizer and the
-Discriminator make (bench/op_shapes.py), for each installed impl, torch.compile of ``ref``,
-each dtype, forward and forward+backward. Being memory-bound, they report GB/s of the ideal
+Discriminator make (bench/op_shapes.py), add_layer_norm at the style path's rows, for each
+installed impl, torch.compile of ``ref`` (not add_layer_norm's), each dtype, forward and
+forward+backward. Being memory-bound, they report GB/s of the ideal
 traffic (each input read once, each output written once). extra_info.uses says how often
 each model makes the call. (modulated_conv2d has no backend to choose: the Engine's
 ``mmfs-fast-fused`` configuration of test_bench_e2e.py times it.)
@@ -100,6 +101,42 @@ def test_op(call: OpCall, uses: dict, impl: str, dtype: str, direction: str, mea
     seconds = measure(fn, group=f"{call.op} {call.label} {dtype} {direction}", rounds=OP_ROUNDS, op=call.op, impl=impl, dtype=dtype,
                       direction=direction, batch=call.batch, shape=call.label, uses=uses)
     record_rate(benchmark, seconds, dtype, bytes_moved=ideal_bytes(call, args["x"], out, backward))
+
+
+# (tokens, width) of the residual add + LayerNorm pairs of the style path: CLIP's text tower,
+# its image tower and the clip_mapper
+ADD_LAYER_NORM_ROWS = {"text": (77, 512), "image": (50, 768), "mapper": (10, 512)}
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("impl", ["ref", *GPU_IMPLS] if ON_GPU else ["ref"])
+@pytest.mark.parametrize("batch", OP_BATCHES)
+@pytest.mark.parametrize("where", sorted(ADD_LAYER_NORM_ROWS))
+def test_add_layer_norm(where: str, batch: int, impl: str, dtype: str, direction: str, measure, benchmark):
+    """add_layer_norm at CLIP's and the mapper's rows; on a GPU its cases rewrite the op's
+    backend order in winners.json (bench/winners.py)."""
+    if impl not in ops.backends()["add_layer_norm"]:
+        pytest.skip(f"add_layer_norm: impl {impl!r} is not installed here or has no kernel for it")
+    backward = direction == "fwdbwd"
+    tokens, width = ADD_LAYER_NORM_ROWS[where]
+    inputs = [torch.randn(batch, tokens, width, device=DEVICE, dtype=mb.DTYPES[dtype], requires_grad=backward)
+              for _ in range(2)]
+    weight, bias = (torch.randn(width, device=DEVICE, dtype=mb.DTYPES[dtype]) for _ in range(2))
+    op = functools.partial(ops.add_layer_norm, weight=weight, bias=bias, impl=impl)
+    if backward:
+        grads = [torch.randn_like(inputs[0]) for _ in range(2)]
+
+        def fn():
+            torch.autograd.grad(op(*inputs), inputs, grads)
+    else:
+        fn = torch.no_grad()(lambda: op(*inputs))
+    label = f"{where} {batch}x{tokens}x{width}"
+    seconds = measure(fn, group=f"add_layer_norm {label} {dtype} {direction}", rounds=OP_ROUNDS, op="add_layer_norm",
+                      impl=impl, dtype=dtype, direction=direction, batch=batch, shape=label)
+    # two rows read, two written; the backward reads two gradients and the sum, writes two
+    passes = 4 + (5 if backward else 0)
+    record_rate(benchmark, seconds, dtype, bytes_moved=passes * inputs[0].numel() * inputs[0].element_size())
 
 
 UPSAMPLE_CALLS = [call for call, _ in CALLS if call.op == "modulated_conv2d" and dict(call.options)["up"] == 2]
