@@ -137,19 +137,25 @@ def _reference_clip(clip, dtype):
 
 
 def _clip_outputs(model, pixels, tokens):
+    """The embeddings, the block-3 tokens, and the last two blocks' outputs (the other way
+    open_clip's indices pick them) without running the tower to its end."""
     visual = model.visual.forward_intermediates(pixels, indices=[3], output_fmt="NLC")
+    last = model.visual.forward_intermediates(pixels, indices=2, stop_early=True, intermediates_only=True,
+                                              output_fmt="NLC")["image_intermediates"]
     return [visual["image_features"].double(), visual["image_intermediates"][0].double(),
-            model.encode_text(tokens).double()]
+            *(t.double() for t in last), model.encode_text(tokens).double()]
 
 
 @torch.no_grad()
 def test_clip_fused_blocks_equal_open_clips_blocks(clip):
-    """SDPA (text: is_causal instead of the mask), the residual add joined to the LayerNorm after
-    it and the MLP's activation as one SiLU against open_clip's own blocks: to fp32 rounding in fp32, and in fp16 within twice the error of
+    """SDPA (text: is_causal instead of the mask), the residual adds joined to the LayerNorms after
+    them and the MLP's activation as one SiLU against open_clip's own blocks: to fp32 rounding in fp32, and in fp16 within twice the error of
     open_clip's model cast to fp16 (both against it in fp64)."""
     from mmfs_fast.encoders.attention import FusedSelfAttention
-    from mmfs_fast.encoders.clip import FusedBlock, QuickGeluMLP
+    from mmfs_fast.encoders.clip import FusedBlock, FusedTransformer, QuickGeluMLP
 
+    assert isinstance(clip.model.visual.transformer, FusedTransformer) and isinstance(clip.model.transformer,
+                                                                                     FusedTransformer)
     blocks = (*clip.model.visual.transformer.resblocks, *clip.model.transformer.resblocks)
     assert all(isinstance(b, FusedBlock) and isinstance(b.attn, FusedSelfAttention) and isinstance(b.mlp, QuickGeluMLP)
                and not b.training for b in blocks)

@@ -1,9 +1,30 @@
-"""Self-attention of a transformer (CLIP's towers, the CLIP → w+ mapper) as one fused kernel."""
+"""The pre-norm transformer layers of CLIP's towers and the CLIP → w+ mapper, evaluated: the
+self-attention as one fused kernel, and each residual add joined to the LayerNorm that reads
+the sum."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mmfs_fast.ops import add_layer_norm
+
+
+def prenorm_step(x: torch.Tensor, pending: torch.Tensor | None, norm1: nn.LayerNorm,
+                 attend: Callable[[torch.Tensor], torch.Tensor], norm2: nn.LayerNorm,
+                 feed_forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm layer, x + attend(norm1(x)), then + feed_forward(norm2(·)), on the residual
+    stream x + pending: pending is the previous layer's feed-forward output, not yet added (or
+    None). Returned the same way, (x', pending') whose sum is the layer's output, so every add
+    is the pass of the LayerNorm that reads it (add_layer_norm): the next layer adds pending'."""
+    if pending is None:
+        normed = norm1(x)
+    else:
+        x, normed = add_layer_norm(x, pending, norm1.weight, norm1.bias, norm1.eps)
+    x, normed = add_layer_norm(x, attend(normed), norm2.weight, norm2.bias, norm2.eps)
+    return x, feed_forward(normed)
 
 
 class FusedSelfAttention(nn.Module):

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmfs_fast.encoders.attention import FusedSelfAttention
+from mmfs_fast.encoders.attention import FusedSelfAttention, prenorm_step
 from mmfs_fast.encoders._common import ImageInput, check_images, check_weights, freeze, load_weights
 from mmfs_fast.errors import EncoderWeightsError, option
-from mmfs_fast.ops import add_layer_norm
 
 MODEL_NAME = "ViT-B-32-quickgelu"
 INPUT_SIZE = 224
@@ -88,9 +87,10 @@ class QuickGeluMLP(nn.Module):
 
 class FusedBlock(nn.Module):
     """open_clip's ResidualAttentionBlock (pre-norm, no layer scale) with its attention as
-    :class:`FusedSelfAttention`, its MLP as :class:`QuickGeluMLP`, and the attention's residual
-    add joined to the LayerNorm that reads the sum (:func:`~mmfs_fast.ops.add_layer_norm`).
-    Holds the block's modules under their names, so the state dict is unchanged."""
+    :class:`FusedSelfAttention`, its MLP as :class:`QuickGeluMLP`, and each residual add joined
+    to the LayerNorm that reads the sum (:func:`prenorm_step`): the attention's to ln_2, the
+    MLP's to the next block's ln_1. Holds the block's modules under their names, so the state
+    dict is unchanged."""
 
     def __init__(self, block: nn.Module, causal: bool):
         super().__init__()
@@ -106,21 +106,66 @@ class FusedBlock(nn.Module):
         """open_clip's Transformer casts its input to this."""
         return self.mlp.c_fc.weight.dtype
 
+    def step(self, x: torch.Tensor, pending: torch.Tensor | None,
+             attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the residual stream x + pending (see :func:`prenorm_step`)."""
+        return prenorm_step(x, pending, self.ln_1, lambda h: self.attn(h, h, h, attn_mask=attn_mask)[0], self.ln_2,
+                            self.mlp)
+
     def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if k_x is not None or v_x is not None:
             raise ValueError("FusedBlock: self-attention only (no separate keys or values)")
-        normed = self.ln_1(q_x)
-        attended = self.attn(normed, normed, normed, attn_mask=attn_mask)[0]
-        x, normed = add_layer_norm(q_x, attended, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
-        return x + self.mlp(normed)
+        x, pending = self.step(q_x, None, attn_mask)
+        return x + pending
+
+
+class FusedTransformer(nn.Module):
+    """open_clip's Transformer (batch-first) over :class:`FusedBlock` s, which pass each block's
+    MLP output on unadded: the next block adds it in its first LayerNorm's pass, so only the
+    tower's output (and an intermediate someone asks for) takes an add of its own. The same
+    calls as open_clip's (forward, forward_intermediates, get_cast_dtype) and the same state dict."""
+
+    def __init__(self, transformer: nn.Module, causal: bool):
+        super().__init__()
+        if not transformer.batch_first or transformer.grad_checkpointing:
+            raise ValueError("FusedTransformer covers open_clip's batch-first Transformer without checkpointing")
+        self.width, self.layers, self.batch_first = transformer.width, transformer.layers, True
+        self.resblocks = nn.ModuleList(FusedBlock(block, causal) for block in transformer.resblocks)
+        self.train(transformer.training)
+
+    def get_cast_dtype(self) -> torch.dtype:
+        return self.resblocks[0].get_weight_dtype()
+
+    def forward_intermediates(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                              indices: int | list[int] | None = None,
+                              stop_early: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the output, the outputs of the blocks ``indices`` picks, as open_clip's
+        feature_take_indices reads it: None all, n the last n, a list those)."""
+        from open_clip.utils import feature_take_indices
+
+        take, last = feature_take_indices(len(self.resblocks), indices)
+        return self._run(x, attn_mask, self.resblocks[:last + 1] if stop_early else self.resblocks, take)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(x, attn_mask, self.resblocks, ())[0]
+
+    @staticmethod
+    def _run(x, attn_mask, blocks, take) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        pending, taken = None, []
+        for n, block in enumerate(blocks):
+            x, pending = block.step(x, pending, attn_mask)
+            if n in take:
+                x, pending = x + pending, None
+                taken.append(x)
+        return (x if pending is None else x + pending), taken
 
 
 def fuse_blocks(model) -> None:
-    """Every block of an open_clip CLIP as a :class:`FusedBlock`; the text transformer's causal
-    mask becomes SDPA's is_causal (the model's mask buffer is dropped)."""
-    for tower, causal in ((model.visual.transformer, False), (model.transformer, True)):
-        tower.resblocks = nn.ModuleList(FusedBlock(block, causal) for block in tower.resblocks)
+    """Both towers of an open_clip CLIP as :class:`FusedTransformer` s; the text transformer's
+    causal mask becomes SDPA's is_causal (the model's mask buffer is dropped)."""
+    model.visual.transformer = FusedTransformer(model.visual.transformer, causal=False)
+    model.transformer = FusedTransformer(model.transformer, causal=True)
     model.attn_mask = None
 
 

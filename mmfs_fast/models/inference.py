@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmfs_fast.encoders.attention import FusedSelfAttention
+from mmfs_fast.encoders.attention import FusedSelfAttention, prenorm_step
 from mmfs_fast.models.layers import (ConvLayer, EqualLinear, FusedLeakyReLU, ModulatedConv2d, ResBlock, StyledConv, ToRGB,
                                      style_slots)
 from mmfs_fast.models.clip_mapper import CLIPMapper
 from mmfs_fast.models.stylizer import N_CONVS, Stylizer
-from mmfs_fast.ops import (_backend, add_layer_norm, bias_act, blur_folded_down_weight, demodulation, polyphase_up_pad,
+from mmfs_fast.ops import (_backend, bias_act, blur_folded_down_weight, demodulation, polyphase_up_pad,
                            polyphase_up_weight, styled_epilogue, upfirdn2d, weight_energy)
 from mmfs_fast.ops.bias_act import ACTIVATIONS
 from mmfs_fast.ops.styled_epilogue import IMPLEMENTATIONS as EPILOGUE_IMPLS
@@ -409,8 +409,9 @@ class _Synthesis(nn.Module):
 
 class _MapperLayer(nn.Module):
     """nn.TransformerEncoderLayer (pre-norm, ReLU), evaluated, on batch-first tokens: the
-    attention one fused kernel, its residual add joined to the LayerNorm that reads the sum
-    (add_layer_norm), and the ReLU in its GEMM's epilogue (cuBLASLt's, beside the bias)."""
+    attention one fused kernel, each residual add joined to the LayerNorm that reads the sum
+    (:func:`~mmfs_fast.encoders.attention.prenorm_step`), and the ReLU in its GEMM's epilogue
+    (cuBLASLt's, beside the bias)."""
 
     def __init__(self, layer: nn.TransformerEncoderLayer):
         super().__init__()
@@ -419,18 +420,19 @@ class _MapperLayer(nn.Module):
         self.norm1, self.norm2, self.linear1, self.linear2 = layer.norm1, layer.norm2, layer.linear1, layer.linear2
         self.self_attn = FusedSelfAttention(layer.self_attn, causal=False, batch_first=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = self.norm1(x)
-        x, normed = add_layer_norm(x, self.self_attn(normed, normed, normed)[0], self.norm2.weight, self.norm2.bias,
-                                   self.norm2.eps)
-        rows = normed.reshape(-1, normed.shape[-1])
-        hidden = torch._addmm_activation(self.linear1.bias, rows, self.linear1.weight.T)
-        return x + F.linear(hidden, self.linear2.weight, self.linear2.bias).view_as(x)
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch._addmm_activation(self.linear1.bias, x.reshape(-1, x.shape[-1]), self.linear1.weight.T)
+        return F.linear(hidden, self.linear2.weight, self.linear2.bias).view(*x.shape[:-1], -1)
+
+    def step(self, x: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return prenorm_step(x, pending, self.norm1, lambda h: self.self_attn(h, h, h)[0], self.norm2,
+                            self._feed_forward)
 
 
 class _CLIPMapper(nn.Module):
     """CLIPMapper for inference: its transformer on batch-first tokens (B, slots, D), which is
-    the w+ layout, so no transposes; each layer a :class:`_MapperLayer`."""
+    the w+ layout, so no transposes; each layer a :class:`_MapperLayer`, whose feed-forward
+    output the next layer's first LayerNorm adds."""
 
     def __init__(self, mapper: CLIPMapper):
         super().__init__()
@@ -438,10 +440,10 @@ class _CLIPMapper(nn.Module):
         self.layers = nn.ModuleList(_MapperLayer(layer) for layer in mapper.transformer.layers)
 
     def forward(self, clip_feats: torch.Tensor) -> torch.Tensor:
-        tokens = F.normalize(clip_feats, dim=-1)[:, None] + self.position_embedding
+        tokens, pending = F.normalize(clip_feats, dim=-1)[:, None] + self.position_embedding, None
         for layer in self.layers:
-            tokens = layer(tokens)
-        return F.leaky_relu(tokens, 0.2)
+            tokens, pending = layer.step(tokens, pending)
+        return F.leaky_relu(tokens + pending, 0.2)
 
 
 class InferenceStylizer(Stylizer):
