@@ -170,8 +170,9 @@ def fuse_blocks(model) -> None:
 
 
 class CLIPEncoder:
-    """Frozen CLIP: no parameter gradients, but differentiable w.r.t. input images; its blocks
-    run fused attention and a one-pass activation (:func:`fuse_blocks`)."""
+    """Frozen CLIP: no parameter gradients, but differentiable w.r.t. input images; its towers
+    run fused blocks (:func:`fuse_blocks`: fused attention, a one-pass activation, residual adds
+    in the LayerNorms' passes)."""
 
     def __init__(self, weights: str | Path | None = None, *, random_init: bool = False, device="cpu",
                  dtype: torch.dtype = torch.float32, trust_torchscript: bool = False):

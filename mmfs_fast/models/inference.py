@@ -331,6 +331,10 @@ class _StyleTable(nn.Module):
         affine_weight, affine_bias = torch.zeros(count, widest_in, dim), torch.zeros(count, 1, widest_in)
         padded_energy = torch.zeros(count, widest_out, widest_in)
         self.rgb_rows = [n for n, layer in enumerate(layers) if not layer.demodulate]
+        # every third row from the first ToRGB's (synthesis order): a strided view, not a gather
+        self.rgb_slice = slice(self.rgb_rows[0] if self.rgb_rows else count, None, 3)
+        if list(range(count))[self.rgb_slice] != self.rgb_rows:
+            raise ValueError(f"the ToRGB layers must be every third from the second, got rows {self.rgb_rows}")
         rgb_weight = torch.zeros(len(self.rgb_rows), 3, widest_in)
         for n, (layer, energy) in enumerate(zip(layers, energies)):
             i, o = self.in_channels[n], self.out_channels[n]
@@ -343,7 +347,7 @@ class _StyleTable(nn.Module):
         device = layers[0].weight.device
         for name, value in (("slots", torch.tensor(slots, dtype=torch.long)), ("affine_weight", affine_weight),
                             ("affine_bias", affine_bias), ("energy", padded_energy),
-                            ("rgb_index", torch.tensor(self.rgb_rows, dtype=torch.long)), ("rgb_weight", rgb_weight)):
+                            ("rgb_weight", rgb_weight)):
             self.register_buffer(name, value.to(device))
 
     def forward(self, w_plus: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -352,7 +356,7 @@ class _StyleTable(nn.Module):
         computed in fp32; layer n's own are the first in_channels[n] / out_channels[n]."""
         w = w_plus.float().transpose(0, 1)[self.slots]
         styles = torch.baddbmm(self.affine_bias, w, self.affine_weight.transpose(1, 2))
-        picked = styles[self.rgb_index][:, :, None, :]  # ToRGB's, before the normalisation
+        picked = styles[self.rgb_slice][:, :, None, :]  # ToRGB's, before the normalisation
         rgb = torch.mul(picked, self.rgb_weight[:, None], out=picked.new_empty(
             (len(self.rgb_rows), w_plus.shape[0], *self.rgb_weight.shape[1:]), dtype=dtype))
         # every row normalised, ToRGB's too (then unused): no mask to apply
@@ -404,7 +408,8 @@ class _Synthesis(nn.Module):
             else:
                 y, _ = styled(conv, same, x)
             rgb = to_rgb(y, rgb_weights[n + 1, :, :, :ins[colour]], rgb)
-        return rgb.add_(self.rgb_bias)
+        # in fp32, the dtype every caller returns: the pass that adds the biases is the cast too
+        return torch.add(rgb, self.rgb_bias, out=torch.empty_like(rgb, dtype=torch.float32))
 
 
 class _MapperLayer(nn.Module):
