@@ -491,7 +491,10 @@ def count(recorder: CostRecorder, models: Models, workload: str, batch: int) -> 
     call = _inference_call(models, workload, batch)
     recorder.layers.name_modules(models.engine)
     with recorder.record() as kernels:
-        call()
+        out = call()
+        # after each replay the Engine copies a CUDA graph's output out of its static buffer
+        # (engine/executor.py); the Engine runs uncaptured here, so that copy is added by hand
+        kernels.append(Kernel("clone", "outside modules", bytes=2 * touched_bytes(out)))
     return kernels
 
 
