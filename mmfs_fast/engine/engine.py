@@ -143,11 +143,11 @@ class Engine:
         return self._decode_graph(self.model.encoder(faces), w_plus, *noises)
 
     def _image_style_graph(self, pixels: torch.Tensor) -> torch.Tensor:
-        # clip_mapper L2-normalises the embedding itself
-        return self.model.clip_mapper(self.clip.model.encode_image(pixels).float())
+        # the clip_mapper L2-normalises the embedding itself, in fp32 from CLIP's dtype
+        return self.model.clip_mapper(self.clip.model.encode_image(pixels))
 
     def _text_style_graph(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.clip_mapper(self.clip.model.encode_text(tokens).float())
+        return self.model.clip_mapper(self.clip.model.encode_text(tokens))
 
     # style and render in one graph: the mapping network or CLIP and the clip_mapper captured with
     # the render, one replay and no w+ round trip between two graphs

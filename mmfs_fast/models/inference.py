@@ -437,7 +437,8 @@ class _MapperLayer(nn.Module):
 class _CLIPMapper(nn.Module):
     """CLIPMapper for inference: its transformer on batch-first tokens (B, slots, D), which is
     the w+ layout, so no transposes; each layer a :class:`_MapperLayer`, whose feed-forward
-    output the next layer's first LayerNorm adds."""
+    output the next layer's first LayerNorm adds. Takes CLIP's embeddings in CLIP's dtype and
+    normalises them in fp32 (the division is the cast)."""
 
     def __init__(self, mapper: CLIPMapper):
         super().__init__()
@@ -445,7 +446,9 @@ class _CLIPMapper(nn.Module):
         self.layers = nn.ModuleList(_MapperLayer(layer) for layer in mapper.transformer.layers)
 
     def forward(self, clip_feats: torch.Tensor) -> torch.Tensor:
-        tokens, pending = F.normalize(clip_feats, dim=-1)[:, None] + self.position_embedding, None
+        norm = torch.linalg.vector_norm(clip_feats, dim=-1, keepdim=True, dtype=torch.float32)
+        tokens = (clip_feats / norm.clamp_min_(1e-12))[:, None] + self.position_embedding  # F.normalize's eps
+        pending = None
         for layer in self.layers:
             tokens, pending = layer.step(tokens, pending)
         return F.leaky_relu(tokens + pending, 0.2)
