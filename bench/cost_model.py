@@ -238,7 +238,10 @@ def _leaves(loss: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _decomposes(func) -> bool:
-    return func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd)
+    """Whether CUDA runs the op as its decomposition: a composite without a CUDA kernel of its own
+    (rms_norm's fused kernel, say, is both)."""
+    return (func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd)
+            and not func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CUDA))
 
 
 class _Layers:
