@@ -173,6 +173,30 @@ def test_clip_fused_blocks_equal_open_clips_blocks(clip):
         assert error.mean() <= 2 * plain_error.mean() and error.max() <= 2 * plain_error.max()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_gpu_half_clip_runs_the_triton_blocks_within_twice_open_clips_error():
+    """The Engine's CLIP on a GPU: fp16, add_layer_norm on its Triton kernel, SDPA's fused
+    kernels; every output within twice the error of open_clip's own model in fp16, both against
+    it in fp64."""
+    from mmfs_fast.ops import _backend
+    from mmfs_fast.ops.add_layer_norm import IMPLEMENTATIONS
+
+    torch.manual_seed(0)
+    clip = CLIPEncoder(random_init=True, device="cuda", dtype=torch.float16)
+    probe = torch.empty(2, 512, device="cuda", dtype=torch.float16)
+    assert _backend.resolve("add_layer_norm", "auto", IMPLEMENTATIONS, probe) == "triton"
+    pixels = clip.preprocess(images(2, 64, 64, seed=3).cuda())
+    tokens = clip.tokenizer(["a pop art portrait", "an oil painting of a face"]).cuda()
+    exact = _clip_outputs(_reference_clip(clip, torch.float64).cuda(), pixels.double(), tokens)
+    plain = _clip_outputs(_reference_clip(clip, torch.float16).cuda(), pixels, tokens)
+    for got, cast, expected in zip(_clip_outputs(clip.model, pixels, tokens), plain, exact):
+        error, cast_error = (got - expected).abs(), (cast - expected).abs()
+        assert torch.isfinite(got).all()
+        assert error.mean() <= 2 * cast_error.mean() and error.max() <= 2 * cast_error.max()
+
+
 @torch.no_grad()
 def test_quick_gelu_mlp_follows_loaded_weights():
     """The pre-scaled c_fc bias is made again by load_state_dict: a block's MLP given other
