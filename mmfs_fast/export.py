@@ -93,7 +93,7 @@ class StylizeGraph(nn.Module):
     def forward(self, faces: torch.Tensor, w_plus: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
         feats = self.model.encoder(faces.to(self.dtype))
         noises = [n.to(self.dtype) for n in noises] or None
-        return self.model.synthesize(feats, w_plus, noises).clamp(-1, 1).float()
+        return self.model.synthesize(feats, w_plus, noises).clamp(-1, 1)
 
 
 class StyleFromImageGraph(nn.Module):

@@ -202,7 +202,7 @@ class Engine:
         feats = feats.to(self.device, self.dtype, memory_format=self.memory_format)
         self._finite(feats=feats)
         w_plus = self.check_w_plus(w_plus, feats.shape[0])
-        return self._run("decode", self._decode_fn, feats, w_plus, *self._noises(noise, feats.shape[0])).float()
+        return self._run("decode", self._decode_fn, feats, w_plus, *self._noises(noise, feats.shape[0]))
 
     @torch.inference_mode()
     def stylize(self, faces: torch.Tensor, w_plus: torch.Tensor, noise: NoiseSpec = "zero") -> torch.Tensor:
@@ -215,13 +215,13 @@ class Engine:
         check_tensor("w_plus", w_plus, (faces.shape[0], N_LATENT, self.config.style_dim))
         faces, w_plus = self._faces(faces), w_plus.to(self.device, torch.float32)
         self._finite(faces=faces, w_plus=w_plus)
-        return self._run("stylize", self._stylize_fn, faces, w_plus, *self._noises(noise, faces.shape[0])).float()
+        return self._run("stylize", self._stylize_fn, faces, w_plus, *self._noises(noise, faces.shape[0]))
 
     def _stylize_with(self, name: str, fn: Callable, faces: torch.Tensor, style: torch.Tensor,
                       noise: NoiseSpec) -> torch.Tensor:
         faces = self._faces(faces)
         self._finite(faces=faces)
-        return self._run(name, fn, faces, style, *self._noises(noise, faces.shape[0])).float()
+        return self._run(name, fn, faces, style, *self._noises(noise, faces.shape[0]))
 
     @torch.inference_mode()
     def stylize_seed(self, faces: torch.Tensor, seeds: int | Sequence[int], noise: NoiseSpec = "zero") -> torch.Tensor:
