@@ -42,6 +42,7 @@ from mmfs_fast.encoders import CLIPEncoder, DINOEncoder  # noqa: E402
 from mmfs_fast.engine import Engine  # noqa: E402
 from mmfs_fast.finetune import finetune  # noqa: E402
 from mmfs_fast.models import N_LATENT, Stylizer  # noqa: E402
+from mmfs_fast import ops  # noqa: E402
 from mmfs_fast.ops import _backend  # noqa: E402
 
 aten = torch.ops.aten
@@ -765,7 +766,8 @@ def calibrate(counted: dict[tuple[str, int], list[Kernel]], measured: dict[tuple
 def backend_orders() -> dict[str, list[str]]:
     """The dispatcher's order per op, from the same winners file: the counted path is the one
     "auto" takes on a GPU (the first backend installed here, so build the extension first)."""
-    return {op: list(_backend.fastest_first(op)) for op in ("upfirdn2d", "bias_act", "styled_epilogue")}
+    return {op: [impl for impl in _backend.fastest_first(op) if impl in installed]
+            for op, installed in ops.backends().items()}
 
 
 def run(workloads, batches, forms: dict[str, str] | None = None) -> dict:
