@@ -142,6 +142,8 @@ def _custom_op_cost(name: str, args, out_tensors) -> dict:
         per_element = (3.0 + 2.0 * (noise is not None) + (next_styles is not None)
                        + (0 if blur is None else 2.0 * blur.numel()))
         return dict(bytes=traffic, flops=per_element * out.numel())
+    if name.endswith("stem_conv"):  # the convolution on tensor cores, the output written once
+        return dict(bytes=traffic, flops=_conv_flops(args[0], args[1], out, transposed=False), tensor_cores=True)
     return dict(bytes=traffic, flops=float(out.numel()))  # bias_act and its gradient: one pass
 
 
@@ -772,7 +774,7 @@ def backend_orders() -> dict[str, list[str]]:
 
 def run(workloads, batches, forms: dict[str, str] | None = None) -> dict:
     """Count and predict each workload at each batch size (fine-tuning at its own batch).
-    forms: resampling kind ("upsample", "downsample") → one of its _backend.CONV_FORMS, forced
+    forms: convolution kind ("upsample", "downsample", "stem") → one of its _backend.CONV_FORMS, forced
     for every such convolution (to predict which form wins); the kinds not named take
     winners.json's form per shape, as the Engine runs."""
     results = {}
@@ -831,9 +833,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", nargs="+", metavar="BENCH_JSON",
                    help="fit the constants to these measurements and write " + str(CALIBRATION_FILE.name))
     p.add_argument("--layers", action="store_true", help="per-layer tables")
-    for kind, where in (("upsample", "decoder"), ("downsample", "encoder")):
+    for kind, which in (("upsample", "the decoder's upsampling convolutions"),
+                        ("downsample", "the encoder's downsampling convolutions"),
+                        ("stem", "the encoder's first convolution")):
         p.add_argument(f"--{kind}", choices=("winners", *_backend.CONV_FORMS[kind]), default="winners",
-                       help=f"form of the {where}'s {kind[:-6]}sampling convolutions (default: winners.json's, per shape)")
+                       help=f"form of {which} (default: winners.json's, per shape)")
     p.add_argument("--json", help="write the results here as JSON")
     args = p.parse_args(argv)
     peak = peaks.peak_for(args.device)
@@ -845,8 +849,8 @@ def main(argv: list[str] | None = None) -> int:
     measured = measured_ms(args.measured + (args.calibrate or []))
     c = load_constants(args.device)
     batches = sorted(set(args.batch) | ({b for _, b in measured} if args.calibrate else set()))
-    counted = run(workloads, batches, {kind: form for kind, form in (("upsample", args.upsample),
-                                                                     ("downsample", args.downsample)) if form != "winners"})
+    counted = run(workloads, batches, {kind: getattr(args, kind) for kind in _backend.CONV_FORMS
+                                       if getattr(args, kind) != "winners"})
     if args.calibrate:
         c, errors = calibrate(counted, measured, peak)
         calibration = json.loads(CALIBRATION_FILE.read_text()) if CALIBRATION_FILE.is_file() else {}

@@ -10,8 +10,9 @@ test_upsample_form times the Engine's upsampling StyledConv in both of its forms
 conv with the blur in the epilogue, polyphase) at each decoder shape of the modulated
 convolutions, test_downsample_form the encoder's downsampling ConvLayer in both of its forms
 (blur + strided conv, the blur folded into the strided kernel), in TFLOP/s of the training
-form's convolution; on a GPU their cases rewrite the "upsample" and "downsample" entries of
-winners.json (bench/winners.py).
+form's convolution, test_stem_form the encoder's first ConvLayer in both of its forms
+(convolution + bias_act, the stem_conv op), in GB/s; on a GPU their cases rewrite the
+"upsample", "downsample" and "stem" entries of winners.json (bench/winners.py).
 """
 from __future__ import annotations
 
@@ -191,3 +192,24 @@ def test_downsample_form(shape: tuple[int, int, int, int], form: str, dtype: str
                       op="downsample", impl=form, dtype=dtype, direction="fwd", batch=b,
                       shape=_backend.shape_key(i, o, h))
     record_rate(benchmark, seconds, dtype, flops=2.0 * b * o * i * 9 * (h // 2) ** 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("form", _backend.STEM_FORMS)
+@pytest.mark.parametrize("batch", OP_BATCHES)
+def test_stem_form(batch: int, form: str, dtype: str, measure, benchmark):
+    """The encoder's first ConvLayer (on the RGB face, as the Engine runs it on CUDA: channels-last)
+    in ``form``: the convolution and bias_act, or the stem_conv op in one pass; GB/s of its ideal
+    traffic (the face read, the output written once)."""
+    stem = Stylizer(PROFILE.stylizer).encoder[0]
+    size = PROFILE.stylizer.size
+    prepared = _conv_layer(stem, mb.DTYPES[dtype], conv_adds_bias=False, stem_form=form).to(
+        DEVICE, memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=DEVICE, dtype=mb.DTYPES[dtype]).contiguous(
+        memory_format=torch.channels_last)
+    out_ch = prepared.separate[0].weight.shape[0]
+    key = _backend.shape_key(3, out_ch, size)
+    fn = torch.no_grad()(lambda: prepared(x))
+    seconds = measure(fn, group=f"stem {key} b{batch} {dtype}", rounds=OP_ROUNDS, op="stem", impl=form,
+                      dtype=dtype, direction="fwd", batch=batch, shape=key)
+    record_rate(benchmark, seconds, dtype, bytes_moved=(3 + out_ch) * batch * size * size * x.element_size())

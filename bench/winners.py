@@ -1,10 +1,10 @@
 """Per-op, per-shape backend winners from a run of bench/test_bench_ops.py, written to
 mmfs_fast/ops/winners.json, the file the dispatcher's "auto" order (ops/_backend.py) and
 bench/cost_model.py read. Only kernel impls compete (ref, cuda, triton); torch.compile is
-measured beside them but is not a backend. The "upsample" and "downsample" entries rank the two
-forms of the decoder's upsampling and the encoder's downsampling convolutions
-(test_upsample_form's and test_downsample_form's cases, ops "upsample" and "downsample") the
-same way, per "I x O @ H" shape over every batch and dtype measured."""
+measured beside them but is not a backend. The "upsample", "downsample" and "stem" entries rank
+the two forms of the decoder's upsampling, the encoder's downsampling and its first convolution
+(test_upsample_form's, test_downsample_form's and test_stem_form's cases, ops named by the kind)
+the same way, per "I x O @ H" shape over every batch and dtype measured."""
 from __future__ import annotations
 
 import json

@@ -293,7 +293,8 @@ def export(stylizer: Stylizer, out, format: str = "onnx", what: str | Sequence[s
 
     device = torch.device(device)
     compute_dtype = PRECISIONS[precision_name(dtype)]
-    model = prepare_stylizer(stylizer, compute_dtype, impl="ref").to(device)
+    # the stem in its separate form: its fused form pays only with the stem_conv kernel
+    model = prepare_stylizer(stylizer, compute_dtype, impl="ref", stem_form="separate").to(device)
     common = {"format": format, "mmfs_fast_version": _version(), "torch": torch.__version__,
               "model_config": dataclasses.asdict(stylizer.config), "device": device.type,
               "batch": "dynamic" if dynamic_batch else batch_size,

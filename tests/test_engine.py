@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmfs_fast.engine import Engine, LRUCache
-from mmfs_fast.models.inference import _conv_layer, _form_for, _StyledConv, _StyleTable, prepare_stylizer
+from mmfs_fast.models.inference import _conv_layer, _form_for, _StemConv, _StyledConv, _StyleTable, prepare_stylizer
 from mmfs_fast import benchmark as mb
 from mmfs_fast.models.layers import ConvLayer, ModulatedConv2d, StyledConv
 from mmfs_fast.models.stylizer import Stylizer
@@ -87,15 +87,29 @@ def test_engine_variants_match_plain_stylizer(stylizer, options):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("stem_form", ["separate", "fused"])
 @pytest.mark.parametrize("conv_adds_bias", [True, False], ids=["cpu-form", "cuda-form"])
-def test_prepared_encoder_matches_plain_encoder(stylizer, conv_adds_bias):
+def test_prepared_encoder_matches_plain_encoder(stylizer, conv_adds_bias, stem_form):
     """Both forms of the folded ConvLayer: the convolution's own bias + in-place leaky ReLU (the
-    Engine's choice on the CPU), the bias_act op (on CUDA)."""
-    encoder = prepare_stylizer(stylizer, torch.float32, "auto", conv_adds_bias=conv_adds_bias).encoder
+    Engine's choice on the CPU), the bias_act op (on CUDA); the first layer, on the RGB face, in
+    both of its forms (fused: the stem_conv op), and only that layer a stem."""
+    encoder = prepare_stylizer(stylizer, torch.float32, "auto", conv_adds_bias=conv_adds_bias,
+                               stem_form=stem_form).encoder
     kinds = {type(m).__name__ for m in encoder.modules()}
     assert ("LeakyReLU" in kinds) == conv_adds_bias and ("_BiasLeakyReLU" in kinds) != conv_adds_bias
+    assert [name for name, m in encoder.named_modules() if isinstance(m, _StemConv)] == ["0"]
+    assert encoder[0].form == stem_form
     x = faces(2)
     torch.testing.assert_close(encoder(x), stylizer.encoder(x), rtol=1e-5, atol=1e-5)
+
+
+def test_stem_form_auto_is_the_training_form_on_the_cpu_and_a_stem_is_checked(stylizer):
+    stem = prepare_stylizer(stylizer, torch.float32, "auto").encoder[0]
+    assert _form_for("stem", stem.form, torch.empty(1, 3, 8, 8), 1) == "separate"
+    with pytest.raises(ValueError, match="stem_form must be"):
+        prepare_stylizer(stylizer, torch.float32, "auto", stem_form="im2col")
+    with pytest.raises(ValueError, match="a stem is a stride-1"):
+        _conv_layer(ConvLayer(8, 8, 3), torch.float32, False, stem_form="fused")
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import naive
 import torch.nn.functional as F
 
 from mmfs_fast.ops import (add_layer_norm, backends, bias_act, blur_folded_down_weight, blur_pads, default_fir, modulated_conv2d,
-                           polyphase_up_pad, polyphase_up_weight, styled_epilogue, upfirdn2d)
+                           polyphase_up_pad, polyphase_up_weight, stem_conv, styled_epilogue, upfirdn2d)
 from mmfs_fast.ops._common import adjoint_pads
 
 
@@ -190,6 +190,46 @@ def test_add_layer_norm_rejects_bad_arguments(bad, match):
     args = dict(x=rand(2, 8), residual=rand(2, 8, seed=1), weight=None, bias=None) | bad
     with pytest.raises(ValueError, match=match):
         add_layer_norm(**args)
+
+
+# -- stem_conv ------------------------------------------------------------------
+
+@pytest.mark.parametrize("ksize", [1, 3, 5])
+def test_stem_conv_matches_definition(ksize):
+    """Each output the bias plus the zero-padded window's sum of products, then the leaky ReLU."""
+    x, weight, bias = rand(2, 3, 6, 5), rand(4, 3, ksize, ksize, seed=1), rand(4, seed=2)
+    got = stem_conv(x, weight, bias, alpha=0.1).numpy()
+    r = ksize // 2
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (r, r), (r, r)))
+    want = np.empty((2, 4, 6, 5))
+    for i in range(6):
+        for j in range(5):
+            window = padded[:, :, i:i + ksize, j:j + ksize]
+            want[:, :, i, j] = np.einsum("bcyx,ocyx->bo", window, weight.numpy()) + bias.numpy()
+    want = np.where(want >= 0, want, 0.1 * want)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_stem_conv_half_storage_computes_in_fp32():
+    """fp16 in and out, the products and sums in fp32: the fp32 result rounded once."""
+    x, weight, bias = rand(1, 3, 8, 8).half(), rand(8, 3, 3, 3, seed=1).half(), rand(8, seed=2).float()
+    got = stem_conv(x, weight, bias)
+    want = F.leaky_relu(F.conv2d(x.float(), weight.float(), bias, padding=1), 0.2).half()
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=rand(1, 5, 4, 4)), "x has 5 channels"),
+    (dict(x=rand(3, 4, 4)), "4-D"),
+    (dict(weight=rand(4, 3, 2, 2)), r"weight must be \(O, 3, k, k\) with an odd k"),
+    (dict(weight=rand(4, 2, 3, 3)), r"weight must be \(O, 3, k, k\)"),
+    (dict(bias=rand(5)), r"bias must have shape \(4,\)"),
+])
+def test_stem_conv_rejects_bad_arguments(bad, match):
+    args = dict(x=rand(1, 3, 4, 4), weight=rand(4, 3, 3, 3), bias=rand(4)) | bad
+    with pytest.raises(ValueError, match=match):
+        stem_conv(**args)
 
 
 # -- styled_epilogue ------------------------------------------------------------

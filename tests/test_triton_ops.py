@@ -15,7 +15,7 @@ import torch
 
 from conftest import TRITON_INTERPRETABLE
 from mmfs_fast.models import Stylizer, set_fused_modconv
-from mmfs_fast.ops import _backend, add_layer_norm, bias_act, modulated_conv2d, styled_epilogue, upfirdn2d
+from mmfs_fast.ops import _backend, add_layer_norm, bias_act, modulated_conv2d, stem_conv, styled_epilogue, upfirdn2d
 from mmfs_fast.ops._common import blur_pads, default_fir
 
 HAS_CUDA = torch.cuda.is_available()
@@ -149,6 +149,49 @@ def test_add_layer_norm_matches_ref(shape, affine, dtype):
         return torch.stack([total, normed])
 
     assert_matches_ref(run_both(fn, inputs, dtype), dtype)
+
+
+# ---------------------------------------------------------------- stem_conv
+
+# (B, C, H, W, O, k): the encoder's stem in small (3 → 16 channels, 3×3); an image of one row of
+# programs' worth of pixels plus a ragged tail; more output channels than one program covers
+# (a second, partial channel block); a 5×5 window whose 100 taps need a 128-wide tap block
+STEM_CASES = {"encoder stem": (2, 3, 9, 7, 16, 3), "ragged pixel tail": (1, 3, 13, 11, 20, 3),
+              "two channel blocks": (1, 2, 6, 6, 80, 1), "5x5, 4 channels": (2, 4, 7, 5, 24, 5)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", STEM_CASES.values(), ids=STEM_CASES.keys())
+def test_stem_conv_matches_ref(case, channels_last, dtype):
+    """Inference only: the output, in x's layout, with channels-last weights as the Engine keeps them."""
+    b, c, h, w, o, k = case
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x, weight, bias = randn(b, c, h, w), randn(o, c, k, k, seed=1) / k, randn(o, seed=2)
+    results = {}
+    for name, impl, dt in (("ref32", "ref", torch.float32), ("ref", "ref", dtype), ("triton", "triton", dtype)):
+        out = stem_conv(x.to(dt).contiguous(memory_format=layout), weight.to(dt).contiguous(memory_format=layout),
+                        bias, 0.2, impl=impl)
+        assert out.dtype == dt and out.shape == (b, o, h, w) and out.is_contiguous(memory_format=layout)
+        results[name] = [out.float()]
+    assert_matches_ref(results, dtype)
+
+
+def test_stem_conv_refuses_a_backward():
+    x = randn(1, 3, 4, 4).requires_grad_()
+    y = stem_conv(x, randn(16, 3, 3, 3, seed=1), randn(16, seed=2), impl="triton")
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        y.sum().backward()
+
+
+def test_stem_conv_op_passes_opcheck():
+    """Inference only: no input requires grad (the op has no autograd formula to check)."""
+    checks = ("test_schema", "test_autograd_registration")
+    if HAS_CUDA:
+        checks += ("test_faketensor", "test_aot_dispatch_dynamic")
+    for layout in (torch.contiguous_format, torch.channels_last):
+        args = (randn(2, 3, 5, 6).contiguous(memory_format=layout), randn(16, 3, 3, 3, seed=1), randn(16, seed=2), 0.2)
+        torch.library.opcheck(torch.ops.mmfs_fast.triton_stem_conv, args, test_utils=checks)
 
 
 # ---------------------------------------------------------------- op registration

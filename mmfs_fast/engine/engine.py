@@ -70,6 +70,9 @@ class Engine:
         downsample_form: the encoder's downsampling convolutions as the "blurred" blur + strided
             conv, as "folded" (the blur folded into the strided kernel), or "auto": per shape from
             winners.json on CUDA, blurred on the CPU.
+        stem_form: the encoder's first convolution (on the RGB face) as the "separate"
+            convolution + bias/activation pass, as "fused" (the stem_conv op: one pass), or
+            "auto": from winners.json on CUDA, separate on the CPU.
     """
 
     def __init__(self, stylizer: Stylizer, clip=None, precision: str | None = None, device=None,
@@ -78,7 +81,7 @@ class Engine:
                  channels_last: bool | None = None, cudnn_benchmark: bool = True, compile: bool = False,
                  max_batch: int | None = None, max_wait_ms: float = 2.0, graph_memory_limit: int | None = None,
                  retain_cpu_memory: bool = True, check_finite: bool = False, upsample_form: str = "auto",
-                 downsample_form: str = "auto"):
+                 downsample_form: str = "auto", stem_form: str = "auto"):
         if not isinstance(stylizer, Stylizer) or isinstance(stylizer, InferenceStylizer):
             got = "an Engine's prepared model" if isinstance(stylizer, Stylizer) else type(stylizer).__name__
             raise TypeError(f"stylizer must be a mmfs_fast Stylizer (the trained model), got {got}")
@@ -99,8 +102,8 @@ class Engine:
         self.check_finite = check_finite
         self.memory_format = torch.contiguous_format if channels_last is False else torch.channels_last
         self.model = prepare_stylizer(stylizer, self.dtype, impl, conv_adds_bias=not on_cuda,
-                                      upsample_form=upsample_form, downsample_form=downsample_form).to(
-            self.device, memory_format=self.memory_format)
+                                      upsample_form=upsample_form, downsample_form=downsample_form,
+                                      stem_form=stem_form).to(self.device, memory_format=self.memory_format)
         self.cudnn_benchmark = cudnn_benchmark
 
         mode = "compile" if compile else "graph" if cuda_graphs and on_cuda else "eager"

@@ -18,8 +18,9 @@ from mmfs_fast.models.layers import (ConvLayer, EqualLinear, FusedLeakyReLU, Mod
 from mmfs_fast.models.clip_mapper import CLIPMapper
 from mmfs_fast.models.stylizer import N_CONVS, Stylizer
 from mmfs_fast.ops import (_backend, bias_act, blur_folded_down_weight, demodulation, polyphase_up_pad,
-                           polyphase_up_weight, styled_epilogue, upfirdn2d, weight_energy)
+                           polyphase_up_weight, stem_conv, styled_epilogue, upfirdn2d, weight_energy)
 from mmfs_fast.ops.bias_act import ACTIVATIONS
+from mmfs_fast.ops.stem_conv import MAX_IN_CHANNELS as STEM_MAX_IN_CHANNELS
 from mmfs_fast.ops.styled_epilogue import IMPLEMENTATIONS as EPILOGUE_IMPLS
 
 LRELU = ACTIVATIONS["lrelu"]  # StyleGAN2's leaky ReLU: slope 0.2, gain sqrt(2)
@@ -43,9 +44,11 @@ class _Linear(nn.Module):
 
 
 def _conv_layer(layer: ConvLayer, dtype: torch.dtype, conv_adds_bias: bool, out_scale: float = 1.0,
-                downsample_form: str = "auto") -> nn.Sequential:
+                downsample_form: str = "auto", stem_form: str | None = None) -> nn.Module:
     """ConvLayer ([Blur] → EqualConv2d → [FusedLeakyReLU]) as the convolution (with its blur:
     :class:`_DownsampleConv`) → bias and leaky ReLU in one pass, its output times ``out_scale`` (> 0).
+    stem_form: for the encoder's first layer (a stride-1 activated convolution of the RGB face),
+    :class:`_StemConv` around that, in this form; None for every other layer.
 
     The activation's gain moves into weight and bias: lrelu(z)·g = lrelu(g·z) for g > 0.
     conv_adds_bias: the convolution adds the bias, then an in-place leaky ReLU (oneDNN adds it
@@ -74,11 +77,41 @@ def _conv_layer(layer: ConvLayer, dtype: torch.dtype, conv_adds_bias: bool, out_
     modules = [conv]
     if activation is not None:
         modules.append(nn.LeakyReLU(LRELU.default_alpha, inplace=True) if conv_adds_bias else _BiasLeakyReLU(bias))
-    return nn.Sequential(*modules)
+    separate = nn.Sequential(*modules)
+    if stem_form is None:
+        return separate
+    in_ch, k = weight.shape[1], weight.shape[-1]
+    if (blurs or activation is None or equal_conv.stride != 1 or equal_conv.padding != k // 2
+            or in_ch > STEM_MAX_IN_CHANNELS):
+        raise ValueError(f"a stem is a stride-1, same-padded, activated convolution of at most "
+                         f"{STEM_MAX_IN_CHANNELS} input channels; got {in_ch} → {weight.shape[0]}, {k}×{k}, "
+                         f"stride {equal_conv.stride}, padding {equal_conv.padding}")
+    return _StemConv(separate, bias, stem_form)
+
+
+class _StemConv(nn.Module):
+    """The encoder's first ConvLayer on the RGB face (see :func:`_conv_layer`) in one of its two
+    forms: "separate" (the training form, ``separate``: the convolution, then its bias and leaky
+    ReLU, in a pass of their own on CUDA) or "fused" (the stem_conv op: the convolution, bias and
+    leaky ReLU in one pass, the output written once), or "auto" (see :func:`_form_for`)."""
+
+    def __init__(self, separate: nn.Sequential, bias: torch.Tensor, form: str):
+        super().__init__()
+        self.separate = separate
+        self.register_buffer("bias", bias.float())  # the op's, so no cast per call
+        out_ch, in_ch = separate[0].weight.shape[:2]
+        self.form = _settled_form("stem", form, in_ch, out_ch)
+        self.impl = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.separate[0]
+        if _form_for("stem", self.form, x, conv.weight.shape[0]) == "fused":
+            return stem_conv(x, conv.weight, self.bias, LRELU.default_alpha, impl=self.impl)
+        return self.separate(x)
 
 
 def _settled_form(kind: str, form: str, in_ch: int, out_ch: int) -> str:
-    """``form`` of a ``kind`` resampling convolution (_backend.CONV_FORMS), or the training form
+    """``form`` of a ``kind`` convolution (_backend.CONV_FORMS), or the training form
     when it is "auto" and winners.json never picks the other at these channels: then only the
     training form's weights need preparing."""
     training, other = _backend.CONV_FORMS[kind]
@@ -470,12 +503,14 @@ class InferenceStylizer(Stylizer):
 
 
 def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, conv_adds_bias: bool = True,
-                     upsample_form: str = "auto", downsample_form: str = "auto") -> InferenceStylizer:
+                     upsample_form: str = "auto", downsample_form: str = "auto",
+                     stem_form: str = "auto") -> InferenceStylizer:
     """A frozen copy of ``stylizer`` for inference in ``dtype``: encoder and decoder
     activations in ``dtype``; mapping network, styles and clip_mapper in fp32.
     conv_adds_bias: see :func:`_conv_layer` (the Engine's choice: True on the CPU, False on
-    CUDA); upsample_form: see :class:`_ModulatedConv`; downsample_form: see :class:`_DownsampleConv`."""
-    for kind, form in (("upsample", upsample_form), ("downsample", downsample_form)):
+    CUDA); upsample_form: see :class:`_ModulatedConv`; downsample_form: see :class:`_DownsampleConv`;
+    stem_form: see :class:`_StemConv`."""
+    for kind, form in (("upsample", upsample_form), ("downsample", downsample_form), ("stem", stem_form)):
         if form not in ("auto", *_backend.CONV_FORMS[kind]):
             raise ValueError(f"{kind}_form must be 'auto' or one of {_backend.CONV_FORMS[kind]}; got {form!r}")
     model = copy.deepcopy(stylizer).eval().requires_grad_(False)
@@ -492,7 +527,8 @@ def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, conv_add
         if isinstance(source, EqualLinear):
             prepared = _Linear(source)
         elif isinstance(source, ConvLayer):
-            prepared = _conv_layer(source, dtype, conv_adds_bias)
+            prepared = _conv_layer(source, dtype, conv_adds_bias,
+                                   stem_form=stem_form if source is stylizer.encoder[0] else None)
         elif isinstance(source, ResBlock):
             prepared = _ResBlock(source, dtype, conv_adds_bias, downsample_form)
         else:

@@ -26,12 +26,15 @@ WINNERS_FILE = Path(__file__).with_name("winners.json")
 _WINNERS = json.loads(WINNERS_FILE.read_text())
 FASTEST_FIRST = tuple(_WINNERS["default"])
 FASTEST_FIRST_PER_OP = {op: tuple(entry["order"]) for op, entry in _WINNERS["ops"].items()}
-# the two exact forms of each resampling convolution, the training one first: a decoder
+# the two exact forms of each convolution with a choice, the training one first: a decoder
 # upsampling convolution (transposed conv + blur, or the blur folded into four phase
-# convolutions) and an encoder downsampling one (blur + strided conv, or the blur folded into
-# one larger strided kernel); winners.json holds the default order and per-shape "I×O@H" winners
-CONV_FORMS = {"upsample": ("transposed", "polyphase"), "downsample": ("blurred", "folded")}
-UPSAMPLE_FORMS, DOWNSAMPLE_FORMS = CONV_FORMS["upsample"], CONV_FORMS["downsample"]
+# convolutions), an encoder downsampling one (blur + strided conv, or the blur folded into one
+# larger strided kernel) and the encoder's first one on the RGB face (the convolution and a bias
+# + activation pass, or the stem_conv op's one pass); winners.json holds the default order and
+# per-shape "I×O@H" winners
+CONV_FORMS = {"upsample": ("transposed", "polyphase"), "downsample": ("blurred", "folded"),
+              "stem": ("separate", "fused")}
+UPSAMPLE_FORMS, DOWNSAMPLE_FORMS, STEM_FORMS = CONV_FORMS["upsample"], CONV_FORMS["downsample"], CONV_FORMS["stem"]
 _CONV_FORM_WINNERS = {kind: _WINNERS[kind] for kind in CONV_FORMS}
 # what the kernels are built for; float64 (gradient checks) goes to ref under "auto"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -156,6 +156,25 @@ def _add_layer_norm_backward(ctx, d_total, d_normed, d_mean, d_rstd):
 
 register_autograd("mmfs_fast::triton_add_layer_norm", _add_layer_norm_backward, setup_context=_add_layer_norm_setup)
 
+# ---------------------------------------------------------------- stem_conv
+
+
+@triton_op("mmfs_fast::triton_stem_conv", mutates_args={})
+def _stem_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Inference only: no autograd formula is registered, so autograd refuses a backward through it."""
+    from mmfs_fast.kernels import stem_conv as kernels
+
+    return kernels.stem_conv(x, weight, bias, alpha, output_memory_format(x))
+
+
+@_stem_conv.register_fake
+def _stem_conv_fake(x, weight, bias, alpha):
+    """In place of triton_op's own fake kernel, which the interpreter would launch (see
+    _styled_epilogue_fake)."""
+    return torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
+                       memory_format=output_memory_format(x))
+
+
 # ---------------------------------------------------------------- the backend functions
 
 
@@ -185,3 +204,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
                                           None if weight is None else weight.contiguous(),
                                           None if bias is None else bias.contiguous(), eps)
     return total, normed
+
+
+def stem_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha: float) -> torch.Tensor:
+    return _stem_conv(x, weight.to(x.dtype), bias.float().contiguous(), alpha)
