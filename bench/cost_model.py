@@ -40,6 +40,7 @@ import peaks  # noqa: E402  (bench/ is not a package)
 from mmfs_fast import benchmark as mb  # noqa: E402
 from mmfs_fast.encoders import CLIPEncoder, DINOEncoder  # noqa: E402
 from mmfs_fast.engine import Engine  # noqa: E402
+from mmfs_fast.engine.executor import Executor  # noqa: E402
 from mmfs_fast.finetune import finetune  # noqa: E402
 from mmfs_fast.models import N_LATENT, Stylizer  # noqa: E402
 from mmfs_fast import ops  # noqa: E402
@@ -306,6 +307,7 @@ class CostRecorder(TorchDispatchMode):
         self.recording = False
         self.layers = _Layers()
         self.eager_paths: tuple[str, ...] = ()
+        self.captured = False  # inside a function the Engine runs as a CUDA graph
         self._step_start = 0  # first kernel of the current optimisation step
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -322,7 +324,7 @@ class CostRecorder(TorchDispatchMode):
             cost = op_cost(func, args, kwargs, out)
             if cost is not None:
                 path = self.layers.current()
-                in_graph = path is not None and not path.startswith(self.eager_paths)
+                in_graph = (path is not None or self.captured) and not (path or "").startswith(self.eager_paths)
                 layer = "outside modules" if path is None else path
                 dtype = _dtype_of(_tensors((args, kwargs)) + _tensors(out))
                 needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors((args, kwargs)))
@@ -496,11 +498,23 @@ def count(recorder: CostRecorder, models: Models, workload: str, batch: int) -> 
         return _difference(runs[1], runs[0])
     call = _inference_call(models, workload, batch)
     recorder.layers.name_modules(models.engine)
-    with recorder.record() as kernels:
-        out = call()
-        # after each replay the Engine copies a CUDA graph's output out of its static buffer
-        # (engine/executor.py); the Engine runs uncaptured here, so that copy is added by hand
+    run_captured = Executor._call
+
+    def replayed(executor, fn, inputs):
+        """The Engine runs uncaptured here: what a replay adds is added by hand (engine/executor.py
+        copies each input into the graph's static buffer before it, the output out of it after),
+        and every op of the function, outside a module or not, is one the graph replays."""
+        kernels.extend(Kernel("copy_", "outside modules", bytes=2 * touched_bytes(x)) for x in inputs)
+        recorder.captured = True
+        try:
+            out = run_captured(executor, fn, inputs)
+        finally:
+            recorder.captured = False
         kernels.append(Kernel("clone", "outside modules", bytes=2 * touched_bytes(out)))
+        return out
+
+    with recorder.record() as kernels, mock.patch.object(Executor, "_call", replayed):
+        call()
     return kernels
 
 
