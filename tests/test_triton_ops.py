@@ -25,6 +25,10 @@ pytestmark = pytest.mark.skipif(not _backend.triton_installed(), reason="triton 
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+# opcheck's checks: schema and autograd registration everywhere; fake tensors and AOT dispatch
+# (what torch.compile needs) only on a GPU, since under the interpreter wrap_triton launches eagerly
+OPCHECKS = ("test_schema", "test_autograd_registration") + (
+    ("test_faketensor", "test_aot_dispatch_dynamic") if HAS_CUDA else ())
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -186,22 +190,15 @@ def test_stem_conv_refuses_a_backward():
 
 def test_stem_conv_op_passes_opcheck():
     """Inference only: no input requires grad (the op has no autograd formula to check)."""
-    checks = ("test_schema", "test_autograd_registration")
-    if HAS_CUDA:
-        checks += ("test_faketensor", "test_aot_dispatch_dynamic")
     for layout in (torch.contiguous_format, torch.channels_last):
         args = (randn(2, 3, 5, 6).contiguous(memory_format=layout), randn(16, 3, 3, 3, seed=1), randn(16, seed=2), 0.2)
-        torch.library.opcheck(torch.ops.mmfs_fast.triton_stem_conv, args, test_utils=checks)
+        torch.library.opcheck(torch.ops.mmfs_fast.triton_stem_conv, args, test_utils=OPCHECKS)
 
 
 # ---------------------------------------------------------------- op registration
 
 def test_registered_ops_pass_opcheck():
-    """Schema and autograd registration everywhere; fake tensors and AOT dispatch (what
-    torch.compile needs) only on a GPU: under the interpreter wrap_triton launches eagerly."""
-    checks = ("test_schema", "test_autograd_registration")
-    if HAS_CUDA:
-        checks += ("test_faketensor", "test_aot_dispatch_dynamic")
+    """The ops with autograd, their gradients through opcheck too (OPCHECKS)."""
     ops = torch.ops.mmfs_fast
     cases = [
         (ops.triton_upfirdn2d, (randn(1, 2, 5, 6), randn(4, 4, seed=1), 2, 1, [2, 1, 2, 1])),
@@ -213,7 +210,7 @@ def test_registered_ops_pass_opcheck():
     ]
     for op, args in cases:
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(op, args, test_utils=checks)
+        torch.library.opcheck(op, args, test_utils=OPCHECKS)
 
 
 # ---------------------------------------------------------------- styled_epilogue
@@ -267,9 +264,6 @@ def test_styled_epilogue_refuses_a_backward():
 
 def test_styled_epilogue_op_passes_opcheck():
     """Inference only: no input requires grad (the op has no autograd formula to check)."""
-    checks = ("test_schema", "test_autograd_registration")
-    if HAS_CUDA:
-        checks += ("test_faketensor", "test_aot_dispatch_dynamic")
     x, demod, bias = randn(2, 3, 5, 5), randn(2, 3, seed=1), randn(3, seed=2)
     fused = (randn(1, 1, 4, 4, seed=3), randn(2, 3, seed=4), (FIR * 4).to(DEVICE), 1)  # blur: 5×5 → 4×4
     for noise, next_styles, blur, blur_pad in [(None, None, None, 0), (randn(2, 1, 5, 5, seed=3), None, None, 0),
@@ -279,7 +273,7 @@ def test_styled_epilogue_op_passes_opcheck():
                 unscaled = torch.empty(2, 3, 4, 4, device=DEVICE).contiguous(memory_format=layout)
                 args = (x.contiguous(memory_format=layout), demod, bias, noise, 0.5, 0.2, next_styles, blur, blur_pad,
                         unscaled if with_unscaled else None)
-                torch.library.opcheck(torch.ops.mmfs_fast.triton_styled_epilogue, args, test_utils=checks)
+                torch.library.opcheck(torch.ops.mmfs_fast.triton_styled_epilogue, args, test_utils=OPCHECKS)
 
 
 # ---------------------------------------------------------------- a whole model
