@@ -38,7 +38,9 @@ DESKTOP = {"width": 1200, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
 # the page's own pixels: the <img> drawn at its natural size onto a canvas, as PNG-free RGBA
-READ_PIXELS = """(img) => {
+# decode() first: an <img> whose src was just set has no pixels until its image is decoded
+READ_PIXELS = """async (img) => {
+  await img.decode();
   const canvas = document.createElement("canvas");
   canvas.width = img.naturalWidth;
   canvas.height = img.naturalHeight;
