@@ -4,6 +4,7 @@ no memory). A change that adds a kernel, a memory pass, a host sync or a layout 
 here; a change that removes some must lower the bound (the values are today's)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -268,6 +269,36 @@ def test_roofline_takes_the_slower_of_compute_and_memory():
     assert cm.kernel_seconds(compute_bound, peak, c) == pytest.approx(4.0)
 
 
+def test_two_parallel_chains_share_the_gpu():
+    """A region's chains (graph kernels only) share the GPU: the longer chain's time, gaps
+    included, unless their kernels' own times add up to more; a kernel outside the region, or an
+    eager one, adds its own."""
+    peak = cm.peaks.peak_for("H200")
+    c = cm.Constants(memory_efficiency=0.5, graph_gap_us=4.0, launch_us=6.0, call_us=0.0)
+    gb_s, gap_s = 4.8e9 / (4800e9 * 0.5), 4e-6  # a pass over 4.8 GB, one graph gap
+
+    def kernel(gb, **kw):
+        return cm.Kernel("add", "x", bytes=gb * 4.8e9, graph=True, **kw)
+
+    main = [kernel(1, region=1), kernel(1, region=1)]
+    big_branch = [kernel(0.5, region=1, branch=True)] * 3
+    got = cm.predict_seconds(main + big_branch + [kernel(1)], peak, c)
+    assert got["graph_s"] == pytest.approx(3.5 * gb_s + gb_s + gap_s)  # the GPU's work, then the last kernel
+    assert got["overlapped_s"] == pytest.approx(5 * gap_s)
+    assert got["total_s"] == pytest.approx(got["graph_s"])
+    small_branch = [kernel(1e-6, region=1, branch=True)] * 20  # gap-bound: 80 µs of gaps beside 4 ms
+    got = cm.predict_seconds(main + small_branch, peak, c)
+    assert got["graph_s"] == pytest.approx(2 * (gb_s + gap_s))
+    gap_bound_main = [kernel(1e-6, region=1)] * 30
+    got = cm.predict_seconds(gap_bound_main + small_branch, peak, c)
+    assert got["graph_s"] == pytest.approx(30 * (1e-6 * gb_s + gap_s))  # the longer chain
+    two_regions = main + big_branch + [dataclasses.replace(k, region=2) for k in main + big_branch]
+    assert cm.predict_seconds(two_regions, peak, c)["graph_s"] == pytest.approx(2 * 3.5 * gb_s)
+    eager_branch = [dataclasses.replace(k, graph=False) for k in big_branch]
+    got = cm.predict_seconds(main + eager_branch, peak, c)
+    assert got["overlapped_s"] == 0 and got["eager_s"] == pytest.approx(1.5 * gb_s)
+
+
 # -- the gates --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -278,6 +309,8 @@ def guided():
         counted = {batch: cm.count(recorder, models, "guided_stylization", batch) for batch in GUIDED_BOUNDS}
     return {batch: dict(cm.totals(kernels), converting=[(k.op, k.layer) for k in kernels if k.layout_conversions],
                         eager=[(k.op, k.bytes) for k in kernels if not k.graph],
+                        branch={k.layer for k in kernels if k.branch},
+                        beside_branch={k.layer.split(".")[1] for k in kernels if k.region and not k.branch},
                         replayed_outside_modules=[k.op for k in kernels if k.graph and k.layer == "outside modules"])
             for batch, kernels in counted.items()}
 
@@ -305,6 +338,22 @@ def test_guided_stylization_launches_no_more_kernels_and_moves_no_more_bytes(gui
     # the convolutions' work: SPEC's model (172 GFLOP), plus the 4× kernels of the downsampling
     # convolutions that winners.json folds (the 512² and 256² ResBlocks': 3 × 7.2 GFLOP more, less their blurs)
     assert got["flops"] / batch == pytest.approx(192.5e9, rel=0.01)
+
+
+@pytest.mark.parametrize("batch", sorted(GUIDED_BOUNDS))
+def test_the_styles_run_beside_the_encoder(guided, batch):
+    """The style table (its kernels depend on w+ only) is the graph's second branch, the encoder
+    the first; the decoder, which reads both, runs after the join."""
+    assert guided[batch]["branch"] == {"model.synthesis.table"}
+    assert guided[batch]["beside_branch"] == {"encoder"}
+
+
+def test_a_sampled_style_runs_beside_the_encoder():
+    with cm.fake_cuda() as recorder:
+        models = cm.build_models(with_dino=False, with_clip=False)
+        kernels = cm.count(recorder, models, "random_sampling", 1)
+    assert {k.layer.split(".")[1] for k in kernels if k.branch} == {"mapping_z", "synthesis"}
+    assert {k.layer.split(".")[1] for k in kernels if k.region and not k.branch} == {"encoder"}
 
 
 @pytest.mark.parametrize("batch", sorted(GUIDED_BOUNDS))

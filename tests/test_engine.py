@@ -558,6 +558,9 @@ def test_gpu_graph_replay_equals_eager(precision):
     clip = CLIPEncoder(random_init=True, device="cuda")
     graphs = Engine(stylizer, clip=clip, precision=precision, cuda_graphs=True)
     eager = Engine(stylizer, clip=clip, precision=precision, cuda_graphs=False, buckets=graphs.buckets)
+    # the reference runs the style branch in order on one stream: a race between the graph's
+    # parallel branches (a table read before it is written) would show as a difference
+    eager._executor.side_by_side = lambda branch, main: (branch(), main())
     x, w_plus = faces(3).cuda(), torch.randn(3, 10, 512, device="cuda")
     noises = [torch.randn(3, 1, r, r, device="cuda") for r in stylizer.noise_resolutions]
     want = eager.stylize(x, w_plus)
@@ -569,7 +572,12 @@ def test_gpu_graph_replay_equals_eager(precision):
     torch.testing.assert_close(graphs.style_from_text(texts), eager.style_from_text(texts), rtol=0, atol=1e-5)
     refs = faces(2, seed=3).cuda()
     torch.testing.assert_close(graphs.style_from_image(refs), eager.style_from_image(refs), rtol=0, atol=1e-5)
+    for _ in range(2):
+        assert_images_close(graphs.stylize_seed(x, [1, 2, 3]), eager.stylize_seed(x, [1, 2, 3]), atol=1e-5)
+        assert_images_close(graphs.stylize_text(x[:2], texts), eager.stylize_text(x[:2], texts), atol=1e-5)
+        assert_images_close(graphs.stylize_image(x[:2], refs), eager.stylize_image(x[:2], refs), atol=1e-5)
     stats = graphs.memory_stats()
     assert not stats["eager_fallbacks"]
-    assert {name for name, _ in stats["graphs"]} == {"stylize", "encode", "text_style", "image_style"}
+    assert {name for name, _ in stats["graphs"]} == {"stylize", "encode", "text_style", "image_style",
+                                                     "seed_stylize", "text_stylize", "image_stylize"}
     assert 0 < stats["graph_static_bytes"] <= stats["cuda_allocated_bytes"]

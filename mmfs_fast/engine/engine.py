@@ -143,7 +143,14 @@ class Engine:
         return self.model.synthesize(feat, w_plus, list(noises) or None).clamp(-1, 1)
 
     def _stylize_graph(self, faces: torch.Tensor, w_plus: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
-        return self._decode_graph(self.model.encoder(faces), w_plus, *noises)
+        return self._render(faces, lambda: w_plus, noises)
+
+    def _render(self, faces: torch.Tensor, style: Callable[[], torch.Tensor], noises: Sequence[torch.Tensor]):
+        """The image of ``faces`` in the w+ ``style()``: the style and every layer's styles from it
+        (a chain of small kernels) run beside the encoder (big ones), then the decoder."""
+        table, feat = self._executor.side_by_side(lambda: self.model.style_table(style()),
+                                                  lambda: self.model.encoder(faces))
+        return self.model.render(feat, table, list(noises)).clamp(-1, 1)
 
     def _image_style_graph(self, pixels: torch.Tensor) -> torch.Tensor:
         # the clip_mapper L2-normalises the embedding itself, in fp32 from CLIP's dtype
@@ -155,14 +162,13 @@ class Engine:
     # style and render in one graph: the mapping network or CLIP and the clip_mapper captured with
     # the render, one replay and no w+ round trip between two graphs
     def _seed_stylize_graph(self, faces: torch.Tensor, z: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
-        w_plus = self.model.mapping_z(z)[:, None].expand(-1, N_LATENT, -1)
-        return self._stylize_graph(faces, w_plus, *noises)
+        return self._render(faces, lambda: self.model.mapping_z(z)[:, None].expand(-1, N_LATENT, -1), noises)
 
     def _image_stylize_graph(self, faces: torch.Tensor, pixels: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
-        return self._stylize_graph(faces, self._image_style_graph(pixels), *noises)
+        return self._render(faces, lambda: self._image_style_graph(pixels), noises)
 
     def _text_stylize_graph(self, faces: torch.Tensor, tokens: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
-        return self._stylize_graph(faces, self._text_style_graph(tokens), *noises)
+        return self._render(faces, lambda: self._text_style_graph(tokens), noises)
 
     def _run(self, name: str, fn: Callable, *inputs: torch.Tensor) -> torch.Tensor:
         with self._executor.lock, cudnn_benchmark(self.cudnn_benchmark):

@@ -6,9 +6,12 @@ import contextlib
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
+
+A = TypeVar("A")
+B = TypeVar("B")
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 
@@ -51,6 +54,7 @@ class Executor:
         self.pool = torch.cuda.graph_pool_handle() if mode == "graph" else None
         self.graphs: dict[tuple, _Graph] = {}
         self.failed: set[str] = set()
+        self._branch_stream: torch.cuda.Stream | None = None
 
     def run(self, name: str, fn: Callable, *inputs: torch.Tensor) -> torch.Tensor:
         """fn(*inputs) for inputs sharing batch size B, in chunks of at most the largest bucket."""
@@ -73,6 +77,28 @@ class Executor:
                 return graph.output[:n].clone()
         padded = [torch.cat([x, x.new_zeros((bucket - n, *x.shape[1:]))]) if bucket > n else x for x in inputs]
         return self._call(fn, padded)[:n]
+
+    def side_by_side(self, branch: Callable[[], A], main: Callable[[], B]) -> tuple[A, B]:
+        """(branch(), main()), branch's kernels on a second CUDA stream so that they run while
+        main's do: captured, the two are parallel branches of the graph, and the GPU's per-kernel
+        gaps of a chain of small kernels (a style) pass while a chain of big ones (the encoder)
+        runs. In order on the CPU and under torch.compile (which schedules its own graph).
+
+        Memory: branch's outputs are allocated on its stream and read on the current one after the
+        join; once freed, only branch-stream work queued after a later fork can reuse them, and a
+        fork waits for everything queued before it. branch may read only tensors that outlive the
+        join (the function's inputs, its own results)."""
+        if self.device.type != "cuda" or self.mode == "compile":
+            return branch(), main()
+        if self._branch_stream is None:
+            self._branch_stream = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+        self._branch_stream.wait_stream(current)
+        with torch.cuda.stream(self._branch_stream):
+            first = branch()
+        second = main()
+        current.wait_stream(self._branch_stream)
+        return first, second
 
     def _call(self, fn: Callable, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         out = fn(*inputs)

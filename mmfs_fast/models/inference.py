@@ -399,7 +399,8 @@ class _StyleTable(nn.Module):
 
 class _Synthesis(nn.Module):
     """The decoder's synthesis pass (:func:`~mmfs_fast.models.layers.synthesize`) in inference
-    form: all styles first (:class:`_StyleTable`), then per styled layer its convolution and one
+    form: all styles first (:attr:`table`, a module of its own so that a caller can compute them
+    beside the encoder), then per styled layer its convolution and one
     epilogue pass, which writes the output already scaled by the next convolution's styles and,
     where a ToRGB reads it too, also unscaled. Only the encoder's features get a pass of their
     own for the first convolution's x·s.
@@ -419,8 +420,11 @@ class _Synthesis(nn.Module):
         rgbs = [m for m in layers if isinstance(m, ToRGB)]
         self.register_buffer("rgb_bias", _rgb_bias_image(rgbs, size >> len(self.blocks)).to(dtype))
 
-    def forward(self, feat: torch.Tensor, w_plus: torch.Tensor, noises: list[torch.Tensor | None]) -> torch.Tensor:
-        styles, demod, rgb_weights = self.table(w_plus, feat.dtype)
+    def forward(self, feat: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                noises: list[torch.Tensor | None]) -> torch.Tensor:
+        """The image from the encoder's features and ``table`` (:class:`_StyleTable`'s output
+        for w+ in the features' dtype)."""
+        styles, demod, rgb_weights = table
         ins, outs = self.table.in_channels, self.table.out_channels
         conv_noises = iter(noises)
 
@@ -499,7 +503,16 @@ class InferenceStylizer(Stylizer):
 
     def synthesize(self, feat: torch.Tensor, w_plus: torch.Tensor,
                    noises: list[torch.Tensor | None] | None) -> torch.Tensor:
-        return self.synthesis(feat, w_plus, noises or [None] * N_CONVS)
+        return self.render(feat, self.style_table(w_plus), noises)
+
+    def style_table(self, w_plus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every layer's styles from w+ (:class:`_StyleTable`): they depend on w+ only, so they can
+        be computed apart from (and beside) the encoder."""
+        return self.synthesis.table(w_plus, self._param().dtype)
+
+    def render(self, feat: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               noises: list[torch.Tensor | None] | None) -> torch.Tensor:
+        return self.synthesis(feat, table, noises or [None] * N_CONVS)
 
 
 def prepare_stylizer(stylizer: Stylizer, dtype: torch.dtype, impl: str, conv_adds_bias: bool = True,
