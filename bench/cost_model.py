@@ -150,6 +150,9 @@ def _custom_op_cost(name: str, args, out_tensors) -> dict:
         return dict(bytes=traffic, flops=per_element * out.numel())
     if name.endswith("stem_conv"):  # the convolution on tensor cores, the output written once
         return dict(bytes=traffic, flops=_conv_flops(args[0], args[1], out, transposed=False), tensor_cores=True)
+    if name.endswith("linear_silu"):  # a GEMM on tensor cores, the SiLU in its epilogue
+        x, weight = args[0], args[1]
+        return dict(bytes=traffic, flops=2.0 * x.shape[0] * x.shape[1] * weight.shape[0], tensor_cores=True)
     return dict(bytes=traffic, flops=float(out.numel()))  # bias_act and its gradient: one pass
 
 

@@ -140,6 +140,43 @@ def test_add_layer_norm(where: str, batch: int, impl: str, dtype: str, direction
     record_rate(benchmark, seconds, dtype, bytes_moved=passes * inputs[0].numel() * inputs[0].element_size())
 
 
+# (tokens, width, outputs) of CLIP's c_fc, the GEMM whose epilogue is the SiLU: the text tower, the image tower
+LINEAR_SILU_SHAPES = {"text": (77, 512, 2048), "image": (50, 768, 3072)}
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("impl", ["ref", *GPU_IMPLS] if ON_GPU else ["ref"])
+@pytest.mark.parametrize("batch", OP_BATCHES)
+@pytest.mark.parametrize("where", sorted(LINEAR_SILU_SHAPES))
+def test_linear_silu(where: str, batch: int, impl: str, dtype: str, direction: str, measure, benchmark):
+    """linear_silu at CLIP's c_fc (ref: cuBLAS's GEMM, then a SiLU pass); on a GPU its cases
+    rewrite the op's backend order in winners.json (bench/winners.py)."""
+    if impl not in ops.backends()["linear_silu"]:
+        pytest.skip(f"linear_silu: impl {impl!r} is not installed here or has no kernel for it")
+    backward = direction == "fwdbwd"
+    tokens, width, outs = LINEAR_SILU_SHAPES[where]
+    dt = mb.DTYPES[dtype]
+    x = torch.randn(batch * tokens, width, device=DEVICE, dtype=dt, requires_grad=backward)
+    weight = (torch.randn(outs, width, device=DEVICE) / width ** 0.5).to(dt)
+    bias = torch.randn(outs, device=DEVICE, dtype=dt)
+    op = functools.partial(ops.linear_silu, weight=weight, bias=bias, alpha=1.702, impl=impl)
+    if backward:
+        grad = torch.randn(batch * tokens, outs, device=DEVICE, dtype=dt)
+
+        def fn():
+            torch.autograd.grad(op(x), x, grad)
+    else:
+        fn = torch.no_grad()(lambda: op(x))
+    label = f"{where} {batch * tokens}x{width}x{outs}"
+    seconds = measure(fn, group=f"linear_silu {label} {dtype} {direction}", rounds=OP_ROUNDS, op="linear_silu",
+                      impl=impl, dtype=dtype, direction=direction, batch=batch, shape=label)
+    # x, the weight and the output once each (the backward: the gradient, x, the weight read, dx written)
+    size = x.element_size()
+    passes = (x.numel() + weight.numel() + x.shape[0] * outs) * (2 if backward else 1)
+    record_rate(benchmark, seconds, dtype, bytes_moved=passes * size)
+
+
 UPSAMPLE_CALLS = [call for call, _ in CALLS if call.op == "modulated_conv2d" and dict(call.options)["up"] == 2]
 
 

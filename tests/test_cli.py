@@ -140,7 +140,7 @@ def test_info_prints_the_build_as_json():
     else:
         assert info["cuda_arch_list"] is None and info["build_info"] is None
     assert info["triton"] is None or isinstance(info["triton"], str)
-    assert set(info["backends"]) == {"upfirdn2d", "bias_act", "styled_epilogue", "add_layer_norm", "stem_conv"}
+    assert set(info["backends"]) == {"upfirdn2d", "bias_act", "styled_epilogue", "add_layer_norm", "linear_silu", "stem_conv"}
     for impls in info["backends"].values():
         assert "ref" in impls and set(impls) <= {"ref", "cuda", "triton"}
     assert ("cuda" in info["backends"]["upfirdn2d"]) == info["cuda_built"]

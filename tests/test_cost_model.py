@@ -21,7 +21,7 @@ GUIDED_BOUNDS = {
 }
 
 # kernels of a style from a prompt or a reference image at batch 1 (CLIP fp16, the clip_mapper fp32)
-STYLE_BOUNDS = {"text_to_wplus": 143, "image_to_wplus": 141}
+STYLE_BOUNDS = {"text_to_wplus": 131, "image_to_wplus": 129}
 
 
 def record(fn) -> list[cm.Kernel]:

@@ -177,16 +177,18 @@ def test_clip_fused_blocks_equal_open_clips_blocks(clip):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @torch.no_grad()
 def test_gpu_half_clip_runs_the_triton_blocks_within_twice_open_clips_error():
-    """The Engine's CLIP on a GPU: fp16, add_layer_norm on its Triton kernel, SDPA's fused
-    kernels; every output within twice the error of open_clip's own model in fp16, both against
-    it in fp64."""
+    """The Engine's CLIP on a GPU: fp16, add_layer_norm and linear_silu on their Triton kernels,
+    SDPA's fused kernels; every output within twice the error of open_clip's own model in fp16,
+    both against it in fp64."""
     from mmfs_fast.ops import _backend
-    from mmfs_fast.ops.add_layer_norm import IMPLEMENTATIONS
+    from mmfs_fast.ops.add_layer_norm import IMPLEMENTATIONS as ADD_LAYER_NORM
+    from mmfs_fast.ops.linear_silu import IMPLEMENTATIONS as LINEAR_SILU
 
     torch.manual_seed(0)
     clip = CLIPEncoder(random_init=True, device="cuda", dtype=torch.float16)
     probe = torch.empty(2, 512, device="cuda", dtype=torch.float16)
-    assert _backend.resolve("add_layer_norm", "auto", IMPLEMENTATIONS, probe) == "triton"
+    for name, implementations in (("add_layer_norm", ADD_LAYER_NORM), ("linear_silu", LINEAR_SILU)):
+        assert _backend.resolve(name, "auto", implementations, probe) == "triton"
     pixels = clip.preprocess(images(2, 64, 64, seed=3).cuda())
     tokens = clip.tokenizer(["a pop art portrait", "an oil painting of a face"]).cuda()
     exact = _clip_outputs(_reference_clip(clip, torch.float64).cuda(), pixels.double(), tokens)

@@ -532,7 +532,7 @@ def test_info_says_which_backend_each_op_uses(capsys):
     assert main(["info"]) == 0
     report = json.loads(capsys.readouterr().out)
     plan = report["op_backends"]
-    assert set(plan) == {"upfirdn2d", "bias_act", "styled_epilogue", "add_layer_norm", "stem_conv"}
+    assert set(plan) == {"upfirdn2d", "bias_act", "styled_epilogue", "add_layer_norm", "linear_silu", "stem_conv"}
     for op, entry in plan.items():
         assert entry["auto_uses"] in ("ref", "cuda", "triton") and entry["why"]
         if not torch.cuda.is_available():

@@ -9,7 +9,7 @@ import torch
 import naive
 import torch.nn.functional as F
 
-from mmfs_fast.ops import (add_layer_norm, backends, bias_act, blur_folded_down_weight, blur_pads, default_fir, modulated_conv2d,
+from mmfs_fast.ops import (add_layer_norm, backends, bias_act, linear_silu, blur_folded_down_weight, blur_pads, default_fir, modulated_conv2d,
                            polyphase_up_pad, polyphase_up_weight, stem_conv, styled_epilogue, upfirdn2d)
 from mmfs_fast.ops._common import adjoint_pads
 
@@ -190,6 +190,35 @@ def test_add_layer_norm_rejects_bad_arguments(bad, match):
     args = dict(x=rand(2, 8), residual=rand(2, 8, seed=1), weight=None, bias=None) | bad
     with pytest.raises(ValueError, match=match):
         add_layer_norm(**args)
+
+
+# -- linear_silu -----------------------------------------------------------------
+
+def test_linear_silu_matches_definition():
+    x, weight, bias = rand(5, 7), rand(4, 7, seed=1), rand(4, seed=2)
+    pre = 1.702 * x.double().numpy() @ weight.double().numpy().T + bias.double().numpy()
+    np.testing.assert_allclose(linear_silu(x, weight, bias, 1.702).numpy(), pre / (1 + np.exp(-pre)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_linear_silu_derivatives():
+    x, weight, bias = rand(3, 5).requires_grad_(), rand(4, 5, seed=1).requires_grad_(), rand(4, seed=2).requires_grad_()
+    fn = lambda *inputs: linear_silu(*inputs, alpha=0.7, impl="ref")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=rand(2, 3, 8)), "2-D floating-point"),
+    (dict(x=torch.ones(2, 8, dtype=torch.long)), "2-D floating-point"),
+    (dict(weight=rand(4, 7)), r"weight must have shape \(outputs, 8\)"),
+    (dict(weight=rand(4, 8).half()), "weight must have x's dtype"),
+    (dict(bias=rand(5)), r"bias must have shape \(4,\)"),
+])
+def test_linear_silu_rejects_bad_arguments(bad, match):
+    args = dict(x=rand(2, 8), weight=rand(4, 8, seed=1), bias=rand(4, seed=2)) | bad
+    with pytest.raises(ValueError, match=match):
+        linear_silu(**args)
 
 
 # -- stem_conv ------------------------------------------------------------------

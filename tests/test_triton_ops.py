@@ -15,7 +15,8 @@ import torch
 
 from conftest import TRITON_INTERPRETABLE
 from mmfs_fast.models import Stylizer, set_fused_modconv
-from mmfs_fast.ops import _backend, add_layer_norm, bias_act, modulated_conv2d, stem_conv, styled_epilogue, upfirdn2d
+from mmfs_fast.ops import (_backend, add_layer_norm, bias_act, linear_silu, modulated_conv2d, stem_conv, styled_epilogue,
+                           upfirdn2d)
 from mmfs_fast.ops._common import blur_pads, default_fir
 
 HAS_CUDA = torch.cuda.is_available()
@@ -155,6 +156,34 @@ def test_add_layer_norm_matches_ref(shape, affine, dtype):
     assert_matches_ref(run_both(fn, inputs, dtype), dtype)
 
 
+# ---------------------------------------------------------------- linear_silu
+
+# (rows, width, outputs): ragged in every dimension (masked tails of each tile); whole tiles;
+# one row (a batch-1 token); a width of several K steps
+LINEAR_CASES = {"ragged": (37, 40, 70), "whole tiles": (32, 32, 64), "one row": (1, 24, 5), "long width": (9, 100, 33)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", LINEAR_CASES.values(), ids=LINEAR_CASES.keys())
+def test_linear_silu_matches_ref(case, dtype):
+    """The output and every input's gradient, with a transposed (non-contiguous) weight."""
+    rows, width, outs = case
+    inputs = [randn(rows, width), randn(width, outs, seed=1).t() / width ** 0.5, randn(outs, seed=2)]
+    assert_matches_ref(run_both(lambda x, w, b, impl: linear_silu(x, w, b, 1.702, impl=impl), inputs, dtype), dtype)
+
+
+def test_linear_silu_second_derivatives_match_ref():
+    """Its backward is ATen ops on the saved inputs: differentiable again, as ref is."""
+    grads = {}
+    for impl in ("triton", "ref"):
+        leaves = [randn(6, 20).requires_grad_(), randn(12, 20, seed=1).requires_grad_(), randn(12, seed=2).requires_grad_()]
+        y = linear_silu(*leaves, 0.7, impl=impl)
+        dx, = torch.autograd.grad(y, leaves[0], randn(6, 12, seed=3), create_graph=True)
+        grads[impl] = torch.autograd.grad((dx * randn(6, 20, seed=4)).sum(), leaves)
+    for got, want in zip(grads["triton"], grads["ref"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- stem_conv
 
 # (B, C, H, W, O, k): the encoder's stem in small (3 → 16 channels, 3×3); an image of one row of
@@ -207,6 +236,7 @@ def test_registered_ops_pass_opcheck():
                                     None, 1)),
         (ops.triton_add_layer_norm, (randn(2, 3, 24), randn(2, 3, 24, seed=1), randn(24, seed=2), randn(24, seed=3),
                                      1e-5)),
+        (ops.triton_linear_silu, (randn(5, 24), randn(20, 24, seed=1), randn(20, seed=2), 1.702)),
     ]
     for op, args in cases:
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)

@@ -12,6 +12,7 @@ from torch import nn
 from mmfs_fast.encoders.attention import FusedSelfAttention, prenorm_step
 from mmfs_fast.encoders._common import ImageInput, check_images, check_weights, freeze, load_weights
 from mmfs_fast.errors import EncoderWeightsError, option
+from mmfs_fast.ops import linear_silu
 
 MODEL_NAME = "ViT-B-32-quickgelu"
 INPUT_SIZE = 224
@@ -56,8 +57,8 @@ QUICK_GELU_SCALE = 1.702  # open_clip's QuickGELU: x·σ(1.702·x)
 class QuickGeluMLP(nn.Module):
     """open_clip's MLP c_fc → QuickGELU → c_proj with x·σ(1.702x) as silu(1.702x) / 1.702: the
     1.702 is c_fc's GEMM scale (alpha, its bias pre-scaled so the bias stays in the GEMM) and
-    1/1.702 c_proj's, so the activation is one SiLU pass instead of three (scale, sigmoid,
-    product).
+    1/1.702 c_proj's, so the activation is a SiLU instead of three passes (scale, sigmoid,
+    product), and that SiLU is c_fc's GEMM epilogue (:func:`~mmfs_fast.ops.linear_silu`).
 
     Holds the wrapped c_fc and c_proj under their names, so the state dict is unchanged; the
     pre-scaled bias is a buffer outside it, made again whenever a state dict is loaded."""
@@ -80,7 +81,7 @@ class QuickGeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        hidden = F.silu(torch.addmm(self.scaled_fc_bias, rows, self.c_fc.weight.t(), alpha=QUICK_GELU_SCALE))
+        hidden = linear_silu(rows, self.c_fc.weight, self.scaled_fc_bias, QUICK_GELU_SCALE)
         out = torch.addmm(self.c_proj.bias, hidden, self.c_proj.weight.t(), alpha=1 / QUICK_GELU_SCALE)
         return out.view(*x.shape[:-1], out.shape[-1])
 

@@ -1,10 +1,11 @@
 """The op layer: one public function per op. upfirdn2d, bias_act and styled_epilogue dispatch
 to ``ref`` (plain PyTorch), ``cuda`` (csrc/, built ahead of time) or ``triton`` (kernels/);
-add_layer_norm and stem_conv to ref or triton; modulated_conv2d is plain PyTorch only (cuDNN's grouped
+add_layer_norm, linear_silu and stem_conv to ref or triton; modulated_conv2d is plain PyTorch only (cuDNN's grouped
 convolution on a GPU)."""
 from mmfs_fast.ops import _backend
 from mmfs_fast.ops import add_layer_norm as _add_layer_norm_module
 from mmfs_fast.ops import bias_act as _bias_act_module
+from mmfs_fast.ops import linear_silu as _linear_silu_module
 from mmfs_fast.ops import stem_conv as _stem_conv_module
 from mmfs_fast.ops import styled_epilogue as _styled_epilogue_module
 from mmfs_fast.ops import upfirdn2d as _upfirdn2d_module
@@ -12,6 +13,7 @@ from mmfs_fast.ops.add_layer_norm import add_layer_norm
 from mmfs_fast.ops.bias_act import bias_act
 from mmfs_fast.ops._common import (blur_folded_down_weight, blur_pads, default_fir, demodulation, polyphase_up_pad,
                                    polyphase_up_weight, weight_energy)
+from mmfs_fast.ops.linear_silu import linear_silu
 from mmfs_fast.ops.modulated_conv2d import modulated_conv2d
 from mmfs_fast.ops.stem_conv import stem_conv
 from mmfs_fast.ops.styled_epilogue import styled_epilogue
@@ -23,6 +25,7 @@ _MODULES = {
     "bias_act": _bias_act_module,
     "styled_epilogue": _styled_epilogue_module,
     "add_layer_norm": _add_layer_norm_module,
+    "linear_silu": _linear_silu_module,
     "stem_conv": _stem_conv_module,
 }
 
@@ -73,7 +76,7 @@ def cuda_extension_report() -> dict:
     }
 
 
-__all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "styled_epilogue", "add_layer_norm", "stem_conv",
-           "default_fir", "blur_pads", "demodulation",
+__all__ = ["upfirdn2d", "bias_act", "modulated_conv2d", "styled_epilogue", "add_layer_norm", "linear_silu",
+           "stem_conv", "default_fir", "blur_pads", "demodulation",
            "weight_energy", "polyphase_up_weight", "polyphase_up_pad", "blur_folded_down_weight",
            "backends", "backend_plan", "cuda_extension_report"]

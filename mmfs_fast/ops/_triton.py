@@ -175,6 +175,45 @@ def _stem_conv_fake(x, weight, bias, alpha):
                        memory_format=output_memory_format(x))
 
 
+# ---------------------------------------------------------------- linear_silu
+
+
+@triton_op("mmfs_fast::triton_linear_silu", mutates_args={})
+def _linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha: float) -> torch.Tensor:
+    from mmfs_fast.kernels import linear_silu as kernels
+
+    return kernels.linear_silu(x, weight, bias, alpha)
+
+
+@_linear_silu.register_fake
+def _linear_silu_fake(x, weight, bias, alpha):
+    """In place of triton_op's own fake kernel, which the interpreter would launch (see
+    _styled_epilogue_fake)."""
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _linear_silu_setup(ctx, inputs, output):
+    x, weight, bias, ctx.alpha = inputs
+    ctx.save_for_backward(x, weight, bias)
+
+
+def _linear_silu_backward(ctx, dy):
+    """ATen ops on the saved inputs (so differentiable again): the pre-activation p recomputed by
+    one GEMM, silu'(p) = σ(p)(1 + p(1 − σ(p))) in fp32, then the linear layer's three gradients."""
+    x, weight, bias = ctx.saved_tensors
+    acc = torch.promote_types(x.dtype, torch.float32)
+    pre = torch.addmm(bias.to(acc), x.to(acc), weight.t().to(acc), alpha=ctx.alpha)
+    gate = torch.sigmoid(pre)
+    d_pre = dy.to(acc) * gate * (1 + pre * (1 - gate))
+    dx = (d_pre @ weight.to(acc)) * ctx.alpha if ctx.needs_input_grad[0] else None
+    d_weight = (d_pre.t() @ x.to(acc)) * ctx.alpha if ctx.needs_input_grad[1] else None
+    d_bias = d_pre.sum(0) if ctx.needs_input_grad[2] else None
+    return (None if dx is None else dx.to(x.dtype), None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_bias is None else d_bias.to(bias.dtype), None)
+
+
+register_autograd("mmfs_fast::triton_linear_silu", _linear_silu_backward, setup_context=_linear_silu_setup)
+
 # ---------------------------------------------------------------- the backend functions
 
 
@@ -208,3 +247,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
 
 def stem_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha: float) -> torch.Tensor:
     return _stem_conv(x, weight.to(x.dtype), bias.float().contiguous(), alpha)
+
+
+def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha: float) -> torch.Tensor:
+    return _linear_silu(x, weight, bias.contiguous(), alpha)
