@@ -109,11 +109,18 @@ def test_op(call: OpCall, uses: dict, impl: str, dtype: str, direction: str, mea
 ADD_LAYER_NORM_ROWS = {"text": (77, 512), "image": (50, 768), "mapper": (10, 512)}
 
 
-@pytest.mark.parametrize("direction", ["fwd", "fwdbwd"])
-@pytest.mark.parametrize("dtype", DTYPE_NAMES)
-@pytest.mark.parametrize("impl", ["ref", *GPU_IMPLS] if ON_GPU else ["ref"])
-@pytest.mark.parametrize("batch", OP_BATCHES)
-@pytest.mark.parametrize("where", sorted(ADD_LAYER_NORM_ROWS))
+def style_op_cases(shapes: dict):
+    """A style-path op's cases: each place of ``shapes``, batch, impl, dtype and direction."""
+    def parametrized(test):
+        for name, values in (("where", sorted(shapes)), ("batch", OP_BATCHES),
+                             ("impl", ["ref", *GPU_IMPLS] if ON_GPU else ["ref"]), ("dtype", DTYPE_NAMES),
+                             ("direction", ["fwd", "fwdbwd"])):
+            test = pytest.mark.parametrize(name, values)(test)
+        return test
+    return parametrized
+
+
+@style_op_cases(ADD_LAYER_NORM_ROWS)
 def test_add_layer_norm(where: str, batch: int, impl: str, dtype: str, direction: str, measure, benchmark):
     """add_layer_norm at CLIP's and the mapper's rows; on a GPU its cases rewrite the op's
     backend order in winners.json (bench/winners.py)."""
@@ -144,11 +151,7 @@ def test_add_layer_norm(where: str, batch: int, impl: str, dtype: str, direction
 LINEAR_SILU_SHAPES = {"text": (77, 512, 2048), "image": (50, 768, 3072)}
 
 
-@pytest.mark.parametrize("direction", ["fwd", "fwdbwd"])
-@pytest.mark.parametrize("dtype", DTYPE_NAMES)
-@pytest.mark.parametrize("impl", ["ref", *GPU_IMPLS] if ON_GPU else ["ref"])
-@pytest.mark.parametrize("batch", OP_BATCHES)
-@pytest.mark.parametrize("where", sorted(LINEAR_SILU_SHAPES))
+@style_op_cases(LINEAR_SILU_SHAPES)
 def test_linear_silu(where: str, batch: int, impl: str, dtype: str, direction: str, measure, benchmark):
     """linear_silu at CLIP's c_fc (ref: cuBLAS's GEMM, then a SiLU pass); on a GPU its cases
     rewrite the op's backend order in winners.json (bench/winners.py)."""
