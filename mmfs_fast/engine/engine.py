@@ -112,12 +112,12 @@ class Engine:
         wrap = (lambda f: torch.compile(f, mode="max-autotune", dynamic=False)) if compile else (lambda f: f)
         self._encode_fn = wrap(self.model.encoder)
         self._decode_fn = wrap(self._decode_graph)
-        self._stylize_fn = wrap(self._stylize_graph)
+        self._stylize_fn = wrap(self._styled_render(lambda w_plus: w_plus))
         self._image_style_fn = wrap(self._image_style_graph)
         self._text_style_fn = wrap(self._text_style_graph)
-        self._seed_stylize_fn = wrap(self._seed_stylize_graph)
-        self._image_stylize_fn = wrap(self._image_stylize_graph)
-        self._text_stylize_fn = wrap(self._text_stylize_graph)
+        self._seed_stylize_fn = wrap(self._styled_render(self._seed_style_graph))
+        self._image_stylize_fn = wrap(self._styled_render(self._image_style_graph))
+        self._text_stylize_fn = wrap(self._styled_render(self._text_style_graph))
 
         self.text_cache = LRUCache(style_cache_size)
         self.image_cache = LRUCache(style_cache_size)
@@ -142,16 +142,6 @@ class Engine:
     def _decode_graph(self, feat: torch.Tensor, w_plus: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
         return self.model.synthesize(feat, w_plus, list(noises) or None).clamp(-1, 1)
 
-    def _stylize_graph(self, faces: torch.Tensor, w_plus: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
-        return self._render(faces, lambda: w_plus, noises)
-
-    def _render(self, faces: torch.Tensor, style: Callable[[], torch.Tensor], noises: Sequence[torch.Tensor]):
-        """The image of ``faces`` in the w+ ``style()``: the style and every layer's styles from it
-        (a chain of small kernels) run beside the encoder (big ones), then the decoder."""
-        table, feat = self._executor.side_by_side(lambda: self.model.style_table(style()),
-                                                  lambda: self.model.encoder(faces))
-        return self.model.render(feat, table, list(noises)).clamp(-1, 1)
-
     def _image_style_graph(self, pixels: torch.Tensor) -> torch.Tensor:
         # the clip_mapper L2-normalises the embedding itself, in fp32 from CLIP's dtype
         return self.model.clip_mapper(self.clip.model.encode_image(pixels))
@@ -159,16 +149,18 @@ class Engine:
     def _text_style_graph(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.clip_mapper(self.clip.model.encode_text(tokens))
 
-    # style and render in one graph: the mapping network or CLIP and the clip_mapper captured with
-    # the render, one replay and no w+ round trip between two graphs
-    def _seed_stylize_graph(self, faces: torch.Tensor, z: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
-        return self._render(faces, lambda: self.model.mapping_z(z)[:, None].expand(-1, N_LATENT, -1), noises)
+    def _seed_style_graph(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.mapping_z(z)[:, None].expand(-1, N_LATENT, -1)
 
-    def _image_stylize_graph(self, faces: torch.Tensor, pixels: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
-        return self._render(faces, lambda: self._image_style_graph(pixels), noises)
-
-    def _text_stylize_graph(self, faces: torch.Tensor, tokens: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
-        return self._render(faces, lambda: self._text_style_graph(tokens), noises)
+    def _styled_render(self, style: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The captured function (faces, style input, *noises) → image: the w+ ``style(input)`` and
+        its style table (small kernels) beside the encoder (big ones), then the decoder; with the
+        mapping network or CLIP and the clip_mapper as style, one graph and no w+ between two."""
+        def render(faces: torch.Tensor, style_input: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
+            table, feat = self._executor.side_by_side(lambda: self.model.style_table(style(style_input)),
+                                                      lambda: self.model.encoder(faces))
+            return self.model.render(feat, table, list(noises)).clamp(-1, 1)
+        return render
 
     def _run(self, name: str, fn: Callable, *inputs: torch.Tensor) -> torch.Tensor:
         with self._executor.lock, cudnn_benchmark(self.cudnn_benchmark):
