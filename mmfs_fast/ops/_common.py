@@ -60,6 +60,13 @@ def output_size(in_size: int, k: int, up: int, down: int, pad0: int, pad1: int) 
     return (in_size * up + pad0 + pad1 - k) // down + 1
 
 
+def check_on_x_device(op: str, x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """An op's argument check: each of ``tensors`` (None: not given) on x's device."""
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The layout of a custom op's output for input x (csrc/common.h's rule): channels_last
     exactly when x is channels_last and not also contiguous."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfs_fast.ops import _backend, _triton
+from mmfs_fast.ops._common import check_on_x_device
 
 
 def add_layer_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
@@ -45,12 +46,9 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     if residual.shape != x.shape:
         raise ValueError(f"add_layer_norm: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     width = x.shape[-1]
-    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if name != "residual" and tuple(t.shape) != (width,):
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (width,):
             raise ValueError(f"add_layer_norm: {name} must have shape {(width,)}, got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"add_layer_norm: {name} is on {t.device} but x is on {x.device}")
+    check_on_x_device("add_layer_norm", x, residual=residual, weight=weight, bias=bias)
     name = _backend.resolve("add_layer_norm", impl, IMPLEMENTATIONS, x)
     return IMPLEMENTATIONS[name](x, residual, weight, bias, float(eps))

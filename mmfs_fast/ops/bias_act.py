@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfs_fast.ops import _backend, _cuda, _triton
+from mmfs_fast.ops._common import check_on_x_device
 
 
 class Activation(NamedTuple):
@@ -63,8 +64,7 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None = None, act: str = "lrel
         if bias.ndim != 1 or bias.shape[0] != x.shape[dim]:
             raise ValueError(f"bias_act: bias must be 1-D of size x.shape[{dim}] = {x.shape[dim]}, "
                              f"got shape {tuple(bias.shape)}")
-        if bias.device != x.device:
-            raise ValueError(f"bias_act: bias is on {bias.device} but x is on {x.device}")
+        check_on_x_device("bias_act", x, bias=bias)
     if clamp is not None and not clamp >= 0:
         raise ValueError(f"bias_act: clamp must be >= 0, got {clamp!r}")
     spec = ACTIVATIONS[act]

@@ -4,9 +4,9 @@
 pass over its output in each of the 24 blocks of the two towers.
 
 The product accumulates in fp32 (or wider) and the result is written in x's dtype.
-Differentiable once on the triton backend (CLIP's losses take the image gradient; nothing
-differentiates them twice): its backward recomputes the pre-activation with one GEMM and
-forms the gradients with ATen; ref is plain autograd, to any order.
+Differentiable to any order on both backends (CLIP's losses take the image gradient): triton's
+backward recomputes the pre-activation with one GEMM and forms the gradients with ATen ops on
+the saved inputs, which autograd differentiates again; ref is plain autograd.
 
 Backends: ref and triton.
 """
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfs_fast.ops import _backend, _triton
+from mmfs_fast.ops._common import check_on_x_device
 
 
 def linear_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -40,8 +41,6 @@ def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha
         raise ValueError(f"linear_silu: weight must have x's dtype {x.dtype}, got {weight.dtype}")
     if tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"linear_silu: bias must have shape {(weight.shape[0],)}, got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t.device != x.device:
-            raise ValueError(f"linear_silu: {name} is on {t.device} but x is on {x.device}")
+    check_on_x_device("linear_silu", x, weight=weight, bias=bias)
     name = _backend.resolve("linear_silu", impl, IMPLEMENTATIONS, x)
     return IMPLEMENTATIONS[name](x, weight, bias, float(alpha))

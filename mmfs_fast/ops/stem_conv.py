@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfs_fast.ops import _backend, _triton
+from mmfs_fast.ops._common import check_on_x_device
 
 MAX_IN_CHANNELS = 4  # "few": the kernel gathers every input tap of a pixel at once
 
@@ -46,8 +47,6 @@ def stem_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha: 
         raise ValueError(f"stem_conv: weight must be (O, {in_ch}, k, k) with an odd k, got {tuple(weight.shape)}")
     if tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"stem_conv: bias must have shape {(weight.shape[0],)}, got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t.device != x.device:
-            raise ValueError(f"stem_conv: {name} is on {t.device} but x is on {x.device}")
+    check_on_x_device("stem_conv", x, weight=weight, bias=bias)
     name = _backend.resolve("stem_conv", impl, IMPLEMENTATIONS, x)
     return IMPLEMENTATIONS[name](x, weight, bias, float(alpha))

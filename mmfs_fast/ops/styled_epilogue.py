@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfs_fast.ops import _backend, _cuda, _triton
-from mmfs_fast.ops._common import blurred_size, output_memory_format
+from mmfs_fast.ops._common import blurred_size, check_on_x_device, output_memory_format
 from mmfs_fast.ops.bias_act import ACTIVATIONS
 from mmfs_fast.ops.upfirdn2d import upfirdn2d_ref
 
@@ -81,10 +81,8 @@ def _check(x, demod, bias, noise, next_styles, blur, blur_pad, unscaled_out) -> 
             raise ValueError(f"styled_epilogue: unscaled_out must be a {x.dtype} tensor of shape {(batch, channels, h, w)}"
                              f", dense in the result's layout ({layout}); got {tuple(unscaled_out.shape)} "
                              f"{unscaled_out.dtype} with strides {unscaled_out.stride()}")
-    for name, t in (("demod", demod), ("bias", bias), ("noise", noise), ("next_styles", next_styles),
-                    ("blur", blur), ("unscaled_out", unscaled_out)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"styled_epilogue: {name} is on {t.device} but x is on {x.device}")
+    check_on_x_device("styled_epilogue", x, demod=demod, bias=bias, noise=noise, next_styles=next_styles, blur=blur,
+                      unscaled_out=unscaled_out)
 
 
 def styled_epilogue(x: torch.Tensor, demod: torch.Tensor, bias: torch.Tensor, noise: torch.Tensor | None = None,

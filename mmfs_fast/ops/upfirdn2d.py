@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfs_fast.ops import _backend, _cuda, _triton
-from mmfs_fast.ops._common import as_2d_kernel, output_size, parse_pad
+from mmfs_fast.ops._common import as_2d_kernel, check_on_x_device, output_size, parse_pad
 
 
 def _check(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int, pad: tuple[int, int, int, int]) -> None:
@@ -18,8 +18,7 @@ def _check(x: torch.Tensor, kernel: torch.Tensor, up: int, down: int, pad: tuple
         raise ValueError(f"upfirdn2d: x must be (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point() or not kernel.is_floating_point():
         raise TypeError(f"upfirdn2d: x and kernel must be floating point, got {x.dtype} and {kernel.dtype}")
-    if kernel.device != x.device:
-        raise ValueError(f"upfirdn2d: kernel is on {kernel.device} but x is on {x.device}")
+    check_on_x_device("upfirdn2d", x, kernel=kernel)
     for name, factor in (("up", up), ("down", down)):
         if not isinstance(factor, int) or factor < 1:
             raise ValueError(f"upfirdn2d: {name} must be a positive int, got {factor!r}")
